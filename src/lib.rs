@@ -1,0 +1,6 @@
+//! berth: deployments from TOML run as supervised containers, reported over MQTT.
+
+pub mod config;
+pub mod model;
+pub mod report;
+pub mod runtime;

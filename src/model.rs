@@ -1,0 +1,294 @@
+//! The words of the product contract as types: deployment specs, phases,
+//! statuses and error codes, plus the one place that names containers and
+//! labels them. Nothing here talks to the engine or the broker.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// What berth does when an executable's container stops (SPEC 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    #[default]
+    Always,
+    OnFailure,
+    Never,
+}
+
+impl fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Never => "never",
+        })
+    }
+}
+
+/// When berth asks the registry for an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    Always,
+    #[default]
+    IfNotPresent,
+    Never,
+}
+
+/// Deployment phase (SPEC 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    InProgress,
+    Provisioning,
+    Succeeded,
+    FailedToStart,
+    FailedToUpdate,
+    PartiallyDeprovisioned,
+    DeploymentStopped,
+}
+
+/// Executable status. The declaration order is the precedence used to derive
+/// a deployment's status from its executables (SPEC 5): the first wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Status {
+    Error,
+    Pending,
+    Unknown,
+    Stopped,
+    Running,
+    Completed,
+}
+
+/// The error codes of SPEC 5, written once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// Device offline: the MQTT last will.
+    #[serde(rename = "DEP_E151")]
+    DeviceOffline,
+    /// An executable exited too early or failed to start.
+    #[serde(rename = "DEP_E152")]
+    ExecutableFailed,
+    /// A dependency of this deployment is in `Error`.
+    #[serde(rename = "DEP_E156")]
+    DependencyFailed,
+    /// The image cannot be found or pulled.
+    #[serde(rename = "DEP_E161")]
+    ImageUnavailable,
+    /// The Docker engine is unreachable.
+    #[serde(rename = "DEP_E301")]
+    EngineUnreachable,
+    /// berth's state store could not be read or written.
+    #[serde(rename = "DEP_E302")]
+    StateStore,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::DeviceOffline => "DEP_E151",
+            ErrorCode::ExecutableFailed => "DEP_E152",
+            ErrorCode::DependencyFailed => "DEP_E156",
+            ErrorCode::ImageUnavailable => "DEP_E161",
+            ErrorCode::EngineUnreachable => "DEP_E301",
+            ErrorCode::StateStore => "DEP_E302",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How an executable's command is given.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub enum Command {
+    /// Exec form: handed to the engine as the container's `Cmd`.
+    Exec(Vec<String>),
+    /// `run_as_bash = true`: run under `/bin/bash -c`.
+    Bash(String),
+}
+
+impl Command {
+    /// The argv handed to the engine.
+    pub fn argv(&self) -> Vec<String> {
+        match self {
+            Command::Exec(argv) => argv.clone(),
+            Command::Bash(line) => vec!["/bin/bash".into(), "-c".into(), line.clone()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct Limits {
+    pub cpus: Option<f64>,
+    pub memory_mb: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Volume {
+    pub host: String,
+    pub container: String,
+    pub read_only: bool,
+}
+
+/// One container's worth of spec.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExecutableSpec {
+    pub name: String,
+    pub image: String,
+    pub pull: PullPolicy,
+    pub command: Option<Command>,
+    pub env: BTreeMap<String, String>,
+    pub limits: Limits,
+    pub volumes: Vec<Volume>,
+    pub devices: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ComponentSpec {
+    pub name: String,
+    pub executables: Vec<ExecutableSpec>,
+}
+
+/// A validated deployment file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeploymentSpec {
+    pub id: String,
+    pub package: String,
+    pub package_version: String,
+    pub restart: RestartPolicy,
+    pub depends_on: Vec<String>,
+    pub ros: bool,
+    pub env: BTreeMap<String, String>,
+    pub exports: BTreeMap<String, String>,
+    pub components: Vec<ComponentSpec>,
+    /// The file it came from, for messages.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+impl DeploymentSpec {
+    /// Every executable with its component's name, in file order.
+    pub fn executables(&self) -> impl Iterator<Item = (&ComponentSpec, &ExecutableSpec)> {
+        self.components
+            .iter()
+            .flat_map(|c| c.executables.iter().map(move |e| (c, e)))
+    }
+}
+
+/// Identifies one executable on the device.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ExecKey {
+    pub deployment: String,
+    pub component: String,
+    pub executable: String,
+}
+
+impl ExecKey {
+    pub fn new(deployment: &str, component: &str, executable: &str) -> Self {
+        ExecKey {
+            deployment: deployment.into(),
+            component: component.into(),
+            executable: executable.into(),
+        }
+    }
+}
+
+impl fmt::Display for ExecKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.deployment, self.component, self.executable)
+    }
+}
+
+/// Label keys berth puts on every container it creates.
+pub mod labels {
+    pub const DEVICE: &str = "berth.device";
+    pub const DEPLOYMENT: &str = "berth.deployment";
+    pub const COMPONENT: &str = "berth.component";
+    pub const EXECUTABLE: &str = "berth.executable";
+    pub const SPEC_HASH: &str = "berth.spec-hash";
+}
+
+/// The container name of SPEC 4: `berth.<device>.<deployment>.<component>.<executable>`.
+pub fn container_name(device_id: &str, key: &ExecKey) -> String {
+    format!(
+        "berth.{device_id}.{}.{}.{}",
+        key.deployment, key.component, key.executable
+    )
+}
+
+/// The labels of SPEC 4 for one executable's container.
+pub fn container_labels(device_id: &str, key: &ExecKey, spec_hash: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::DEVICE.to_string(), device_id.to_string()),
+        (labels::DEPLOYMENT.to_string(), key.deployment.clone()),
+        (labels::COMPONENT.to_string(), key.component.clone()),
+        (labels::EXECUTABLE.to_string(), key.executable.clone()),
+        (labels::SPEC_HASH.to_string(), spec_hash.to_string()),
+    ])
+}
+
+/// Reads an executable's key back from a container's labels.
+pub fn key_from_labels(labels: &BTreeMap<String, String>) -> Option<ExecKey> {
+    Some(ExecKey {
+        deployment: labels.get(labels::DEPLOYMENT)?.clone(),
+        component: labels.get(labels::COMPONENT)?.clone(),
+        executable: labels.get(labels::EXECUTABLE)?.clone(),
+    })
+}
+
+/// A stable hash of what the container is made from: the executable's spec
+/// and the environment it is given. Equal hashes mean nothing to recreate.
+pub fn spec_hash(exe: &ExecutableSpec, env: &BTreeMap<String, String>) -> String {
+    let json = serde_json::to_vec(&(exe, env)).expect("specs serialize");
+    let digest = Sha256::digest(json);
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_precedence_follows_the_spec() {
+        let order = [
+            Status::Error,
+            Status::Pending,
+            Status::Unknown,
+            Status::Stopped,
+            Status::Running,
+            Status::Completed,
+        ];
+        for pair in order.windows(2) {
+            assert!(pair[0] < pair[1], "{:?} must come before {:?}", pair[0], pair[1]);
+        }
+    }
+
+    #[test]
+    fn container_name_is_the_spec_form() {
+        let key = ExecKey::new("talker", "comp", "exe");
+        assert_eq!(container_name("robot-42", &key), "berth.robot-42.talker.comp.exe");
+        let labels = container_labels("robot-42", &key, "abc");
+        assert_eq!(key_from_labels(&labels), Some(key));
+    }
+
+    #[test]
+    fn error_codes_serialize_as_spec_strings() {
+        for code in [
+            ErrorCode::DeviceOffline,
+            ErrorCode::ExecutableFailed,
+            ErrorCode::DependencyFailed,
+            ErrorCode::ImageUnavailable,
+            ErrorCode::EngineUnreachable,
+            ErrorCode::StateStore,
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
+    }
+}
