@@ -1,12 +1,49 @@
 //! Agent config (`berth.toml`) and deployment files, in two stages: raw serde
 //! structs that mirror the TOML (unknown keys rejected), then validated
 //! settings. Every error names the file, line and column.
+//!
+//! Only the file system is touched here: `berth check-config`, start-up and
+//! reload all go through [`load_agent`], [`load_deployments_dir`] and
+//! [`check_all`], so they agree on what a valid file is.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::fs;
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::model::DeploymentSpec;
+use serde::de::{self, DeserializeOwned, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::model::{
+    Command, ComponentSpec, DeploymentSpec, ExecutableSpec, Limits, PullPolicy, RestartPolicy,
+    Volume,
+};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/berth/berth.toml";
+pub const DEFAULT_DEPLOYMENTS_DIR: &str = "/etc/berth/deployments.d";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/berth";
+pub const DEFAULT_BOOT_ID_FILE: &str = "/proc/sys/kernel/random/boot_id";
+pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+pub const DEFAULT_MQTT_URL: &str = "mqtt://127.0.0.1:1883";
+pub const DEFAULT_TOPIC_PREFIX: &str = "berth";
+const DEFAULT_KEEP_ALIVE_SECS: i64 = 30;
+const DEFAULT_BACKOFF_INITIAL_MS: i64 = 1000;
+const DEFAULT_BACKOFF_MAX_SECS: i64 = 300;
+const DEFAULT_BACKOFF_RESET_AFTER_SECS: i64 = 60;
+const DEFAULT_ROS_MASTER_IMAGE: &str = "ros:noetic-ros-core";
+const DEFAULT_ROS_MASTER_COMMAND: &[&str] = &["roscore"];
+const DEFAULT_ROS_MASTER_URI: &str = "http://localhost:11311";
+const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error"];
+
+const DEVICE_ID_RULE: &str = "use 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'";
+const ID_RULE: &str = "use 1 to 63 characters of a-z, 0-9 and '-', starting with a letter or digit";
+const NAME_RULE: &str =
+    "use 1 to 63 characters of a-z, 0-9, '_' and '-', starting with a letter or digit";
+const DOCKER_HOST_RULE: &str = "use unix:///path/to/docker.sock or tcp://host:port";
 
 /// Validated agent config (SPEC 3).
 #[derive(Debug, Clone, PartialEq)]
@@ -76,3 +113,2074 @@ pub struct LogSettings {
 /// Deployment files of a directory, loaded one by one so that a broken file
 /// affects its deployment alone.
 pub type Deployments = BTreeMap<String, DeploymentSpec>;
+
+impl MqttSettings {
+    /// Host, port and TLS of the broker, read from the url checked at load time.
+    pub fn endpoint(&self) -> Result<MqttEndpoint, String> {
+        parse_mqtt_url(&self.url)
+    }
+}
+
+/// Where the broker is, as the MQTT client wants it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttEndpoint {
+    pub host: String,
+    pub port: u16,
+    /// `mqtts://`.
+    pub tls: bool,
+}
+
+/// Reads `mqtt://host[:port]` or `mqtts://host[:port]` (IPv6 hosts in
+/// brackets); the port defaults to 1883 or 8883.
+pub fn parse_mqtt_url(url: &str) -> Result<MqttEndpoint, String> {
+    let (rest, tls, default_port) = if let Some(rest) = url.strip_prefix("mqtts://") {
+        (rest, true, 8883)
+    } else if let Some(rest) = url.strip_prefix("mqtt://") {
+        (rest, false, 1883)
+    } else {
+        return Err(format!(
+            "invalid mqtt url \"{url}\": use mqtt://host[:port], or mqtts://host[:port] for tls"
+        ));
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('@') {
+        return Err(format!(
+            "invalid mqtt url \"{url}\": put the user in username and the password \
+             in password_file, not in the url"
+        ));
+    }
+    if rest.contains(['/', '?', '#']) {
+        return Err(format!("invalid mqtt url \"{url}\": a path is not allowed"));
+    }
+    let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+        let Some((host, after)) = bracketed.split_once(']') else {
+            return Err(format!(
+                "invalid mqtt url \"{url}\": missing ']' after the ipv6 host"
+            ));
+        };
+        match after {
+            "" => (host, None),
+            _ => match after.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => {
+                    return Err(format!(
+                        "invalid mqtt url \"{url}\": expected ':' after ']'"
+                    ))
+                }
+            },
+        }
+    } else {
+        match rest.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (rest, None),
+        }
+    };
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'));
+    if !host_ok {
+        return Err(format!(
+            "invalid mqtt url \"{url}\": missing or invalid host"
+        ));
+    }
+    let port = match port {
+        None => default_port,
+        Some(p) => match p.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => {
+                return Err(format!(
+                    "invalid mqtt url \"{url}\": the port must be a number from 1 to 65535"
+                ))
+            }
+        },
+    };
+    Ok(MqttEndpoint {
+        host: host.to_string(),
+        port,
+        tls,
+    })
+}
+
+/// One problem in one file, at a 1-based line and column.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}:{line}:{col}: {message}", file.display())]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+/// Reads and validates the agent config. Relative paths in it are resolved
+/// against the directory of `path`.
+pub fn load_agent(path: &Path) -> Result<AgentConfig, Vec<ConfigError>> {
+    load_agent_inner(path).1
+}
+
+/// Reads and validates one deployment file.
+pub fn load_deployment(path: &Path) -> Result<DeploymentSpec, Vec<ConfigError>> {
+    load_deployment_located(path).map(|located| located.spec)
+}
+
+/// Loads every `*.toml` file of `dir` (not recursive, sorted by name, hidden
+/// files skipped). Good files are keyed by id; each bad one comes back with
+/// its errors. A directory that cannot be read is one entry naming the
+/// directory; a duplicate id is an error on the later file.
+pub fn load_deployments_dir(dir: &Path) -> (Deployments, Vec<(PathBuf, Vec<ConfigError>)>) {
+    let (located, errors) = load_dir_located(dir);
+    let good = located
+        .into_iter()
+        .map(|(id, located)| (id, located.spec))
+        .collect();
+    (good, errors)
+}
+
+/// Everything `berth check-config` reports: the agent config, every
+/// deployment file of its `deployments_dir`, and the dependencies between
+/// deployments (unknown ids, cycles).
+pub fn check_all(agent_path: &Path) -> Vec<ConfigError> {
+    let (deployments_dir, agent) = load_agent_inner(agent_path);
+    let mut errors = agent.err().unwrap_or_default();
+    let Some(dir) = deployments_dir else {
+        return errors;
+    };
+    let (located, bad) = load_dir_located(&dir);
+    errors.extend(bad.into_iter().flat_map(|(_, errs)| errs));
+
+    let specs: Deployments = located
+        .iter()
+        .map(|(id, l)| (id.clone(), l.spec.clone()))
+        .collect();
+    for problem in dependency_problems(&specs) {
+        let (id, index) = match &problem {
+            DependencyProblem::Unknown {
+                deployment, index, ..
+            } => (deployment, *index),
+            DependencyProblem::Cycle(ids) => {
+                let next = &ids[1];
+                let spec = &specs[&ids[0]];
+                let index = spec.depends_on.iter().position(|d| d == next).unwrap_or(0);
+                (&ids[0], index)
+            }
+        };
+        let l = &located[id];
+        let pos = l.depends_on_pos.get(index).copied().unwrap_or(l.id_pos);
+        errors.push(pos.error(&l.spec.source, problem.to_string()));
+    }
+    errors
+}
+
+/// Why a set of deployments cannot all start (SPEC 7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DependencyProblem {
+    /// `deployment`'s `depends_on[index]` names an id that is not deployed.
+    Unknown {
+        deployment: String,
+        index: usize,
+        dependency: String,
+    },
+    /// Deployments that wait for each other; the first id is repeated last.
+    Cycle(Vec<String>),
+}
+
+impl DependencyProblem {
+    /// The deployments that cannot start because of this problem.
+    pub fn deployments(&self) -> &[String] {
+        match self {
+            DependencyProblem::Unknown { deployment, .. } => std::slice::from_ref(deployment),
+            DependencyProblem::Cycle(ids) => &ids[..ids.len().saturating_sub(1)],
+        }
+    }
+}
+
+impl fmt::Display for DependencyProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DependencyProblem::Unknown { dependency, .. } => {
+                write!(f, "depends on unknown deployment \"{dependency}\"")
+            }
+            DependencyProblem::Cycle(ids) => write!(f, "dependency cycle: {}", ids.join(" -> ")),
+        }
+    }
+}
+
+/// Unknown dependencies among `deployments`, then the cycles a depth-first
+/// walk in id order meets, each once. A deployment that is on no cycle but
+/// waits for one is not listed: it waits for a dependency that cannot start.
+pub fn dependency_problems(deployments: &Deployments) -> Vec<DependencyProblem> {
+    let mut problems = Vec::new();
+    for (id, spec) in deployments {
+        for (index, dep) in spec.depends_on.iter().enumerate() {
+            if !deployments.contains_key(dep) {
+                problems.push(DependencyProblem::Unknown {
+                    deployment: id.clone(),
+                    index,
+                    dependency: dep.clone(),
+                });
+            }
+        }
+    }
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        OnPath,
+        Done,
+    }
+    fn visit<'a>(
+        id: &'a str,
+        deployments: &'a Deployments,
+        marks: &mut HashMap<&'a str, Mark>,
+        path: &mut Vec<&'a str>,
+        problems: &mut Vec<DependencyProblem>,
+    ) {
+        marks.insert(id, Mark::OnPath);
+        path.push(id);
+        for dep in &deployments[id].depends_on {
+            match marks.get(dep.as_str()).copied() {
+                Some(Mark::New) => visit(dep, deployments, marks, path, problems),
+                Some(Mark::OnPath) => {
+                    let start = path.iter().position(|p| p == dep).unwrap_or(0);
+                    let mut cycle: Vec<String> =
+                        path[start..].iter().map(|s| s.to_string()).collect();
+                    cycle.push(dep.clone());
+                    problems.push(DependencyProblem::Cycle(cycle));
+                }
+                // Done, or unknown (reported above).
+                _ => {}
+            }
+        }
+        path.pop();
+        marks.insert(id, Mark::Done);
+    }
+
+    let mut marks: HashMap<&str, Mark> = deployments
+        .keys()
+        .map(|id| (id.as_str(), Mark::New))
+        .collect();
+    for id in deployments.keys() {
+        if marks[id.as_str()] == Mark::New {
+            visit(id, deployments, &mut marks, &mut Vec::new(), &mut problems);
+        }
+    }
+    problems
+}
+
+// ---------------------------------------------------------------------------
+// Positions and errors
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pos {
+    line: usize,
+    col: usize,
+}
+
+impl Pos {
+    const START: Pos = Pos { line: 1, col: 1 };
+
+    fn error(self, file: &Path, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: file.to_path_buf(),
+            line: self.line,
+            col: self.col,
+            message: message.into(),
+        }
+    }
+}
+
+/// A file's name and text, to turn byte offsets into lines and columns.
+struct Source<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn pos(&self, offset: usize) -> Pos {
+        let offset = offset.min(self.text.len());
+        let before = &self.text.as_bytes()[..offset];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let line_start = before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        let col = self
+            .text
+            .get(line_start..offset)
+            .map_or(offset - line_start, |s| s.chars().count())
+            + 1;
+        Pos { line, col }
+    }
+
+    fn error(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        self.pos(span.start).error(self.file, message)
+    }
+
+    fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        toml::from_str(self.text).map_err(|e| {
+            // toml's messages may span lines; ours are one line each.
+            let message = e
+                .message()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(": ");
+            let message = message.trim_end_matches('.').to_string();
+            self.error(e.span().unwrap_or(0..0), message)
+        })
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    fs::read_to_string(path)
+        .map_err(|e| Pos::START.error(path, format!("cannot read file: {}", io_message(&e))))
+}
+
+/// The OS's message, lowercased like ours.
+fn io_message(e: &io::Error) -> String {
+    let s = e.to_string();
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => s,
+    }
+}
+
+/// Collects the validation errors of one file.
+struct Checker<'a> {
+    src: &'a Source<'a>,
+    errors: Vec<ConfigError>,
+}
+
+impl<'a> Checker<'a> {
+    fn new(src: &'a Source<'a>) -> Self {
+        Checker {
+            src,
+            errors: Vec::new(),
+        }
+    }
+
+    fn at<T>(&mut self, value: &Spanned<T>, message: impl Into<String>) {
+        self.at_span(value.span(), message);
+    }
+
+    fn at_span(&mut self, span: Range<usize>, message: impl Into<String>) {
+        self.errors.push(self.src.error(span, message));
+    }
+
+    fn non_empty(&mut self, value: &Spanned<String>, key: &str) -> String {
+        if value.get_ref().trim().is_empty() {
+            self.at(value, format!("{key} must not be empty"));
+        }
+        value.get_ref().clone()
+    }
+
+    fn path(&mut self, base: &Path, value: &Spanned<String>, key: &str) -> PathBuf {
+        let s = self.non_empty(value, key);
+        resolve(base, &s)
+    }
+
+    fn path_or(
+        &mut self,
+        base: &Path,
+        value: Option<&Spanned<String>>,
+        key: &str,
+        default: &str,
+    ) -> PathBuf {
+        match value {
+            Some(v) => self.path(base, v, key),
+            None => PathBuf::from(default),
+        }
+    }
+
+    fn positive(&mut self, value: Option<&Spanned<i64>>, key: &str, default: i64) -> u64 {
+        match value {
+            Some(v) if *v.get_ref() <= 0 => {
+                self.at(v, format!("{key} must be greater than 0"));
+                default as u64
+            }
+            Some(v) => *v.get_ref() as u64,
+            None => default as u64,
+        }
+    }
+
+    fn env(
+        &mut self,
+        map: BTreeMap<Spanned<String>, String>,
+        key: &str,
+    ) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for (name, value) in map {
+            if name.get_ref().is_empty() {
+                self.at(&name, format!("{key}: a variable name must not be empty"));
+            } else if name.get_ref().contains('=') {
+                self.at(
+                    &name,
+                    format!(
+                        "{key}: variable name \"{}\" must not contain '='",
+                        name.get_ref()
+                    ),
+                );
+            }
+            out.insert(name.into_inner(), value);
+        }
+        out
+    }
+
+    fn finish<T>(self, value: T) -> Result<T, Vec<ConfigError>> {
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(self.errors)
+        }
+    }
+}
+
+/// The directory relative paths of `config` are resolved against.
+fn base_dir(config: &Path) -> PathBuf {
+    let absolute = std::path::absolute(config).unwrap_or_else(|_| config.to_path_buf());
+    absolute
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
+
+fn resolve(base: &Path, value: &str) -> PathBuf {
+    let path = Path::new(value);
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Agent config
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    device_id: Spanned<String>,
+    deployments_dir: Option<Spanned<String>>,
+    state_dir: Option<Spanned<String>>,
+    boot_id_file: Option<Spanned<String>>,
+    #[serde(default)]
+    docker: RawDocker,
+    #[serde(default)]
+    mqtt: RawMqtt,
+    #[serde(default)]
+    restart: RawRestart,
+    #[serde(default)]
+    ros: RawRos,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDocker {
+    host: Option<Spanned<String>>,
+    #[serde(default)]
+    registries: Vec<RawRegistry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    server: Spanned<String>,
+    username: Spanned<String>,
+    password_file: Spanned<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMqtt {
+    url: Option<Spanned<String>>,
+    client_id: Option<Spanned<String>>,
+    topic_prefix: Option<Spanned<String>>,
+    username: Option<Spanned<String>>,
+    password_file: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
+    cert_file: Option<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
+    keep_alive_secs: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRestart {
+    backoff_initial_ms: Option<Spanned<i64>>,
+    backoff_max_secs: Option<Spanned<i64>>,
+    backoff_reset_after_secs: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRos {
+    master_image: Option<Spanned<String>>,
+    master_command: Option<Spanned<Vec<String>>>,
+    master_uri: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<Spanned<String>>,
+    format: Option<Spanned<String>>,
+}
+
+/// Also returns the deployments directory whenever the file parsed, so that
+/// `check_all` can check the deployments even when another key is wrong.
+fn load_agent_inner(path: &Path) -> (Option<PathBuf>, Result<AgentConfig, Vec<ConfigError>>) {
+    let text = match read(path) {
+        Ok(text) => text,
+        Err(e) => return (None, Err(vec![e])),
+    };
+    let src = Source {
+        file: path,
+        text: &text,
+    };
+    let raw: RawAgent = match src.parse() {
+        Ok(raw) => raw,
+        Err(e) => return (None, Err(vec![e])),
+    };
+    let base = base_dir(path);
+    let mut c = Checker::new(&src);
+
+    let device_id = raw.device_id.get_ref().clone();
+    if !is_device_id(&device_id) {
+        c.at(
+            &raw.device_id,
+            format!("invalid device_id \"{device_id}\": {DEVICE_ID_RULE}"),
+        );
+    }
+    let deployments_dir = c.path_or(
+        &base,
+        raw.deployments_dir.as_ref(),
+        "deployments_dir",
+        DEFAULT_DEPLOYMENTS_DIR,
+    );
+    let state_dir = c.path_or(
+        &base,
+        raw.state_dir.as_ref(),
+        "state_dir",
+        DEFAULT_STATE_DIR,
+    );
+    let boot_id_file = c.path_or(
+        &base,
+        raw.boot_id_file.as_ref(),
+        "boot_id_file",
+        DEFAULT_BOOT_ID_FILE,
+    );
+
+    let docker = check_docker(&mut c, &base, raw.docker);
+    let mqtt = check_mqtt(&mut c, &base, raw.mqtt, &device_id);
+    let restart = check_restart(&mut c, &raw.restart);
+    let ros = check_ros(&mut c, raw.ros);
+    let log = check_log(&mut c, raw.log);
+
+    let config = AgentConfig {
+        device_id,
+        deployments_dir: deployments_dir.clone(),
+        state_dir,
+        boot_id_file,
+        docker,
+        mqtt,
+        restart,
+        ros,
+        log,
+        source: path.to_path_buf(),
+    };
+    (Some(deployments_dir), c.finish(config))
+}
+
+fn is_device_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn check_docker(c: &mut Checker, base: &Path, raw: RawDocker) -> DockerSettings {
+    let host = match &raw.host {
+        Some(h) => {
+            let s = h.get_ref();
+            let ok = match s.split_once("://") {
+                Some(("unix", path)) => path.starts_with('/'),
+                Some(("tcp" | "http", addr)) => !addr.is_empty(),
+                _ => false,
+            };
+            if !ok {
+                c.at(
+                    h,
+                    format!("invalid docker host \"{s}\": {DOCKER_HOST_RULE}"),
+                );
+            }
+            s.clone()
+        }
+        None => DEFAULT_DOCKER_HOST.to_string(),
+    };
+    let registries = raw
+        .registries
+        .into_iter()
+        .map(|r| RegistrySettings {
+            server: c.non_empty(&r.server, "server"),
+            username: c.non_empty(&r.username, "username"),
+            password_file: c.path(base, &r.password_file, "password_file"),
+        })
+        .collect();
+    DockerSettings { host, registries }
+}
+
+fn check_mqtt(c: &mut Checker, base: &Path, raw: RawMqtt, device_id: &str) -> MqttSettings {
+    let url = match &raw.url {
+        Some(u) => {
+            if let Err(message) = parse_mqtt_url(u.get_ref()) {
+                c.at(u, message);
+            }
+            u.get_ref().clone()
+        }
+        None => DEFAULT_MQTT_URL.to_string(),
+    };
+    let client_id = match &raw.client_id {
+        Some(id) => c.non_empty(id, "client_id"),
+        None => format!("berth-{device_id}"),
+    };
+    let topic_prefix = match &raw.topic_prefix {
+        Some(p) => {
+            let s = p.get_ref();
+            if s.is_empty() {
+                c.at(p, "topic_prefix must not be empty");
+            } else if s.contains(['#', '+']) {
+                c.at(
+                    p,
+                    format!("topic_prefix \"{s}\" must not contain the wildcards '#' or '+'"),
+                );
+            } else if s.starts_with('/') || s.ends_with('/') {
+                c.at(
+                    p,
+                    format!("topic_prefix \"{s}\" must not start or end with '/'"),
+                );
+            }
+            s.clone()
+        }
+        None => DEFAULT_TOPIC_PREFIX.to_string(),
+    };
+    let username = raw.username.as_ref().map(|u| c.non_empty(u, "username"));
+    if let (Some(p), None) = (&raw.password_file, &raw.username) {
+        c.at(p, "password_file needs a username");
+    }
+    match (&raw.cert_file, &raw.key_file) {
+        (Some(cert), None) => c.at(
+            cert,
+            "cert_file needs key_file (mutual tls uses both or neither)",
+        ),
+        (None, Some(key)) => c.at(
+            key,
+            "key_file needs cert_file (mutual tls uses both or neither)",
+        ),
+        _ => {}
+    }
+    let mut path =
+        |v: &Option<Spanned<String>>, key: &str| v.as_ref().map(|v| c.path(base, v, key));
+    let password_file = path(&raw.password_file, "password_file");
+    let ca_file = path(&raw.ca_file, "ca_file");
+    let cert_file = path(&raw.cert_file, "cert_file");
+    let key_file = path(&raw.key_file, "key_file");
+    let keep_alive_secs = match &raw.keep_alive_secs {
+        // MQTT carries it as 16 bits; 0 would turn it off, and with it the
+        // broker's detection of a vanished device (the last will).
+        Some(k) if !(1..=65535).contains(k.get_ref()) => {
+            c.at(k, "keep_alive_secs must be between 1 and 65535");
+            DEFAULT_KEEP_ALIVE_SECS as u64
+        }
+        Some(k) => *k.get_ref() as u64,
+        None => DEFAULT_KEEP_ALIVE_SECS as u64,
+    };
+    MqttSettings {
+        url,
+        client_id,
+        topic_prefix,
+        username,
+        password_file,
+        ca_file,
+        cert_file,
+        key_file,
+        keep_alive: Duration::from_secs(keep_alive_secs),
+    }
+}
+
+fn check_restart(c: &mut Checker, raw: &RawRestart) -> RestartSettings {
+    let initial_ms = c.positive(
+        raw.backoff_initial_ms.as_ref(),
+        "backoff_initial_ms",
+        DEFAULT_BACKOFF_INITIAL_MS,
+    );
+    let max_secs = c.positive(
+        raw.backoff_max_secs.as_ref(),
+        "backoff_max_secs",
+        DEFAULT_BACKOFF_MAX_SECS,
+    );
+    let reset_secs = c.positive(
+        raw.backoff_reset_after_secs.as_ref(),
+        "backoff_reset_after_secs",
+        DEFAULT_BACKOFF_RESET_AFTER_SECS,
+    );
+    if max_secs.saturating_mul(1000) < initial_ms {
+        let span = raw
+            .backoff_max_secs
+            .as_ref()
+            .or(raw.backoff_initial_ms.as_ref())
+            .map_or(0..0, Spanned::span);
+        c.at_span(
+            span,
+            format!(
+                "backoff_max_secs ({max_secs} s) must not be less than \
+                 backoff_initial_ms ({initial_ms} ms)"
+            ),
+        );
+    }
+    RestartSettings {
+        backoff_initial: Duration::from_millis(initial_ms),
+        backoff_max: Duration::from_secs(max_secs),
+        backoff_reset_after: Duration::from_secs(reset_secs),
+    }
+}
+
+fn check_ros(c: &mut Checker, raw: RawRos) -> RosSettings {
+    let master_image = match &raw.master_image {
+        Some(image) => c.non_empty(image, "master_image"),
+        None => DEFAULT_ROS_MASTER_IMAGE.to_string(),
+    };
+    let master_command = match raw.master_command {
+        Some(cmd) => {
+            if cmd.get_ref().is_empty() {
+                c.at(&cmd, "master_command must not be empty");
+            }
+            cmd.into_inner()
+        }
+        None => DEFAULT_ROS_MASTER_COMMAND
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    };
+    let master_uri = match &raw.master_uri {
+        Some(uri) => {
+            if !uri.get_ref().starts_with("http://") || uri.get_ref().len() == "http://".len() {
+                c.at(
+                    uri,
+                    format!(
+                        "invalid master_uri \"{}\": use http://host:port",
+                        uri.get_ref()
+                    ),
+                );
+            }
+            uri.get_ref().clone()
+        }
+        None => DEFAULT_ROS_MASTER_URI.to_string(),
+    };
+    RosSettings {
+        master_image,
+        master_command,
+        master_uri,
+    }
+}
+
+fn check_log(c: &mut Checker, raw: RawLog) -> LogSettings {
+    let level = match &raw.level {
+        Some(level) => {
+            if !LOG_LEVELS.contains(&level.get_ref().as_str()) {
+                c.at(
+                    level,
+                    format!(
+                        "invalid log level \"{}\": use one of {}",
+                        level.get_ref(),
+                        LOG_LEVELS.join(", ")
+                    ),
+                );
+            }
+            level.get_ref().clone()
+        }
+        None => "info".to_string(),
+    };
+    let json = match &raw.format {
+        Some(format) => match format.get_ref().as_str() {
+            "text" => false,
+            "json" => true,
+            other => {
+                c.at(
+                    format,
+                    format!("invalid log format \"{other}\": use text or json"),
+                );
+                false
+            }
+        },
+        None => false,
+    };
+    LogSettings { level, json }
+}
+
+// ---------------------------------------------------------------------------
+// Deployment files
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeployment {
+    id: Spanned<String>,
+    package: Spanned<String>,
+    package_version: Spanned<String>,
+    #[serde(default)]
+    restart: RestartPolicy,
+    #[serde(default)]
+    depends_on: Vec<Spanned<String>>,
+    #[serde(default)]
+    ros: bool,
+    #[serde(default)]
+    env: BTreeMap<Spanned<String>, String>,
+    #[serde(default)]
+    exports: BTreeMap<Spanned<String>, String>,
+    components: Option<Spanned<Vec<RawComponent>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawComponent {
+    name: Spanned<String>,
+    executables: Option<Spanned<Vec<RawExecutable>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExecutable {
+    name: Spanned<String>,
+    image: Spanned<String>,
+    #[serde(default)]
+    pull: PullPolicy,
+    command: Option<Spanned<RawCommand>>,
+    run_as_bash: Option<Spanned<bool>>,
+    #[serde(default)]
+    env: BTreeMap<Spanned<String>, String>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    volumes: Vec<RawVolume>,
+    #[serde(default)]
+    devices: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    cpus: Option<Spanned<f64>>,
+    memory_mb: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVolume {
+    host: Spanned<String>,
+    container: Spanned<String>,
+    #[serde(default)]
+    read_only: bool,
+}
+
+/// `command` before `run_as_bash` is known: an array or a string.
+enum RawCommand {
+    Exec(Vec<String>),
+    Line(String),
+}
+
+impl<'de> Deserialize<'de> for RawCommand {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CommandVisitor;
+        impl<'de> Visitor<'de> for CommandVisitor {
+            type Value = RawCommand;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array of strings, or a string with run_as_bash = true")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawCommand, E> {
+                Ok(RawCommand::Line(v.to_string()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawCommand, A::Error> {
+                let mut argv = Vec::new();
+                while let Some(arg) = seq.next_element::<String>()? {
+                    argv.push(arg);
+                }
+                Ok(RawCommand::Exec(argv))
+            }
+        }
+        deserializer.deserialize_any(CommandVisitor)
+    }
+}
+
+/// Files that did not load, each with its errors.
+type BadFiles = Vec<(PathBuf, Vec<ConfigError>)>;
+
+/// A deployment with the positions that cross-file checks point at.
+struct Located {
+    spec: DeploymentSpec,
+    id_pos: Pos,
+    depends_on_pos: Vec<Pos>,
+}
+
+fn load_deployment_located(path: &Path) -> Result<Located, Vec<ConfigError>> {
+    let text = read(path).map_err(|e| vec![e])?;
+    let src = Source {
+        file: path,
+        text: &text,
+    };
+    let raw: RawDeployment = src.parse().map_err(|e| vec![e])?;
+    let mut c = Checker::new(&src);
+
+    let id = raw.id.get_ref().clone();
+    if !is_deployment_id(&id) {
+        c.at(
+            &raw.id,
+            format!("invalid deployment id \"{id}\": {ID_RULE}"),
+        );
+    }
+    let package = c.non_empty(&raw.package, "package");
+    let package_version = c.non_empty(&raw.package_version, "package_version");
+    for dep in &raw.depends_on {
+        if *dep.get_ref() == id {
+            c.at(
+                dep,
+                format!("deployment \"{id}\" must not depend on itself"),
+            );
+        }
+    }
+    let env = c.env(raw.env, "env");
+    let exports = c.env(raw.exports, "exports");
+
+    let mut components = Vec::new();
+    match raw.components {
+        None => c.at_span(0..0, "at least one [[components]] table is required"),
+        Some(list) if list.get_ref().is_empty() => {
+            c.at(&list, "at least one component is required")
+        }
+        Some(list) => {
+            let mut seen: HashMap<String, Range<usize>> = HashMap::new();
+            for component in list.into_inner() {
+                let name = check_name(&mut c, &component.name, "component");
+                if seen.insert(name.clone(), component.name.span()).is_some() {
+                    c.at(
+                        &component.name,
+                        format!("duplicate component name \"{name}\""),
+                    );
+                }
+                let executables = check_executables(&mut c, &component.name, component.executables);
+                components.push(ComponentSpec { name, executables });
+            }
+        }
+    }
+
+    let spec = DeploymentSpec {
+        id,
+        package,
+        package_version,
+        restart: raw.restart,
+        depends_on: raw.depends_on.iter().map(|d| d.get_ref().clone()).collect(),
+        ros: raw.ros,
+        env,
+        exports,
+        components,
+        source: path.to_path_buf(),
+    };
+    let located = Located {
+        spec,
+        id_pos: src.pos(raw.id.span().start),
+        depends_on_pos: raw
+            .depends_on
+            .iter()
+            .map(|d| src.pos(d.span().start))
+            .collect(),
+    };
+    c.finish(located)
+}
+
+fn is_deployment_id(s: &str) -> bool {
+    is_name(s, false)
+}
+
+/// `[a-z0-9][a-z0-9-]{0,62}`, with `_` too when `underscore`. Names become
+/// parts of container names, which `.` separates.
+fn is_name(s: &str, underscore: bool) -> bool {
+    let mut chars = s.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    first_ok
+        && s.len() <= 63
+        && chars.all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (underscore && c == '_')
+        })
+}
+
+fn check_name(c: &mut Checker, name: &Spanned<String>, what: &str) -> String {
+    let s = name.get_ref();
+    if !is_name(s, true) {
+        c.at(name, format!("invalid {what} name \"{s}\": {NAME_RULE}"));
+    }
+    s.clone()
+}
+
+fn check_executables(
+    c: &mut Checker,
+    component: &Spanned<String>,
+    raw: Option<Spanned<Vec<RawExecutable>>>,
+) -> Vec<ExecutableSpec> {
+    let list = match raw {
+        None => {
+            c.at(
+                component,
+                format!(
+                    "component \"{}\" needs at least one [[components.executables]] table",
+                    component.get_ref()
+                ),
+            );
+            return Vec::new();
+        }
+        Some(list) if list.get_ref().is_empty() => {
+            c.at(
+                &list,
+                format!(
+                    "component \"{}\" needs at least one executable",
+                    component.get_ref()
+                ),
+            );
+            return Vec::new();
+        }
+        Some(list) => list.into_inner(),
+    };
+    let mut seen: HashMap<String, Range<usize>> = HashMap::new();
+    let mut out = Vec::new();
+    for exe in list {
+        let name = check_name(c, &exe.name, "executable");
+        if seen.insert(name.clone(), exe.name.span()).is_some() {
+            c.at(
+                &exe.name,
+                format!(
+                    "duplicate executable name \"{name}\" in component \"{}\"",
+                    component.get_ref()
+                ),
+            );
+        }
+        let image = c.non_empty(&exe.image, "image");
+        let command = check_command(c, exe.command, exe.run_as_bash);
+        let env = c.env(exe.env, "env");
+        let limits = check_limits(c, &exe.limits);
+        let volumes = exe
+            .volumes
+            .iter()
+            .map(|v| Volume {
+                host: check_volume_path(c, &v.host, "host"),
+                container: check_volume_path(c, &v.container, "container"),
+                read_only: v.read_only,
+            })
+            .collect();
+        let devices = exe
+            .devices
+            .iter()
+            .map(|d| {
+                if !d.get_ref().starts_with('/') {
+                    c.at(
+                        d,
+                        format!("device \"{}\" must be an absolute path", d.get_ref()),
+                    );
+                }
+                d.get_ref().clone()
+            })
+            .collect();
+        out.push(ExecutableSpec {
+            name,
+            image,
+            pull: exe.pull,
+            command,
+            env,
+            limits,
+            volumes,
+            devices,
+        });
+    }
+    out
+}
+
+fn check_command(
+    c: &mut Checker,
+    command: Option<Spanned<RawCommand>>,
+    run_as_bash: Option<Spanned<bool>>,
+) -> Option<Command> {
+    let bash = run_as_bash.as_ref().is_some_and(|b| *b.get_ref());
+    let Some(command) = command else {
+        if let Some(b) = run_as_bash.as_ref().filter(|_| bash) {
+            c.at(b, "run_as_bash = true needs a command string");
+        }
+        return None;
+    };
+    let span = command.span();
+    match (command.into_inner(), bash) {
+        (RawCommand::Exec(argv), false) => {
+            if argv.is_empty() {
+                c.at_span(
+                    span,
+                    "command must not be empty; leave it out to use the image's default",
+                );
+            }
+            Some(Command::Exec(argv))
+        }
+        (RawCommand::Line(line), true) => {
+            if line.trim().is_empty() {
+                c.at_span(span, "command must not be empty");
+            }
+            Some(Command::Bash(line))
+        }
+        (RawCommand::Line(_), false) => {
+            c.at_span(
+                span,
+                "a string command needs run_as_bash = true; \
+                 use an array of strings for the exec form",
+            );
+            None
+        }
+        (RawCommand::Exec(_), true) => {
+            c.at_span(
+                span,
+                "run_as_bash = true needs a string command, not an array",
+            );
+            None
+        }
+    }
+}
+
+fn check_limits(c: &mut Checker, raw: &RawLimits) -> Limits {
+    if let Some(cpus) = &raw.cpus {
+        if !(cpus.get_ref().is_finite() && *cpus.get_ref() > 0.0) {
+            c.at(cpus, "cpus must be greater than 0");
+        }
+    }
+    if let Some(mem) = &raw.memory_mb {
+        if *mem.get_ref() <= 0 {
+            c.at(mem, "memory_mb must be greater than 0");
+        }
+    }
+    Limits {
+        cpus: raw.cpus.as_ref().map(|v| *v.get_ref()),
+        memory_mb: raw.memory_mb.as_ref().map(|v| (*v.get_ref()).max(0) as u64),
+    }
+}
+
+fn check_volume_path(c: &mut Checker, path: &Spanned<String>, key: &str) -> String {
+    let s = path.get_ref();
+    if !s.starts_with('/') {
+        c.at(path, format!("volume {key} path \"{s}\" must be absolute"));
+    } else if s.contains(':') {
+        // The engine's bind syntax separates host, container and mode with ':'.
+        c.at(
+            path,
+            format!("volume {key} path \"{s}\" must not contain ':'"),
+        );
+    }
+    s.clone()
+}
+
+fn load_dir_located(dir: &Path) -> (BTreeMap<String, Located>, BadFiles) {
+    let mut good: BTreeMap<String, Located> = BTreeMap::new();
+    let mut bad = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            let message = match e.kind() {
+                io::ErrorKind::NotFound => "deployments directory does not exist".to_string(),
+                _ => format!("cannot read deployments directory: {}", io_message(&e)),
+            };
+            bad.push((dir.to_path_buf(), vec![Pos::START.error(dir, message)]));
+            return (good, bad);
+        }
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        match entry {
+            Ok(entry) => {
+                let path = entry.path();
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                // Hidden files are editors' and tools' scratch files.
+                if name.starts_with('.') || !name.ends_with(".toml") || path.is_dir() {
+                    continue;
+                }
+                files.push(path);
+            }
+            Err(e) => bad.push((
+                dir.to_path_buf(),
+                vec![Pos::START.error(
+                    dir,
+                    format!("cannot read deployments directory: {}", io_message(&e)),
+                )],
+            )),
+        }
+    }
+    files.sort();
+
+    for file in files {
+        match load_deployment_located(&file) {
+            Ok(located) => {
+                if let Some(first) = good.get(&located.spec.id) {
+                    let error = located.id_pos.error(
+                        &file,
+                        format!(
+                            "duplicate deployment id \"{}\": already used by {}",
+                            located.spec.id,
+                            first.spec.source.display()
+                        ),
+                    );
+                    bad.push((file, vec![error]));
+                } else {
+                    good.insert(located.spec.id.clone(), located);
+                }
+            }
+            Err(errors) => bad.push((file, errors)),
+        }
+    }
+    (good, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn messages(errors: &[ConfigError]) -> String {
+        errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Each row must give exactly one error, containing `expected`, at
+    /// `line`:`col`.
+    fn assert_rows(
+        rows: &[(&str, &str, &str, usize, usize)],
+        load: impl Fn(&Path) -> Result<(), Vec<ConfigError>>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut failures = Vec::new();
+        for (name, text, expected, line, col) in rows {
+            let path = write(dir.path(), &format!("{name}.toml"), text);
+            match load(&path) {
+                Ok(()) => failures.push(format!("{name}: accepted")),
+                Err(errors) => {
+                    let ok = errors.len() == 1
+                        && errors[0].message.contains(expected)
+                        && (errors[0].line, errors[0].col) == (*line, *col)
+                        && errors[0].file == path;
+                    if !ok {
+                        failures.push(format!(
+                            "{name}: want {line}:{col}: ...{expected}..., got\n{}",
+                            messages(&errors)
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn bad_agent_configs_are_rejected_with_position() {
+        let rows: &[(&str, &str, &str, usize, usize)] = &[
+            ("missing_device_id", "state_dir = \"/x\"\n", "missing field `device_id`", 1, 1),
+            ("device_id_space", "device_id = \"robot 42\"\n", "invalid device_id \"robot 42\"", 1, 13),
+            ("device_id_empty", "device_id = \"\"\n", "invalid device_id", 1, 13),
+            ("device_id_dot", "device_id = \"robot.42\"\n", "invalid device_id", 1, 13),
+            (
+                "device_id_too_long",
+                &format!("device_id = \"{}\"\n", "a".repeat(65)),
+                "invalid device_id",
+                1,
+                13,
+            ),
+            ("device_id_type", "device_id = 42\n", "invalid type: integer `42`", 1, 13),
+            ("syntax", "device_id = \"r\"\nstate_dir =\n", "invalid string", 2, 12),
+            ("unknown_top", "device_id = \"r\"\ndeployment_dir = \"/x\"\n", "unknown field `deployment_dir`", 2, 1),
+            ("unknown_docker", "device_id = \"r\"\n[docker]\nhots = \"x\"\n", "unknown field `hots`", 3, 1),
+            (
+                "unknown_registry",
+                "device_id = \"r\"\n[[docker.registries]]\nserver = \"s\"\nusername = \"u\"\npassword = \"p\"\n",
+                "unknown field `password`",
+                5,
+                1,
+            ),
+            ("unknown_mqtt", "device_id = \"r\"\n[mqtt]\nurll = \"x\"\n", "unknown field `urll`", 3, 1),
+            ("unknown_restart", "device_id = \"r\"\n[restart]\nbackoff_ms = 1\n", "unknown field `backoff_ms`", 3, 1),
+            ("unknown_ros", "device_id = \"r\"\n[ros]\nimage = \"x\"\n", "unknown field `image`", 3, 1),
+            ("unknown_log", "device_id = \"r\"\n[log]\nlevels = \"x\"\n", "unknown field `levels`", 3, 1),
+            ("unknown_table", "device_id = \"r\"\n[mqttt]\nurl = \"x\"\n", "unknown field `mqttt`", 2, 2),
+            ("empty_state_dir", "device_id = \"r\"\nstate_dir = \"\"\n", "state_dir must not be empty", 2, 13),
+            (
+                "registry_missing_password_file",
+                "device_id = \"r\"\n[[docker.registries]]\nserver = \"s\"\nusername = \"u\"\n",
+                "missing field `password_file`",
+                2,
+                1,
+            ),
+            (
+                "registry_empty_server",
+                "device_id = \"r\"\n[[docker.registries]]\nserver = \"\"\nusername = \"u\"\npassword_file = \"p\"\n",
+                "server must not be empty",
+                3,
+                10,
+            ),
+            ("docker_host_path", "device_id = \"r\"\n[docker]\nhost = \"/var/run/docker.sock\"\n", "invalid docker host", 3, 8),
+            ("docker_host_relative_unix", "device_id = \"r\"\n[docker]\nhost = \"unix://docker.sock\"\n", "invalid docker host", 3, 8),
+            ("mqtt_scheme", "device_id = \"r\"\n[mqtt]\nurl = \"http://broker:1883\"\n", "use mqtt://host[:port]", 3, 7),
+            ("mqtt_no_scheme", "device_id = \"r\"\n[mqtt]\nurl = \"broker:1883\"\n", "invalid mqtt url", 3, 7),
+            ("mqtt_no_host", "device_id = \"r\"\n[mqtt]\nurl = \"mqtt://:1883\"\n", "missing or invalid host", 3, 7),
+            ("mqtt_bad_port", "device_id = \"r\"\n[mqtt]\nurl = \"mqtt://broker:99999\"\n", "port must be a number", 3, 7),
+            ("mqtt_zero_port", "device_id = \"r\"\n[mqtt]\nurl = \"mqtt://broker:0\"\n", "port must be a number", 3, 7),
+            ("mqtt_path", "device_id = \"r\"\n[mqtt]\nurl = \"mqtt://broker:1883/x\"\n", "a path is not allowed", 3, 7),
+            ("mqtt_credentials", "device_id = \"r\"\n[mqtt]\nurl = \"mqtt://u:p@broker\"\n", "password_file", 3, 7),
+            (
+                "mqtt_cert_without_key",
+                "device_id = \"r\"\n[mqtt]\nurl = \"mqtts://broker\"\ncert_file = \"/c.pem\"\n",
+                "cert_file needs key_file",
+                4,
+                13,
+            ),
+            (
+                "mqtt_key_without_cert",
+                "device_id = \"r\"\n[mqtt]\nurl = \"mqtts://broker\"\nkey_file = \"/c.key\"\n",
+                "key_file needs cert_file",
+                4,
+                12,
+            ),
+            (
+                "mqtt_password_without_username",
+                "device_id = \"r\"\n[mqtt]\npassword_file = \"/p\"\n",
+                "password_file needs a username",
+                3,
+                17,
+            ),
+            ("mqtt_empty_client_id", "device_id = \"r\"\n[mqtt]\nclient_id = \"\"\n", "client_id must not be empty", 3, 13),
+            ("topic_prefix_empty", "device_id = \"r\"\n[mqtt]\ntopic_prefix = \"\"\n", "topic_prefix must not be empty", 3, 16),
+            ("topic_prefix_hash", "device_id = \"r\"\n[mqtt]\ntopic_prefix = \"a/#\"\n", "wildcards", 3, 16),
+            ("topic_prefix_plus", "device_id = \"r\"\n[mqtt]\ntopic_prefix = \"+\"\n", "wildcards", 3, 16),
+            ("topic_prefix_slash", "device_id = \"r\"\n[mqtt]\ntopic_prefix = \"berth/\"\n", "start or end with '/'", 3, 16),
+            ("keep_alive_zero", "device_id = \"r\"\n[mqtt]\nkeep_alive_secs = 0\n", "between 1 and 65535", 3, 19),
+            ("keep_alive_big", "device_id = \"r\"\n[mqtt]\nkeep_alive_secs = 70000\n", "between 1 and 65535", 3, 19),
+            ("keep_alive_type", "device_id = \"r\"\n[mqtt]\nkeep_alive_secs = \"30\"\n", "invalid type: string", 3, 19),
+            ("backoff_initial_zero", "device_id = \"r\"\n[restart]\nbackoff_initial_ms = 0\n", "backoff_initial_ms must be greater than 0", 3, 22),
+            (
+                "backoff_max_below_initial",
+                "device_id = \"r\"\n[restart]\nbackoff_initial_ms = 5000\nbackoff_max_secs = 2\n",
+                "backoff_max_secs (2 s) must not be less than backoff_initial_ms (5000 ms)",
+                4,
+                20,
+            ),
+            (
+                "backoff_initial_above_default_max",
+                "device_id = \"r\"\n[restart]\nbackoff_initial_ms = 301000\n",
+                "must not be less than",
+                3,
+                22,
+            ),
+            ("backoff_max_negative", "device_id = \"r\"\n[restart]\nbackoff_max_secs = -1\n", "backoff_max_secs must be greater than 0", 3, 20),
+            ("backoff_reset_zero", "device_id = \"r\"\n[restart]\nbackoff_reset_after_secs = 0\n", "backoff_reset_after_secs must be greater than 0", 3, 28),
+            ("ros_empty_image", "device_id = \"r\"\n[ros]\nmaster_image = \"\"\n", "master_image must not be empty", 3, 16),
+            ("ros_empty_command", "device_id = \"r\"\n[ros]\nmaster_command = []\n", "master_command must not be empty", 3, 18),
+            ("ros_string_command", "device_id = \"r\"\n[ros]\nmaster_command = \"roscore\"\n", "invalid type: string", 3, 18),
+            ("ros_uri", "device_id = \"r\"\n[ros]\nmaster_uri = \"localhost:11311\"\n", "invalid master_uri", 3, 14),
+            ("log_level", "device_id = \"r\"\n[log]\nlevel = \"verbose\"\n", "invalid log level \"verbose\"", 3, 9),
+            ("log_level_case", "device_id = \"r\"\n[log]\nlevel = \"INFO\"\n", "invalid log level", 3, 9),
+            ("log_format", "device_id = \"r\"\n[log]\nformat = \"xml\"\n", "invalid log format \"xml\": use text or json", 3, 10),
+        ];
+        assert_rows(rows, |p| load_agent(p).map(|_| ()));
+    }
+
+    #[test]
+    fn agent_errors_are_all_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "berth.toml",
+            "device_id = \"a b\"\n[log]\nlevel = \"loud\"\nformat = \"xml\"\n",
+        );
+        let errors = load_agent(&path).unwrap_err();
+        let lines: Vec<_> = errors.iter().map(|e| (e.line, e.col)).collect();
+        assert_eq!(lines, [(1, 13), (3, 9), (4, 10)], "{}", messages(&errors));
+    }
+
+    #[test]
+    fn error_display_is_file_line_col_message() {
+        let e = ConfigError {
+            file: PathBuf::from("/etc/berth/berth.toml"),
+            line: 3,
+            col: 7,
+            message: "invalid mqtt url".into(),
+        };
+        assert_eq!(e.to_string(), "/etc/berth/berth.toml:3:7: invalid mqtt url");
+    }
+
+    #[test]
+    fn unreadable_file_is_an_error_at_1_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.toml");
+        for errors in [
+            load_agent(&path).unwrap_err(),
+            load_deployment(&path).unwrap_err(),
+        ] {
+            assert_eq!(errors.len(), 1);
+            assert_eq!((errors[0].line, errors[0].col), (1, 1));
+            assert!(
+                errors[0]
+                    .message
+                    .starts_with("cannot read file: no such file"),
+                "{}",
+                errors[0]
+            );
+        }
+    }
+
+    #[test]
+    fn columns_count_characters_not_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "b.toml",
+            "device_id = \"r\" # été\n[log]\n\"é\" = 1\n",
+        );
+        let errors = load_agent(&path).unwrap_err();
+        assert_eq!((errors[0].line, errors[0].col), (3, 1));
+        let path = write(
+            dir.path(),
+            "c.toml",
+            "device_id = \"r\"\n[log]\nlevel = \"é\" ; x\n",
+        );
+        let errors = load_agent(&path).unwrap_err();
+        assert_eq!(
+            (errors[0].line, errors[0].col),
+            (3, 13),
+            "{}",
+            messages(&errors)
+        );
+    }
+
+    #[test]
+    fn agent_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "berth.toml", "device_id = \"robot-42\"\n");
+        let config = load_agent(&path).unwrap();
+        assert_eq!(
+            config,
+            AgentConfig {
+                device_id: "robot-42".into(),
+                deployments_dir: "/etc/berth/deployments.d".into(),
+                state_dir: "/var/lib/berth".into(),
+                boot_id_file: "/proc/sys/kernel/random/boot_id".into(),
+                docker: DockerSettings {
+                    host: "unix:///var/run/docker.sock".into(),
+                    registries: vec![],
+                },
+                mqtt: MqttSettings {
+                    url: "mqtt://127.0.0.1:1883".into(),
+                    client_id: "berth-robot-42".into(),
+                    topic_prefix: "berth".into(),
+                    username: None,
+                    password_file: None,
+                    ca_file: None,
+                    cert_file: None,
+                    key_file: None,
+                    keep_alive: Duration::from_secs(30),
+                },
+                restart: RestartSettings {
+                    backoff_initial: Duration::from_millis(1000),
+                    backoff_max: Duration::from_secs(300),
+                    backoff_reset_after: Duration::from_secs(60),
+                },
+                ros: RosSettings {
+                    master_image: "ros:noetic-ros-core".into(),
+                    master_command: vec!["roscore".into()],
+                    master_uri: "http://localhost:11311".into(),
+                },
+                log: LogSettings {
+                    level: "info".into(),
+                    json: false,
+                },
+                source: path.clone(),
+            }
+        );
+        assert_eq!(
+            config.mqtt.endpoint(),
+            Ok(MqttEndpoint {
+                host: "127.0.0.1".into(),
+                port: 1883,
+                tls: false
+            })
+        );
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "berth.toml",
+            r#"
+device_id = "r"
+deployments_dir = "deployments.d"
+state_dir = "../state"
+boot_id_file = "boot/id"
+
+[[docker.registries]]
+server = "registry.example.com"
+username = "robot"
+password_file = "secrets/registry"
+
+[mqtt]
+url = "mqtts://broker.example.com"
+username = "r"
+password_file = "secrets/mqtt"
+ca_file = "ca.pem"
+cert_file = "/abs/client.pem"
+key_file = "client.key"
+"#,
+        );
+        let config = load_agent(&path).unwrap();
+        let base = dir.path();
+        assert_eq!(config.deployments_dir, base.join("deployments.d"));
+        assert_eq!(config.state_dir, base.join("../state"));
+        assert_eq!(config.boot_id_file, base.join("boot/id"));
+        assert_eq!(
+            config.docker.registries[0].password_file,
+            base.join("secrets/registry")
+        );
+        assert_eq!(config.mqtt.password_file, Some(base.join("secrets/mqtt")));
+        assert_eq!(config.mqtt.ca_file, Some(base.join("ca.pem")));
+        assert_eq!(
+            config.mqtt.cert_file,
+            Some(PathBuf::from("/abs/client.pem"))
+        );
+        assert_eq!(config.mqtt.key_file, Some(base.join("client.key")));
+        assert!(config.deployments_dir.is_absolute());
+        assert_eq!(
+            config.mqtt.endpoint(),
+            Ok(MqttEndpoint {
+                host: "broker.example.com".into(),
+                port: 8883,
+                tls: true
+            })
+        );
+    }
+
+    #[test]
+    fn mqtt_urls() {
+        let ok = [
+            ("mqtt://broker", "broker", 1883, false),
+            ("mqtt://broker:1884/", "broker", 1884, false),
+            ("mqtts://10.0.0.1:8884", "10.0.0.1", 8884, true),
+            ("mqtt://[::1]:1883", "::1", 1883, false),
+            ("mqtts://[fe80::1]", "fe80::1", 8883, true),
+        ];
+        for (url, host, port, tls) in ok {
+            let want = MqttEndpoint {
+                host: host.into(),
+                port,
+                tls,
+            };
+            assert_eq!(parse_mqtt_url(url), Ok(want), "{url}");
+        }
+        for url in [
+            "tcp://broker",
+            "mqtt://",
+            "mqtt://broker:",
+            "mqtt://broker:x",
+            "mqtt://[::1",
+            "mqtt://[::1]x",
+            "mqtt://bro ker",
+        ] {
+            assert!(parse_mqtt_url(url).is_err(), "{url}");
+        }
+    }
+
+    const SPEC_AGENT: &str = r#"
+device_id = "robot-42"                 # required, [A-Za-z0-9_-]{1,64}
+deployments_dir = "/etc/berth/deployments.d"
+state_dir = "/var/lib/berth"
+boot_id_file = "/proc/sys/kernel/random/boot_id"   # what tells one boot from the next
+
+[docker]
+host = "unix:///var/run/docker.sock"
+
+[[docker.registries]]                  # credentials for private registries
+server = "registry.example.com"
+username = "robot"
+password_file = "/etc/berth/secrets/registry"    # never inline secrets in logs or MQTT
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"          # mqtts:// for TLS
+client_id = "berth-robot-42"           # default: berth-<device_id>
+topic_prefix = "berth"
+username = "robot-42"                  # optional
+password_file = "/etc/berth/secrets/mqtt"
+ca_file = "/etc/berth/ca.pem"          # optional; client cert_file/key_file for mutual TLS
+keep_alive_secs = 30
+
+[restart]                              # crash-loop back-off, see section 6
+backoff_initial_ms = 1000
+backoff_max_secs = 300
+backoff_reset_after_secs = 60
+
+[ros]
+master_image = "ros:noetic-ros-core"
+master_command = ["roscore"]
+master_uri = "http://localhost:11311"
+
+[log]
+level = "info"                         # RUST_LOG overrides
+format = "text"                        # or "json"
+"#;
+
+    #[test]
+    fn spec_agent_example_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "berth.toml", SPEC_AGENT);
+        let config = load_agent(&path).unwrap();
+        assert_eq!(config.device_id, "robot-42");
+        assert_eq!(
+            config.docker.registries,
+            [RegistrySettings {
+                server: "registry.example.com".into(),
+                username: "robot".into(),
+                password_file: "/etc/berth/secrets/registry".into(),
+            }]
+        );
+        assert_eq!(config.mqtt.client_id, "berth-robot-42");
+        assert_eq!(config.mqtt.username.as_deref(), Some("robot-42"));
+        assert_eq!(
+            config.mqtt.password_file,
+            Some(PathBuf::from("/etc/berth/secrets/mqtt"))
+        );
+        assert_eq!(
+            config.mqtt.ca_file,
+            Some(PathBuf::from("/etc/berth/ca.pem"))
+        );
+        assert_eq!(config.mqtt.keep_alive, Duration::from_secs(30));
+        assert_eq!(config.restart.backoff_initial, Duration::from_secs(1));
+        assert_eq!(config.ros.master_command, ["roscore"]);
+        assert_eq!(config.log.level, "info");
+        assert!(!config.log.json);
+
+        let json = SPEC_AGENT.replace("format = \"text\"", "format = \"json\"");
+        let path = write(dir.path(), "json.toml", &json);
+        assert!(load_agent(&path).unwrap().log.json);
+    }
+
+    macro_rules! head {
+        () => {
+            "id = \"talker\"\npackage = \"p\"\npackage_version = \"1\"\n"
+        };
+    }
+    // Lines 4 to 8; executable keys added after it land on line 9.
+    macro_rules! exe {
+        () => {
+            "[[components]]\nname = \"c\"\n[[components.executables]]\nname = \"e\"\nimage = \"i\"\n"
+        };
+    }
+
+    #[test]
+    fn bad_deployment_files_are_rejected_with_position() {
+        let long_id = format!(
+            "id = \"{}\"\npackage = \"p\"\npackage_version = \"1\"\n{}",
+            "a".repeat(64),
+            exe!()
+        );
+        let rows: &[(&str, &str, &str, usize, usize)] = &[
+            ("id_upper", concat!("id = \"Talker\"\npackage = \"p\"\npackage_version = \"1\"\n", exe!()), "invalid deployment id \"Talker\"", 1, 6),
+            ("id_dash_first", concat!("id = \"-t\"\npackage = \"p\"\npackage_version = \"1\"\n", exe!()), "invalid deployment id", 1, 6),
+            ("id_underscore", concat!("id = \"a_b\"\npackage = \"p\"\npackage_version = \"1\"\n", exe!()), "invalid deployment id", 1, 6),
+            ("id_empty", concat!("id = \"\"\npackage = \"p\"\npackage_version = \"1\"\n", exe!()), "invalid deployment id", 1, 6),
+            ("id_too_long", &long_id, "invalid deployment id", 1, 6),
+            ("missing_id", concat!("package = \"p\"\npackage_version = \"1\"\n", exe!()), "missing field `id`", 1, 1),
+            ("missing_package", concat!("id = \"t\"\npackage_version = \"1\"\n", exe!()), "missing field `package`", 1, 1),
+            ("missing_version", concat!("id = \"t\"\npackage = \"p\"\n", exe!()), "missing field `package_version`", 1, 1),
+            ("empty_version", concat!("id = \"t\"\npackage = \"p\"\npackage_version = \"\"\n", exe!()), "package_version must not be empty", 3, 19),
+            ("restart", concat!(head!(), "restart = \"sometimes\"\n", exe!()), "unknown variant `sometimes`", 4, 11),
+            ("unknown_top", concat!(head!(), "restrat = \"always\"\n", exe!()), "unknown field `restrat`", 4, 1),
+            ("ros_type", concat!(head!(), "ros = \"yes\"\n", exe!()), "invalid type: string", 4, 7),
+            ("self_dependency", concat!(head!(), "depends_on = [\"map\", \"talker\"]\n", exe!()), "must not depend on itself", 4, 22),
+            ("env_key_equals", concat!(head!(), "env = { \"A=B\" = \"x\" }\n", exe!()), "must not contain '='", 4, 9),
+            ("env_key_empty", concat!(head!(), "env = { \"\" = \"x\" }\n", exe!()), "env: a variable name must not be empty", 4, 9),
+            ("env_value_type", concat!(head!(), "env = { A = 1 }\n", exe!()), "invalid type: integer `1`, expected a string", 4, 13),
+            ("exports_key", concat!(head!(), "exports = { \"A=B\" = \"x\" }\n", exe!()), "exports: variable name \"A=B\"", 4, 13),
+            ("no_components", head!(), "at least one [[components]] table is required", 1, 1),
+            ("empty_components", concat!(head!(), "components = []\n"), "at least one component is required", 4, 14),
+            ("unknown_component_key", concat!(head!(), "[[components]]\nname = \"c\"\nexecutable = []\n"), "unknown field `executable`", 6, 1),
+            ("no_executables", concat!(head!(), "[[components]]\nname = \"c\"\n"), "component \"c\" needs at least one", 5, 8),
+            ("empty_executables", concat!(head!(), "[[components]]\nname = \"c\"\nexecutables = []\n"), "needs at least one executable", 6, 15),
+            ("component_name_upper", concat!(head!(), "[[components]]\nname = \"Greeter\"\n[[components.executables]]\nname = \"e\"\nimage = \"i\"\n"), "invalid component name \"Greeter\"", 5, 8),
+            ("component_name_dot", concat!(head!(), "[[components]]\nname = \"a.b\"\n[[components.executables]]\nname = \"e\"\nimage = \"i\"\n"), "invalid component name", 5, 8),
+            ("component_missing_name", concat!(head!(), "[[components]]\n[[components.executables]]\nname = \"e\"\nimage = \"i\"\n"), "missing field `name`", 4, 1),
+            ("component_duplicate", concat!(head!(), exe!(), exe!()), "duplicate component name \"c\"", 10, 8),
+            (
+                "exe_duplicate",
+                concat!(head!(), exe!(), "[[components.executables]]\nname = \"e\"\nimage = \"i\"\n"),
+                "duplicate executable name \"e\" in component \"c\"",
+                10,
+                8,
+            ),
+            ("exe_name_upper", concat!(head!(), "[[components]]\nname = \"c\"\n[[components.executables]]\nname = \"E\"\nimage = \"i\"\n"), "invalid executable name \"E\"", 7, 8),
+            ("exe_name_long", &format!("{}[[components]]\nname = \"c\"\n[[components.executables]]\nname = \"{}\"\nimage = \"i\"\n", head!(), "e".repeat(64)), "invalid executable name", 7, 8),
+            ("exe_missing_image", concat!(head!(), "[[components]]\nname = \"c\"\n[[components.executables]]\nname = \"e\"\n"), "missing field `image`", 6, 1),
+            ("exe_empty_image", concat!(head!(), "[[components]]\nname = \"c\"\n[[components.executables]]\nname = \"e\"\nimage = \" \"\n"), "image must not be empty", 8, 9),
+            ("exe_unknown_key", concat!(head!(), exe!(), "cmd = [\"x\"]\n"), "unknown field `cmd`", 9, 1),
+            ("pull", concat!(head!(), exe!(), "pull = \"sometimes\"\n"), "unknown variant `sometimes`", 9, 8),
+            ("command_string", concat!(head!(), exe!(), "command = \"echo hi\"\n"), "a string command needs run_as_bash = true", 9, 11),
+            ("command_string_bash_false", concat!(head!(), exe!(), "command = \"echo hi\"\nrun_as_bash = false\n"), "needs run_as_bash = true", 9, 11),
+            ("command_array_bash", concat!(head!(), exe!(), "run_as_bash = true\ncommand = [\"echo\", \"hi\"]\n"), "run_as_bash = true needs a string command", 10, 11),
+            ("bash_without_command", concat!(head!(), exe!(), "run_as_bash = true\n"), "run_as_bash = true needs a command string", 9, 15),
+            ("command_empty_array", concat!(head!(), exe!(), "command = []\n"), "command must not be empty", 9, 11),
+            ("command_empty_bash", concat!(head!(), exe!(), "command = \"\"\nrun_as_bash = true\n"), "command must not be empty", 9, 11),
+            ("command_number", concat!(head!(), exe!(), "command = 1\n"), "expected an array of strings", 9, 11),
+            ("command_element", concat!(head!(), exe!(), "command = [\"a\", 1]\n"), "invalid type: integer `1`, expected a string", 9, 17),
+            ("cpus_zero", concat!(head!(), exe!(), "limits = { cpus = 0.0 }\n"), "cpus must be greater than 0", 9, 19),
+            ("cpus_negative", concat!(head!(), exe!(), "limits = { cpus = -1 }\n"), "cpus must be greater than 0", 9, 19),
+            ("cpus_nan", concat!(head!(), exe!(), "limits = { cpus = nan }\n"), "cpus must be greater than 0", 9, 19),
+            ("memory_zero", concat!(head!(), exe!(), "limits = { memory_mb = 0 }\n"), "memory_mb must be greater than 0", 9, 24),
+            ("memory_float", concat!(head!(), exe!(), "limits = { memory_mb = 1.5 }\n"), "invalid type: floating point", 9, 24),
+            ("limits_unknown", concat!(head!(), exe!(), "limits = { cpus = 1, memory = 2 }\n"), "unknown field `memory`", 9, 22),
+            ("volume_host_relative", concat!(head!(), exe!(), "volumes = [{ host = \"data\", container = \"/data\" }]\n"), "volume host path \"data\" must be absolute", 9, 21),
+            ("volume_container_relative", concat!(head!(), exe!(), "volumes = [{ host = \"/data\", container = \"data\" }]\n"), "volume container path \"data\" must be absolute", 9, 42),
+            ("volume_colon", concat!(head!(), exe!(), "volumes = [{ host = \"/a:b\", container = \"/data\" }]\n"), "must not contain ':'", 9, 21),
+            ("volume_missing_container", concat!(head!(), exe!(), "volumes = [{ host = \"/data\" }]\n"), "missing field `container`", 9, 12),
+            ("volume_unknown", concat!(head!(), exe!(), "volumes = [{ host = \"/a\", container = \"/b\", ro = true }]\n"), "unknown field `ro`", 9, 45),
+            ("device_relative", concat!(head!(), exe!(), "devices = [\"ttyUSB0\"]\n"), "device \"ttyUSB0\" must be an absolute path", 9, 12),
+            ("exe_env_key", concat!(head!(), exe!(), "env = { \"\" = \"x\" }\n"), "env: a variable name must not be empty", 9, 9),
+        ];
+        assert_rows(rows, |p| load_deployment(p).map(|_| ()));
+    }
+
+    const SPEC_DEPLOYMENT: &str = r#"
+id = "talker"                          # unique on the device, [a-z0-9][a-z0-9-]{0,62}
+package = "ros-talker"
+package_version = "1.0.0"
+restart = "always"                     # always | on-failure | never   (default always)
+depends_on = ["map-server"]            # ids of other deployments on this device
+ros = true                             # needs the shared ROS master (default false)
+env = { ROBOT_NAME = "r42" }           # added to every executable's env
+exports = { TALKER_TOPIC = "/chatter" }  # env handed to deployments that depend on this one
+
+[[components]]
+name = "talker"
+
+[[components.executables]]
+name = "talker"
+image = "registry.example.com/talker:1.0"
+pull = "if-not-present"                # always | if-not-present | never
+command = ["roslaunch", "talker", "talker.launch"]   # optional, exec form
+# command = "roslaunch talker talker.launch" with run_as_bash = true runs it under /bin/bash -c
+env = { LOG_LEVEL = "debug" }
+limits = { cpus = 0.5, memory_mb = 256 }
+volumes = [{ host = "/data/maps", container = "/maps", read_only = true }]
+devices = ["/dev/ttyUSB0"]
+"#;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn spec_deployment_example_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "talker.toml", SPEC_DEPLOYMENT);
+        let spec = load_deployment(&path).unwrap();
+        assert_eq!(
+            spec,
+            DeploymentSpec {
+                id: "talker".into(),
+                package: "ros-talker".into(),
+                package_version: "1.0.0".into(),
+                restart: RestartPolicy::Always,
+                depends_on: vec!["map-server".into()],
+                ros: true,
+                env: map(&[("ROBOT_NAME", "r42")]),
+                exports: map(&[("TALKER_TOPIC", "/chatter")]),
+                components: vec![ComponentSpec {
+                    name: "talker".into(),
+                    executables: vec![ExecutableSpec {
+                        name: "talker".into(),
+                        image: "registry.example.com/talker:1.0".into(),
+                        pull: PullPolicy::IfNotPresent,
+                        command: Some(Command::Exec(vec![
+                            "roslaunch".into(),
+                            "talker".into(),
+                            "talker.launch".into(),
+                        ])),
+                        env: map(&[("LOG_LEVEL", "debug")]),
+                        limits: Limits {
+                            cpus: Some(0.5),
+                            memory_mb: Some(256),
+                        },
+                        volumes: vec![Volume {
+                            host: "/data/maps".into(),
+                            container: "/maps".into(),
+                            read_only: true,
+                        }],
+                        devices: vec!["/dev/ttyUSB0".into()],
+                    }],
+                }],
+                source: path.clone(),
+            }
+        );
+
+        let bash = SPEC_DEPLOYMENT.replace(
+            r#"command = ["roslaunch", "talker", "talker.launch"]"#,
+            "command = \"roslaunch talker talker.launch\"\nrun_as_bash = true",
+        );
+        let path = write(dir.path(), "bash.toml", &bash);
+        let spec = load_deployment(&path).unwrap();
+        assert_eq!(
+            spec.components[0].executables[0].command,
+            Some(Command::Bash("roslaunch talker talker.launch".into()))
+        );
+    }
+
+    #[test]
+    fn deployment_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = concat!(
+            head!(),
+            exe!(),
+            "run_as_bash = false\n",
+            "[[components]]\nname = \"d\"\n[[components.executables]]\nname = \"e\"\nimage = \"j\"\n",
+            "[[components.executables]]\nname = \"f_2\"\nimage = \"k\"\npull = \"never\"\n",
+        );
+        let path = write(dir.path(), "t.toml", text);
+        let spec = load_deployment(&path).unwrap();
+        assert_eq!(spec.restart, RestartPolicy::Always);
+        assert!(spec.depends_on.is_empty() && !spec.ros);
+        assert!(spec.env.is_empty() && spec.exports.is_empty());
+        let exes: Vec<_> = spec
+            .executables()
+            .map(|(c, e)| (c.name.as_str(), e.name.as_str(), e.pull))
+            .collect();
+        assert_eq!(
+            exes,
+            [
+                ("c", "e", PullPolicy::IfNotPresent),
+                ("d", "e", PullPolicy::IfNotPresent),
+                ("d", "f_2", PullPolicy::Never),
+            ]
+        );
+        let e = &spec.components[0].executables[0];
+        assert_eq!(e.command, None);
+        assert_eq!(e.limits, Limits::default());
+        assert!(e.volumes.is_empty() && e.devices.is_empty() && e.env.is_empty());
+
+        for (policy, want) in [
+            ("always", RestartPolicy::Always),
+            ("on-failure", RestartPolicy::OnFailure),
+            ("never", RestartPolicy::Never),
+        ] {
+            let text = format!("{}restart = \"{policy}\"\n{}", head!(), exe!());
+            let path = write(dir.path(), "p.toml", &text);
+            assert_eq!(load_deployment(&path).unwrap().restart, want);
+        }
+    }
+
+    fn deployment(id: &str, depends_on: &[&str]) -> String {
+        let deps: Vec<_> = depends_on.iter().map(|d| format!("\"{d}\"")).collect();
+        format!(
+            "id = \"{id}\"\npackage = \"p\"\npackage_version = \"1\"\ndepends_on = [{}]\n{}",
+            deps.join(", "),
+            exe!()
+        )
+    }
+
+    #[test]
+    fn deployments_dir_loads_toml_files_in_name_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(d, "b.toml", &deployment("beta", &[]));
+        write(d, "a.toml", &deployment("alpha", &[]));
+        let broken = write(d, "c.toml", "id = \"gamma\"\n");
+        write(d, "README.md", "not a deployment");
+        write(d, ".hidden.toml", "garbage");
+        write(d, "d.toml.bak", "garbage");
+        fs::create_dir(d.join("sub.toml")).unwrap();
+        write(&d.join("sub.toml"), "e.toml", &deployment("nested", &[]));
+        let dup = write(d, "z.toml", &deployment("alpha", &[]));
+
+        let (good, bad) = load_deployments_dir(d);
+        assert_eq!(good.keys().collect::<Vec<_>>(), ["alpha", "beta"]);
+        assert_eq!(good["alpha"].source, d.join("a.toml"));
+        let files: Vec<_> = bad.iter().map(|(f, _)| f.clone()).collect();
+        assert_eq!(files, [broken, dup.clone()]);
+        let dup_errors = &bad[1].1;
+        assert_eq!(dup_errors.len(), 1);
+        let e = &dup_errors[0];
+        assert_eq!((e.file.clone(), e.line, e.col), (dup, 1, 6));
+        assert_eq!(
+            e.message,
+            format!(
+                "duplicate deployment id \"alpha\": already used by {}",
+                d.join("a.toml").display()
+            )
+        );
+    }
+
+    #[test]
+    fn missing_deployments_dir_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let (good, bad) = load_deployments_dir(&missing);
+        assert!(good.is_empty());
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].0, missing);
+        assert_eq!(
+            bad[0].1[0].to_string(),
+            format!(
+                "{}:1:1: deployments directory does not exist",
+                missing.display()
+            )
+        );
+    }
+
+    #[test]
+    fn dependency_problems_finds_unknown_ids_and_cycles() {
+        let spec = |id: &str, deps: &[&str]| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = write(dir.path(), "x.toml", &deployment(id, deps));
+            load_deployment(&path).unwrap()
+        };
+        let deployments: Deployments = [
+            spec("a", &["b"]),
+            spec("b", &["c", "ghost"]),
+            spec("c", &["a"]),
+            spec("d", &["a", "e"]),
+            spec("e", &["d"]),
+            spec("f", &["c"]),
+        ]
+        .into_iter()
+        .map(|s| (s.id.clone(), s))
+        .collect();
+        let problems = dependency_problems(&deployments);
+        let cycle =
+            |ids: &[&str]| DependencyProblem::Cycle(ids.iter().map(|s| s.to_string()).collect());
+        assert_eq!(
+            problems,
+            [
+                DependencyProblem::Unknown {
+                    deployment: "b".into(),
+                    index: 1,
+                    dependency: "ghost".into()
+                },
+                cycle(&["a", "b", "c", "a"]),
+                cycle(&["d", "e", "d"]),
+            ]
+        );
+        assert_eq!(
+            problems[1].to_string(),
+            "dependency cycle: a -> b -> c -> a"
+        );
+        assert_eq!(problems[1].deployments(), ["a", "b", "c"]);
+        assert_eq!(
+            problems[0].to_string(),
+            "depends on unknown deployment \"ghost\""
+        );
+    }
+
+    fn agent_with_dir(dir: &Path, agent: &str) -> PathBuf {
+        fs::create_dir_all(dir.join("deployments.d")).unwrap();
+        write(dir, "berth.toml", agent)
+    }
+
+    #[test]
+    fn check_all_reports_files_and_dependencies_with_positions() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = agent_with_dir(
+            dir.path(),
+            "device_id = \"r\"\ndeployments_dir = \"deployments.d\"\n",
+        );
+        let d = dir.path().join("deployments.d");
+        let a = write(&d, "a.toml", &deployment("a", &["b"]));
+        let b = write(&d, "b.toml", &deployment("b", &["x", "a"]));
+        let c = write(&d, "c.toml", &deployment("c", &["nobody"]));
+        let broken = write(&d, "d.toml", &deployment("BAD", &[]));
+
+        let got: Vec<_> = check_all(&agent).iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            got,
+            [
+                format!(
+                    "{}:1:6: invalid deployment id \"BAD\": {ID_RULE}",
+                    broken.display()
+                ),
+                format!("{}:4:15: depends on unknown deployment \"x\"", b.display()),
+                format!(
+                    "{}:4:15: depends on unknown deployment \"nobody\"",
+                    c.display()
+                ),
+                format!("{}:4:15: dependency cycle: a -> b -> a", a.display()),
+            ]
+        );
+    }
+
+    #[test]
+    fn check_all_checks_deployments_even_when_the_agent_config_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = agent_with_dir(
+            dir.path(),
+            "device_id = \"r\"\ndeployments_dir = \"deployments.d\"\n[log]\nlevel = \"loud\"\n",
+        );
+        write(&dir.path().join("deployments.d"), "a.toml", "id = \"a\"\n");
+        let errors = check_all(&agent);
+        assert_eq!(errors.len(), 2, "{}", messages(&errors));
+        assert!(errors[0].message.starts_with("invalid log level"));
+        assert!(errors[1].message.contains("missing field `package`"));
+
+        let unparsable = write(dir.path(), "broken.toml", "device_id = \n");
+        assert_eq!(check_all(&unparsable).len(), 1);
+    }
+
+    #[test]
+    fn check_all_reports_a_missing_deployments_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = write(
+            dir.path(),
+            "berth.toml",
+            "device_id = \"r\"\ndeployments_dir = \"gone\"\n",
+        );
+        let errors = check_all(&agent);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].file, dir.path().join("gone"));
+    }
+
+    #[test]
+    fn repository_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/berth.toml");
+        let errors = check_all(&path);
+        assert!(errors.is_empty(), "{}", messages(&errors));
+
+        let config = load_agent(&path).unwrap();
+        assert_eq!(config.device_id, "robot-dev");
+        assert_eq!(
+            config.deployments_dir,
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("config/deployments.d")
+        );
+        assert_eq!(config.state_dir, PathBuf::from("/var/lib/berth-dev"));
+        let (deployments, bad) = load_deployments_dir(&config.deployments_dir);
+        assert!(bad.is_empty());
+        assert_eq!(deployments.keys().collect::<Vec<_>>(), ["hello", "ticker"]);
+        assert_eq!(deployments["hello"].restart, RestartPolicy::Always);
+        assert_eq!(deployments["ticker"].restart, RestartPolicy::OnFailure);
+    }
+}

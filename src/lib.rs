@@ -4,3 +4,7 @@ pub mod config;
 pub mod model;
 pub mod report;
 pub mod runtime;
+pub mod backoff;
+pub mod policy;
+pub mod state;
+pub mod supervisor;

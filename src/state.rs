@@ -1,0 +1,242 @@
+//! The persisted record in `state_dir`: restart counts, manual stops, the boot
+//! id, the engine event position and the ROS master's owner. One JSON file,
+//! replaced atomically (write a temporary file, fsync it, rename it over the
+//! old one, fsync the directory), so that a `kill -9` or a power loss at any
+//! moment leaves either the old record or the new one, never a mix.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backoff::Backoff;
+use crate::model::{ExecKey, RestartPolicy, Status};
+
+const FILE_NAME: &str = "state.json";
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    /// The boot id berth last ran under; a different one means a reboot.
+    pub boot_id: Option<String>,
+    /// Engine time (ns) of the last engine event berth has applied: where the
+    /// replay starts after berth was down.
+    pub event_position: Option<i64>,
+    /// Keyed by `deployment/component/executable`.
+    pub executables: BTreeMap<String, ExecRecord>,
+    pub ros_master: Option<RosMasterRecord>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            version: FORMAT_VERSION,
+            boot_id: None,
+            event_position: None,
+            executables: BTreeMap::new(),
+            ros_master: None,
+        }
+    }
+}
+
+impl State {
+    pub fn exec(&self, key: &ExecKey) -> Option<&ExecRecord> {
+        self.executables.get(&key.to_string())
+    }
+
+    pub fn exec_mut(&mut self, key: &ExecKey) -> &mut ExecRecord {
+        self.executables.entry(key.to_string()).or_default()
+    }
+
+    pub fn remove_exec(&mut self, key: &ExecKey) {
+        self.executables.remove(&key.to_string());
+    }
+}
+
+/// What berth remembers of one executable.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ExecRecord {
+    /// Restarts so far, including one that is committed but not yet done
+    /// (`pending_restart`): a restart is counted in the same write that
+    /// commits berth to it, and the start then happens exactly once.
+    pub restart_count: u64,
+    pub container_id: Option<String>,
+    /// The engine's `StartedAt` of the last start berth knows of.
+    pub started_at: Option<String>,
+    /// A counted restart whose start may not have reached the engine yet.
+    pub pending_restart: Option<PendingRestart>,
+    /// Stopped by hand; not restarted until the device reboots.
+    pub manual_stop: bool,
+    pub backoff: Backoff,
+    /// The status berth last reported: after a reboot it tells an executable
+    /// that was interrupted from one that had exited before.
+    pub status: Option<Status>,
+    pub exit_code: Option<i64>,
+}
+
+/// Written before berth asks the engine to start a container again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRestart {
+    /// The container's `StartedAt` before the restart: if the engine still
+    /// shows it, the start never happened and is issued again (not recounted).
+    pub prev_started_at: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RosMasterRecord {
+    pub owner: String,
+    pub policy: RestartPolicy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot {operation} state file {path}: {source}")]
+    Io {
+        operation: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state file {path} is unreadable: {message}")]
+    Corrupt { path: PathBuf, message: String },
+}
+
+/// The state file in `state_dir`.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    dir: PathBuf,
+}
+
+impl StateStore {
+    /// Creates `state_dir` (mode 0700) if needed.
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| StateError::Io {
+                operation: "create directory for",
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(StateStore { dir: dir.to_path_buf() })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(FILE_NAME)
+    }
+
+    /// The stored state; the default when there is none yet.
+    pub fn load(&self) -> Result<State, StateError> {
+        let path = self.path();
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
+            Err(source) => {
+                return Err(StateError::Io {
+                    operation: "read",
+                    path,
+                    source,
+                })
+            }
+        };
+        let state: State = serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        if state.version != FORMAT_VERSION {
+            return Err(StateError::Corrupt {
+                path,
+                message: format!("format version {} is not {FORMAT_VERSION}", state.version),
+            });
+        }
+        Ok(state)
+    }
+
+    /// Moves an unreadable state file aside (`state.json.corrupt`) so that
+    /// berth can start afresh without destroying the evidence.
+    pub fn set_aside(&self) -> Result<PathBuf, StateError> {
+        let to = self.dir.join(format!("{FILE_NAME}.corrupt"));
+        fs::rename(self.path(), &to).map_err(|source| StateError::Io {
+            operation: "set aside",
+            path: self.path(),
+            source,
+        })?;
+        Ok(to)
+    }
+
+    /// Replaces the stored state atomically and durably.
+    pub fn save(&self, state: &State) -> Result<(), StateError> {
+        let path = self.path();
+        let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
+        let io = |operation: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StateError::Io {
+                operation,
+                path,
+                source,
+            }
+        };
+        let json = serde_json::to_vec_pretty(state).expect("state serializes");
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io("create", &tmp))?;
+        file.write_all(&json).map_err(io("write", &tmp))?;
+        file.sync_all().map_err(io("sync", &tmp))?;
+        drop(file);
+        fs::rename(&tmp, &path).map_err(io("replace", &path))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync directory of", &path))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_file_is_a_fresh_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(&dir.path().join("s")).unwrap();
+        assert_eq!(store.load().unwrap(), State::default());
+    }
+
+    #[test]
+    fn save_then_load_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut state = State {
+            boot_id: Some("b1".into()),
+            event_position: Some(42),
+            ..State::default()
+        };
+        let key = ExecKey::new("d", "c", "e");
+        state.exec_mut(&key).restart_count = 7;
+        state.exec_mut(&key).pending_restart = Some(PendingRestart {
+            prev_started_at: Some("t".into()),
+        });
+        store.save(&state).unwrap();
+        assert_eq!(store.load().unwrap(), state);
+        assert!(!dir.path().join("state.json.tmp").exists());
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error_and_can_be_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        fs::write(store.path(), b"{ not json").unwrap();
+        let err = store.load().unwrap_err();
+        assert!(err.to_string().contains("state.json"), "{err}");
+        let aside = store.set_aside().unwrap();
+        assert!(aside.exists());
+        assert_eq!(store.load().unwrap(), State::default());
+    }
+}

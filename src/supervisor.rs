@@ -1,0 +1,1382 @@
+//! The supervisor loop: engine events and timers in, restart decisions and
+//! status documents out. It owns every deployment's live state and the
+//! persisted record, and is generic over the container runtime and the
+//! reporter, so unit tests drive it with fakes and the daemon with the real
+//! Docker engine and MQTT broker.
+//!
+//! One task runs the loop; engine calls that take time (pull, create, start)
+//! run as tracked tasks and report back as messages. While such an operation
+//! is in flight for an executable, engine events about it wait in a queue and
+//! are applied after it, so each executable sees one ordered history.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::config::{AgentConfig, Deployments};
+use crate::model::{
+    container_labels, container_name, key_from_labels, spec_hash, DeploymentSpec, ErrorCode,
+    ExecKey, ExecutableSpec, Phase, PullPolicy, Status,
+};
+use crate::policy::{decide, Decision, Happening};
+use crate::report::{timestamp, AgentDoc, DeploymentDoc, ExecutableDoc, Reporter, Topic};
+use crate::runtime::{
+    ContainerInfo, ContainerRuntime, ContainerSpec, EngineEvent, EventAction, RegistryAuth,
+    RuntimeError,
+};
+use crate::state::{PendingRestart, State, StateStore};
+
+/// Back-off of reconnections to the engine.
+const ENGINE_RETRY_INITIAL: Duration = Duration::from_millis(250);
+const ENGINE_RETRY_MAX: Duration = Duration::from_secs(10);
+/// How often the event position is saved when nothing else is.
+const POSITION_SAVE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Everything the loop needs from outside, so tests can hand in their own.
+pub struct Parts<R, P> {
+    pub config: AgentConfig,
+    pub deployments: Deployments,
+    pub runtime: Arc<R>,
+    pub reporter: Arc<P>,
+    pub store: StateStore,
+    pub state: State,
+    pub boot_id: String,
+    /// Registry credentials, already read from their files.
+    pub registries: Vec<RegistryAuth>,
+}
+
+/// Messages into the loop.
+#[derive(Debug)]
+enum Msg {
+    /// The engine answers again. `replay` holds what happened since the last
+    /// event berth had applied (empty when it had none).
+    EngineUp { replay: Vec<EngineEvent> },
+    EngineDown { error: String },
+    Event(EngineEvent),
+    Pulled {
+        deployment: String,
+        result: Result<(), (String, RuntimeError)>,
+    },
+    Launched {
+        key: ExecKey,
+        container_id: Option<String>,
+        result: Result<ContainerInfo, RuntimeError>,
+    },
+}
+
+/// Live state of one executable.
+#[derive(Debug)]
+struct Exec {
+    key: ExecKey,
+    spec: ExecutableSpec,
+    env: BTreeMap<String, String>,
+    hash: String,
+    container_id: Option<String>,
+    status: Status,
+    reason: Option<String>,
+    error_code: Option<ErrorCode>,
+    exit_code: Option<i64>,
+    started_at: Option<String>,
+    /// Engine time of the start berth knows of: older events are stale.
+    started_nanos: i64,
+    /// An engine call for this executable is in flight.
+    busy: bool,
+    /// Events that arrived while busy, applied afterwards in order.
+    deferred: Vec<EngineEvent>,
+    /// When a back-off restart is due.
+    due: Option<Instant>,
+    /// A kill not sent by berth was seen: the next exit is a manual stop.
+    killed_by_other: bool,
+    /// berth itself is stopping or removing the container.
+    berth_stopping: bool,
+    /// Has been started successfully at least once in this deployment's life.
+    launched: bool,
+}
+
+/// Live state of one deployment.
+#[derive(Debug)]
+struct Deployment {
+    spec: DeploymentSpec,
+    phase: Phase,
+    /// Images are present for every executable that needs a container.
+    images_ready: bool,
+    pulling: bool,
+    pull_backoff: Backoff,
+    pull_due: Option<Instant>,
+    execs: Vec<Exec>,
+    dirty: bool,
+}
+
+/// How the replay says a container ended while berth was away.
+#[derive(Debug, Default, Clone, Copy)]
+struct Replayed {
+    killed_by_other: bool,
+    manual: bool,
+    died: bool,
+    destroyed: bool,
+}
+
+pub struct Supervisor<R, P> {
+    config: AgentConfig,
+    runtime: Arc<R>,
+    reporter: Arc<P>,
+    store: StateStore,
+    state: State,
+    boot_id: String,
+    /// The recorded boot differs from this one: reboot rules apply once.
+    rebooted: bool,
+    registries: Vec<RegistryAuth>,
+    deployments: BTreeMap<String, Deployment>,
+    engine_up: bool,
+    /// Set once the first reconcile after start has run.
+    reconciled: bool,
+    tx: mpsc::UnboundedSender<Msg>,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    tracker: TaskTracker,
+    since: String,
+    position_dirty: bool,
+}
+
+impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
+    pub fn from_parts(parts: Parts<R, P>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let Parts {
+            config,
+            deployments,
+            runtime,
+            reporter,
+            store,
+            mut state,
+            boot_id,
+            registries,
+        } = parts;
+        let rebooted = state.boot_id.as_deref().is_some_and(|b| b != boot_id);
+        if rebooted {
+            // A different boot clears every manual stop and the back-off.
+            for record in state.executables.values_mut() {
+                record.manual_stop = false;
+                record.backoff.reset();
+            }
+        }
+        state.boot_id = Some(boot_id.clone());
+        let deployments = deployments
+            .into_values()
+            .map(|spec| (spec.id.clone(), Deployment::new(&config, spec)))
+            .collect();
+        Supervisor {
+            config,
+            runtime,
+            reporter,
+            store,
+            state,
+            boot_id,
+            rebooted,
+            registries,
+            deployments,
+            engine_up: false,
+            reconciled: false,
+            tx,
+            rx,
+            tracker: TaskTracker::new(),
+            since: timestamp(SystemTime::now()),
+            position_dirty: false,
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled. Containers are left running.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        info!(
+            device = %self.config.device_id,
+            deployments = self.deployments.len(),
+            rebooted = self.rebooted,
+            "berth supervisor starting"
+        );
+        self.save_state();
+        self.publish_agent();
+        for dep in self.deployments.values_mut() {
+            dep.dirty = true;
+        }
+        self.publish_dirty();
+        self.spawn_event_pump(shutdown.clone());
+
+        let mut save_tick = tokio::time::interval(POSITION_SAVE_INTERVAL);
+        loop {
+            let next_due = self.next_due();
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(msg) = self.rx.recv() => self.handle(msg).await,
+                _ = sleep_until_opt(next_due) => self.fire_timers(),
+                _ = save_tick.tick() => {
+                    if self.position_dirty {
+                        self.save_state();
+                    }
+                }
+            }
+            self.publish_dirty();
+        }
+        info!("berth supervisor stopping; containers keep running");
+        self.tracker.close();
+        // Engine calls in flight finish or are abandoned with the process;
+        // the state already records any restart they were committed to.
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
+        self.save_state();
+    }
+
+    // ---- engine connection -------------------------------------------------
+
+    /// Connects to the engine, replays what was missed, forwards live events,
+    /// and starts over with back-off whenever the stream ends.
+    fn spawn_event_pump(&self, shutdown: CancellationToken) {
+        let runtime = self.runtime.clone();
+        let tx = self.tx.clone();
+        let device = self.config.device_id.clone();
+        let mut position = self.state.event_position;
+        self.tracker.spawn(async move {
+            use futures_util::StreamExt;
+            let mut delay = ENGINE_RETRY_INITIAL;
+            let mut reported_down = false;
+            loop {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                let attempt = async {
+                    runtime.ping().await?;
+                    let now = unix_nanos(SystemTime::now());
+                    // The live stream starts at `now`; the replay covers up to it.
+                    let live = runtime.events(&device, Some(now));
+                    let mut replay = Vec::new();
+                    if let Some(since) = position {
+                        let mut history = runtime.events(&device, Some(since));
+                        while let Some(event) = history.next().await {
+                            let event = event?;
+                            if event.time_nanos > now {
+                                break;
+                            }
+                            replay.push(event);
+                        }
+                    }
+                    Ok::<_, RuntimeError>((live, replay))
+                };
+                // The history stream never ends by itself: it is read up to `now`
+                // and bounded in time in case nothing comes after it.
+                let attempt = tokio::time::timeout(Duration::from_secs(30), attempt);
+                let (mut live, replay) = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    result = attempt => match result {
+                        Ok(Ok(ok)) => ok,
+                        Ok(Err(e)) => {
+                            if !reported_down {
+                                let _ = tx.send(Msg::EngineDown { error: e.to_string() });
+                                reported_down = true;
+                            }
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                _ = tokio::time::sleep(delay) => {}
+                            }
+                            delay = (delay * 2).min(ENGINE_RETRY_MAX);
+                            continue;
+                        }
+                        Err(_) => {
+                            // The replay never reached `now`: nothing newer happened.
+                            continue;
+                        }
+                    }
+                };
+                delay = ENGINE_RETRY_INITIAL;
+                if let Some(last) = replay.last() {
+                    position = Some(last.time_nanos);
+                }
+                if tx.send(Msg::EngineUp { replay }).is_err() {
+                    return;
+                }
+                let error = loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        item = live.next() => match item {
+                            Some(Ok(event)) => {
+                                position = Some(event.time_nanos);
+                                if tx.send(Msg::Event(event)).is_err() {
+                                    return;
+                                }
+                            }
+                            Some(Err(e)) => break e.to_string(),
+                            None => break "event stream ended".to_string(),
+                        }
+                    }
+                };
+                let _ = tx.send(Msg::EngineDown { error });
+                reported_down = true;
+                // Back off before the first reconnection too.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        });
+    }
+
+    async fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::EngineUp { replay } => self.on_engine_up(replay).await,
+            Msg::EngineDown { error } => self.on_engine_down(&error),
+            Msg::Event(event) => {
+                self.note_position(event.time_nanos);
+                self.on_event(event);
+            }
+            Msg::Pulled { deployment, result } => self.on_pulled(&deployment, result),
+            Msg::Launched {
+                key,
+                container_id,
+                result,
+            } => self.on_launched(&key, container_id, result),
+        }
+    }
+
+    fn on_engine_down(&mut self, error: &str) {
+        let was_up = self.engine_up;
+        self.engine_up = false;
+        warn!(error, "docker engine unreachable; retrying with back-off");
+        for dep in self.deployments.values_mut() {
+            dep.pull_due = None;
+            for exec in &mut dep.execs {
+                exec.due = None;
+                exec.status = Status::Unknown;
+                exec.reason = Some("docker engine unreachable".into());
+                exec.error_code = Some(ErrorCode::EngineUnreachable);
+            }
+            dep.dirty = true;
+        }
+        if was_up || !self.reconciled {
+            self.publish_agent();
+            self.event(serde_json::json!({
+                "event": "error",
+                "error_code": ErrorCode::EngineUnreachable,
+                "reason": format!("docker engine unreachable: {error}"),
+            }));
+        }
+    }
+
+    async fn on_engine_up(&mut self, replay: Vec<EngineEvent>) {
+        self.engine_up = true;
+        info!(replayed = replay.len(), "docker engine connected; reconciling");
+        self.publish_agent();
+        // The listing is the truth after any reconnect; it is awaited here, in
+        // the loop, so that no event is applied between it and the reconcile.
+        match self.runtime.list(&self.config.device_id).await {
+            Ok(containers) => self.reconcile(containers, &replay),
+            Err(e) => self.on_engine_down(&e.to_string()),
+        }
+        if let Some(last) = replay.last() {
+            self.note_position(last.time_nanos);
+        }
+        self.reconciled = true;
+    }
+
+    // ---- reconcile -----------------------------------------------------------
+
+    /// Brings every executable in line with the engine's listing, using the
+    /// replayed history to tell manual stops from crashes.
+    fn reconcile(&mut self, containers: Vec<ContainerInfo>, replay: &[EngineEvent]) {
+        let mut by_key: HashMap<ExecKey, ContainerInfo> = HashMap::new();
+        for info in containers {
+            match key_from_labels(&info.labels) {
+                Some(key) if self.deployments.contains_key(&key.deployment) => {
+                    by_key.insert(key, info);
+                }
+                Some(key) => warn!(
+                    container = %info.name,
+                    deployment = %key.deployment,
+                    "container of a deployment berth has no file for; left alone"
+                ),
+                None => {}
+            }
+        }
+        let replayed = classify_replay(replay);
+        let position = self.state.event_position;
+        let keys: Vec<ExecKey> = self
+            .deployments
+            .values()
+            .flat_map(|d| d.execs.iter().map(|e| e.key.clone()))
+            .collect();
+        for key in keys {
+            let info = by_key.remove(&key);
+            let seen = info
+                .as_ref()
+                .and_then(|i| replayed.get(&i.id).copied())
+                .unwrap_or_default();
+            self.reconcile_exec(&key, info, seen, position);
+        }
+        let ids: Vec<String> = self.deployments.keys().cloned().collect();
+        for id in ids {
+            self.maybe_provision(&id);
+        }
+        self.rebooted = false;
+        self.save_state();
+    }
+
+    fn reconcile_exec(
+        &mut self,
+        key: &ExecKey,
+        info: Option<ContainerInfo>,
+        seen: Replayed,
+        position: Option<i64>,
+    ) {
+        let rebooted = self.rebooted;
+        let record = self.state.exec(key).cloned().unwrap_or_default();
+        let Some(exec) = self.exec_mut(key) else { return };
+        if exec.busy {
+            return;
+        }
+        exec.due = None;
+        exec.killed_by_other = false;
+        let Some(info) = info else {
+            exec.container_id = None;
+            exec.started_at = None;
+            if record.manual_stop && !rebooted {
+                exec.set(Status::Stopped, Some(MANUAL_STOP_REASON.into()), None);
+            } else {
+                // No container: provisioning creates it. Set Pending so that
+                // `maybe_provision` picks it up.
+                exec.set(Status::Pending, Some("waiting for container".into()), None);
+            }
+            self.mark_dirty(&key.deployment);
+            return;
+        };
+        exec.container_id = Some(info.id.clone());
+        exec.started_at = info.started_at.clone().filter(|_| info.has_started());
+        exec.started_nanos = exec.started_at.as_deref().map(parse_nanos).unwrap_or(0);
+        exec.exit_code = None;
+        if info.has_started() {
+            exec.launched = true;
+        }
+
+        // A restart berth had committed to (and counted) before it went away.
+        if let Some(pending) = &record.pending_restart {
+            let happened = info.started_at != pending.prev_started_at;
+            let record = self.state.exec_mut(key);
+            if happened {
+                record.pending_restart = None;
+                record.started_at = info.started_at.clone();
+            } else if !info.running {
+                info!(executable = %key, "completing a restart committed before berth stopped");
+                self.launch(key, false);
+                return;
+            }
+        }
+
+        let exec = self.exec_mut(key).expect("exec exists");
+        if info.running {
+            exec.set(Status::Running, None, None);
+            let record = self.state.exec_mut(key);
+            if record.manual_stop {
+                // Started by hand while berth was away: the policy applies again.
+                record.manual_stop = false;
+            }
+            record.started_at = info.started_at.clone();
+            record.container_id = Some(info.id.clone());
+            record.status = Some(Status::Running);
+            self.mark_dirty(&key.deployment);
+            return;
+        }
+
+        let code = info.exit_code.unwrap_or(0);
+        let happening = if record.manual_stop && !rebooted {
+            None // still suspended
+        } else if rebooted {
+            Some(match record.status {
+                Some(Status::Completed) => Happening::ExitedBeforeReboot { code: 0 },
+                Some(Status::Error) => Happening::ExitedBeforeReboot {
+                    code: record.exit_code.unwrap_or(1),
+                },
+                _ => Happening::Interrupted,
+            })
+        } else if seen.manual {
+            Some(Happening::StoppedByHand)
+        } else if info.state == "created" && !info.has_started() {
+            if info.error.is_some() {
+                Some(Happening::StartFailed)
+            } else {
+                // Created but never started (berth stopped in between).
+                self.launch(key, false);
+                return;
+            }
+        } else if !seen.died
+            && record.status == Some(Status::Running)
+            && position.is_some_and(|p| {
+                info.finished_at.as_deref().map(parse_nanos).unwrap_or(0) > p
+            })
+        {
+            // It stopped after the last event berth saw, yet the engine's
+            // history has no `die` for it: the engine restarted meanwhile and
+            // its shutdown stopped the container.
+            Some(Happening::Interrupted)
+        } else if record.status == Some(Status::Running) || seen.died {
+            Some(Happening::Exited { code })
+        } else {
+            // Exited before berth last looked: keep what was decided then.
+            None
+        };
+        match happening {
+            Some(happening) => {
+                let ran_for = ran_for(&info);
+                self.apply(key, happening, Some(code), ran_for);
+            }
+            None => {
+                let exec = self.exec_mut(key).expect("exec exists");
+                match record.status {
+                    Some(Status::Stopped) | None if record.manual_stop => {
+                        exec.set(Status::Stopped, Some(MANUAL_STOP_REASON.into()), None)
+                    }
+                    Some(Status::Completed) => {
+                        exec.exit_code = Some(code);
+                        exec.set(Status::Completed, None, None)
+                    }
+                    Some(Status::Error) => {
+                        exec.exit_code = Some(code);
+                        exec.set(
+                            Status::Error,
+                            Some(format!("exited with code {code}")),
+                            Some(ErrorCode::ExecutableFailed),
+                        )
+                    }
+                    Some(Status::Stopped) => exec.set(
+                        Status::Stopped,
+                        Some(NEVER_INTERRUPTED_REASON.into()),
+                        None,
+                    ),
+                    _ => {
+                        let happening = Happening::Exited { code };
+                        self.apply(key, happening, Some(code), None);
+                        return;
+                    }
+                }
+                self.mark_dirty(&key.deployment);
+            }
+        }
+    }
+
+    // ---- provisioning ----------------------------------------------------------
+
+    /// Pulls what is missing and creates the containers of executables that
+    /// have none.
+    fn maybe_provision(&mut self, id: &str) {
+        if !self.engine_up {
+            return;
+        }
+        let Some(dep) = self.deployments.get_mut(id) else { return };
+        let needs: Vec<&Exec> = dep
+            .execs
+            .iter()
+            .filter(|e| e.container_id.is_none() && !e.busy && e.status == Status::Pending)
+            .collect();
+        if needs.is_empty() {
+            dep.update_phase();
+            return;
+        }
+        if dep.pulling {
+            return;
+        }
+        if !dep.images_ready {
+            let images: Vec<(String, PullPolicy)> = needs
+                .iter()
+                .map(|e| (e.spec.image.clone(), e.spec.pull))
+                .collect();
+            dep.pulling = true;
+            dep.pull_due = None;
+            if dep.phase == Phase::InProgress {
+                dep.phase = Phase::Provisioning;
+            }
+            for exec in dep.execs.iter_mut().filter(|e| e.container_id.is_none()) {
+                exec.set(
+                    Status::Pending,
+                    Some(format!("pulling image {}", exec.spec.image)),
+                    None,
+                );
+            }
+            dep.dirty = true;
+            let runtime = self.runtime.clone();
+            let tx = self.tx.clone();
+            let registries = self.registries.clone();
+            let deployment = id.to_string();
+            self.tracker.spawn(async move {
+                let result = ensure_images(&*runtime, &images, &registries).await;
+                let _ = tx.send(Msg::Pulled { deployment, result });
+            });
+            return;
+        }
+        let keys: Vec<ExecKey> = needs.iter().map(|e| e.key.clone()).collect();
+        for key in keys {
+            let counted = self.state.exec(&key).is_some_and(|r| r.started_at.is_some());
+            self.launch(&key, counted);
+        }
+    }
+
+    fn on_pulled(&mut self, id: &str, result: Result<(), (String, RuntimeError)>) {
+        let settings = self.config.restart;
+        let Some(dep) = self.deployments.get_mut(id) else { return };
+        dep.pulling = false;
+        match result {
+            Ok(()) => {
+                dep.images_ready = true;
+                dep.pull_backoff = Backoff::default();
+                self.maybe_provision(id);
+            }
+            Err((image, RuntimeError::Unreachable(e))) => {
+                debug!(deployment = id, image, error = %e, "pull interrupted: engine unreachable");
+                dep.dirty = true;
+            }
+            Err((image, e)) => {
+                let delay = dep.pull_backoff.next_delay(&settings, None).max(settings.backoff_initial);
+                dep.pull_due = Some(Instant::now() + delay);
+                let reason = format!("{e}; retrying in {}", human(delay));
+                warn!(deployment = id, image, error = %e, "image unavailable");
+                for exec in dep.execs.iter_mut().filter(|x| x.container_id.is_none()) {
+                    if exec.spec.image == image {
+                        exec.set(Status::Error, Some(reason.clone()), Some(ErrorCode::ImageUnavailable));
+                    }
+                }
+                dep.dirty = true;
+                self.event(serde_json::json!({
+                    "event": "error",
+                    "deployment": id,
+                    "error_code": ErrorCode::ImageUnavailable,
+                    "reason": e.to_string(),
+                }));
+            }
+        }
+    }
+
+    // ---- starting containers ---------------------------------------------------
+
+    /// Creates the container if there is none, then starts it. `counted`: this
+    /// start is a restart and was already counted (or is counted now).
+    fn launch(&mut self, key: &ExecKey, counted: bool) {
+        let device = self.config.device_id.clone();
+        let network_mode = "host".to_string();
+        let Some(exec) = self.exec_mut(key) else { return };
+        exec.busy = true;
+        exec.due = None;
+        exec.killed_by_other = false;
+        let container_id = exec.container_id.clone();
+        let spec = ContainerSpec {
+            name: container_name(&device, key),
+            image: exec.spec.image.clone(),
+            cmd: exec.spec.command.as_ref().map(|c| c.argv()),
+            env: exec.env.clone(),
+            labels: container_labels(&device, key, &exec.hash),
+            nano_cpus: exec.spec.limits.cpus.map(|c| (c * 1e9) as i64),
+            memory_bytes: exec.spec.limits.memory_mb.map(|m| (m * 1024 * 1024) as i64),
+            binds: exec
+                .spec
+                .volumes
+                .iter()
+                .map(|v| {
+                    let mode = if v.read_only { ":ro" } else { "" };
+                    format!("{}:{}{mode}", v.host, v.container)
+                })
+                .collect(),
+            devices: exec.spec.devices.clone(),
+            network_mode,
+        };
+        if counted {
+            let record = self.state.exec_mut(key);
+            if record.pending_restart.is_none() {
+                record.restart_count += 1;
+                record.pending_restart = Some(PendingRestart {
+                    prev_started_at: record.started_at.clone(),
+                });
+                // The count and the commitment to start are one durable write.
+                self.save_state();
+            }
+        }
+        let runtime = self.runtime.clone();
+        let tx = self.tx.clone();
+        let key = key.clone();
+        self.tracker.spawn(async move {
+            let (container_id, result) = launch_container(&*runtime, container_id, &spec).await;
+            let _ = tx.send(Msg::Launched {
+                key,
+                container_id,
+                result,
+            });
+        });
+    }
+
+    fn on_launched(
+        &mut self,
+        key: &ExecKey,
+        container_id: Option<String>,
+        result: Result<ContainerInfo, RuntimeError>,
+    ) {
+        let policy = match self.deployments.get(&key.deployment) {
+            Some(dep) => dep.spec.restart,
+            None => return,
+        };
+        let Some(exec) = self.exec_mut(key) else { return };
+        exec.busy = false;
+        if container_id.is_some() {
+            exec.container_id = container_id.clone();
+        }
+        let restart_count = self.state.exec(key).map_or(0, |r| r.restart_count);
+        match result {
+            Ok(info) => {
+                let exec = self.exec_mut(key).expect("exec exists");
+                exec.launched = true;
+                exec.started_at = info.started_at.clone();
+                exec.started_nanos = info.started_at.as_deref().map(parse_nanos).unwrap_or(0);
+                exec.exit_code = None;
+                exec.set(Status::Running, None, None);
+                let record = self.state.exec_mut(key);
+                let was_restart = record.pending_restart.take().is_some();
+                record.started_at = info.started_at.clone();
+                record.container_id = Some(info.id.clone());
+                record.status = Some(Status::Running);
+                record.exit_code = None;
+                self.save_state();
+                info!(executable = %key, container = %short(&info.id), restart_count, "started");
+                if was_restart {
+                    self.event(serde_json::json!({
+                        "event": "restarted",
+                        "deployment": key.deployment,
+                        "component": key.component,
+                        "executable": key.executable,
+                        "restart_count": restart_count,
+                    }));
+                }
+            }
+            Err(RuntimeError::Unreachable(e)) => {
+                // The reconcile after the reconnection decides again; a
+                // committed restart stays pending in the state.
+                debug!(executable = %key, error = %e, "engine unreachable during start");
+            }
+            Err(RuntimeError::ImageUnavailable { message, .. }) => {
+                let exec = self.exec_mut(key).expect("exec exists");
+                exec.set(Status::Error, Some(message), Some(ErrorCode::ImageUnavailable));
+                if let Some(dep) = self.deployments.get_mut(&key.deployment) {
+                    dep.images_ready = false;
+                }
+                self.state.exec_mut(key).pending_restart = None;
+                self.save_state();
+            }
+            Err(e) => {
+                // A failed start, such as a command missing from `$PATH`.
+                let reason = engine_reason(&e);
+                warn!(executable = %key, reason, "start failed");
+                let record = self.state.exec_mut(key);
+                record.pending_restart = None;
+                record.status = Some(Status::Error);
+                self.event(serde_json::json!({
+                    "event": "error",
+                    "deployment": key.deployment,
+                    "component": key.component,
+                    "executable": key.executable,
+                    "error_code": ErrorCode::ExecutableFailed,
+                    "reason": reason,
+                }));
+                match decide(policy, &Happening::StartFailed) {
+                    Decision::Restart => {
+                        let settings = self.config.restart;
+                        let record = self.state.exec_mut(key);
+                        let delay = record.backoff.next_delay(&settings, None);
+                        self.save_state();
+                        let exec = self.exec_mut(key).expect("exec exists");
+                        exec.set(
+                            Status::Error,
+                            Some(format!("{reason} (retrying in {})", human(delay))),
+                            Some(ErrorCode::ExecutableFailed),
+                        );
+                        exec.due = Some(Instant::now() + delay);
+                    }
+                    _ => {
+                        let exec = self.exec_mut(key).expect("exec exists");
+                        exec.set(Status::Error, Some(reason), Some(ErrorCode::ExecutableFailed));
+                        self.save_state();
+                    }
+                }
+            }
+        }
+        self.mark_dirty(&key.deployment);
+        if let Some(dep) = self.deployments.get_mut(&key.deployment) {
+            dep.update_phase();
+        }
+        // Events that arrived meanwhile, in their order.
+        let deferred = self
+            .exec_mut(key)
+            .map(|e| std::mem::take(&mut e.deferred))
+            .unwrap_or_default();
+        for event in deferred {
+            self.on_event(event);
+        }
+    }
+
+    // ---- engine events -----------------------------------------------------------
+
+    fn on_event(&mut self, event: EngineEvent) {
+        let Some(key) = key_from_labels(&event.labels) else { return };
+        let policy = match self.deployments.get(&key.deployment) {
+            Some(dep) => dep.spec.restart,
+            None => return,
+        };
+        let Some(exec) = self.exec_mut(&key) else { return };
+        if exec.busy {
+            exec.deferred.push(event);
+            return;
+        }
+        if exec
+            .container_id
+            .as_deref()
+            .is_some_and(|id| id != event.container_id)
+        {
+            return; // about an older container of this executable
+        }
+        let stale = event.time_nanos < exec.started_nanos;
+        match event.action {
+            EventAction::Kill { .. } if !exec.berth_stopping && !stale => {
+                exec.killed_by_other = true;
+            }
+            EventAction::Die { exit_code } if !stale => {
+                if matches!(exec.status, Status::Stopped | Status::Completed | Status::Error)
+                    && exec.due.is_none()
+                {
+                    return; // already settled
+                }
+                let code = exit_code.unwrap_or(0);
+                let happening = if exec.killed_by_other {
+                    Happening::StoppedByHand
+                } else {
+                    Happening::Exited { code }
+                };
+                let ran_for = (exec.started_nanos > 0)
+                    .then(|| Duration::from_nanos((event.time_nanos - exec.started_nanos).max(0) as u64));
+                exec.killed_by_other = false;
+                self.apply(&key, happening, Some(code), ran_for);
+            }
+            EventAction::Start if !stale => {
+                if exec.status == Status::Running {
+                    return; // berth's own start, already applied
+                }
+                exec.started_nanos = event.time_nanos;
+                exec.started_at = Some(timestamp(
+                    SystemTime::UNIX_EPOCH + Duration::from_nanos(event.time_nanos as u64),
+                ));
+                exec.exit_code = None;
+                exec.launched = true;
+                let _ = policy;
+                self.apply(&key, Happening::StartedByHand, None, None);
+            }
+            EventAction::Destroy if !exec.berth_stopping => {
+                exec.container_id = None;
+                exec.started_at = None;
+                let already_stopped = exec.status == Status::Stopped;
+                let record = self.state.exec_mut(&key);
+                record.container_id = None;
+                if !already_stopped {
+                    self.apply(&key, Happening::StoppedByHand, None, None);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Applies a restart decision to one executable.
+    fn apply(&mut self, key: &ExecKey, happening: Happening, code: Option<i64>, ran_for: Option<Duration>) {
+        let Some(dep) = self.deployments.get(&key.deployment) else { return };
+        let policy = dep.spec.restart;
+        let decision = decide(policy, &happening);
+        let settings = self.config.restart;
+        debug!(executable = %key, ?happening, ?decision, "decision");
+        let exec = self.exec_mut(key).expect("exec exists");
+        exec.exit_code = code.filter(|_| !matches!(happening, Happening::StartedByHand));
+        let failed = code.is_some_and(|c| c != 0);
+        let failure_code = failed.then_some(ErrorCode::ExecutableFailed);
+        match decision {
+            Decision::Restart => {
+                let record = self.state.exec_mut(key);
+                let delay = record.backoff.next_delay(&settings, ran_for);
+                record.exit_code = code;
+                let exit = code.map_or("an interruption".to_string(), |c| format!("exit code {c}"));
+                if delay.is_zero() {
+                    self.restart(key, &exit, code);
+                } else {
+                    self.save_state();
+                    let exec = self.exec_mut(key).expect("exec exists");
+                    exec.set(
+                        Status::Pending,
+                        Some(format!("restarting in {} after {exit} (back-off)", human(delay))),
+                        failure_code,
+                    );
+                    exec.due = Some(Instant::now() + delay);
+                    info!(executable = %key, exit_code = code, delay_ms = delay.as_millis() as u64, "restart after back-off");
+                }
+            }
+            Decision::Complete => {
+                exec.set(Status::Completed, None, None);
+                self.record_status(key, Status::Completed, code);
+            }
+            Decision::Fail => {
+                let reason = match code {
+                    Some(c) => format!("exited with code {c}; restart policy {policy}"),
+                    None => "failed; restart policy never".into(),
+                };
+                exec.set(Status::Error, Some(reason), Some(ErrorCode::ExecutableFailed));
+                self.record_status(key, Status::Error, code);
+            }
+            Decision::SuspendUntilReboot => {
+                exec.set(Status::Stopped, Some(MANUAL_STOP_REASON.into()), None);
+                exec.due = None;
+                self.state.exec_mut(key).manual_stop = true;
+                self.record_status(key, Status::Stopped, code);
+                info!(executable = %key, "stopped manually; restart policy suspended until reboot");
+                self.event(serde_json::json!({
+                    "event": "manual_stop",
+                    "deployment": key.deployment,
+                    "component": key.component,
+                    "executable": key.executable,
+                    "exit_code": code,
+                    "reason": MANUAL_STOP_REASON,
+                }));
+            }
+            Decision::LeaveStopped => {
+                exec.set(Status::Stopped, Some(NEVER_INTERRUPTED_REASON.into()), None);
+                self.record_status(key, Status::Stopped, code);
+            }
+            Decision::Resume => {
+                exec.set(Status::Running, None, None);
+                exec.due = None;
+                let record = self.state.exec_mut(key);
+                record.manual_stop = false;
+                self.record_status(key, Status::Running, None);
+            }
+            Decision::Unchanged => {}
+        }
+        self.mark_dirty(&key.deployment);
+    }
+
+    /// Commits to a restart (counted, durably) and starts the container.
+    fn restart(&mut self, key: &ExecKey, exit: &str, code: Option<i64>) {
+        let count = self.state.exec(key).map_or(0, |r| r.restart_count) + 1;
+        info!(executable = %key, exit_code = code, restart_count = count, "restarting");
+        self.event(serde_json::json!({
+            "event": "restart",
+            "deployment": key.deployment,
+            "component": key.component,
+            "executable": key.executable,
+            "exit_code": code,
+            "reason": format!("restarting after {exit}"),
+            "restart_count": count,
+        }));
+        if let Some(exec) = self.exec_mut(key) {
+            exec.set(Status::Pending, Some(format!("restarting after {exit}")), None);
+        }
+        self.launch(key, true);
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        let mut pulls = Vec::new();
+        for dep in self.deployments.values_mut() {
+            if dep.pull_due.is_some_and(|t| t <= now) {
+                dep.pull_due = None;
+                pulls.push(dep.spec.id.clone());
+            }
+            for exec in &mut dep.execs {
+                if exec.due.is_some_and(|t| t <= now) {
+                    exec.due = None;
+                    due.push((exec.key.clone(), exec.exit_code));
+                }
+            }
+        }
+        for (key, code) in due {
+            let exit = code.map_or("a failed start".to_string(), |c| format!("exit code {c}"));
+            self.restart(&key, &exit, code);
+        }
+        for id in pulls {
+            if let Some(dep) = self.deployments.get_mut(&id) {
+                for exec in dep.execs.iter_mut().filter(|e| e.container_id.is_none()) {
+                    if exec.status == Status::Error {
+                        exec.status = Status::Pending;
+                    }
+                }
+            }
+            self.maybe_provision(&id);
+        }
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.deployments
+            .values()
+            .flat_map(|d| d.execs.iter().filter_map(|e| e.due).chain(d.pull_due))
+            .min()
+    }
+
+    // ---- state and reports -------------------------------------------------------
+
+    fn exec_mut(&mut self, key: &ExecKey) -> Option<&mut Exec> {
+        self.deployments
+            .get_mut(&key.deployment)?
+            .execs
+            .iter_mut()
+            .find(|e| e.key == *key)
+    }
+
+    fn record_status(&mut self, key: &ExecKey, status: Status, code: Option<i64>) {
+        let record = self.state.exec_mut(key);
+        record.status = Some(status);
+        record.exit_code = code;
+        self.save_state();
+    }
+
+    fn note_position(&mut self, nanos: i64) {
+        if self.state.event_position.is_none_or(|p| nanos > p) {
+            self.state.event_position = Some(nanos);
+            self.position_dirty = true;
+        }
+    }
+
+    fn save_state(&mut self) {
+        // Restart counts live in the state alone; mirror them for the docs.
+        if let Err(e) = self.store.save(&self.state) {
+            warn!(error = %e, "cannot save state");
+            self.event(serde_json::json!({
+                "event": "error",
+                "error_code": ErrorCode::StateStore,
+                "reason": e.to_string(),
+            }));
+        } else {
+            self.position_dirty = false;
+        }
+    }
+
+    fn mark_dirty(&mut self, id: &str) {
+        if let Some(dep) = self.deployments.get_mut(id) {
+            dep.dirty = true;
+        }
+    }
+
+    fn publish_dirty(&mut self) {
+        let device = self.config.device_id.clone();
+        let mut docs = Vec::new();
+        for dep in self.deployments.values_mut() {
+            if !dep.dirty {
+                continue;
+            }
+            dep.dirty = false;
+            docs.push(dep.document(&device, &self.state));
+        }
+        for (id, doc) in docs {
+            self.reporter.publish(
+                Topic::Deployment(id),
+                serde_json::to_value(doc).expect("documents serialize"),
+            );
+        }
+    }
+
+    fn publish_agent(&self) {
+        let doc = AgentDoc {
+            state: "online",
+            version: env!("CARGO_PKG_VERSION"),
+            boot_id: self.boot_id.clone(),
+            docker: if self.engine_up { "connected" } else { "unreachable" },
+            since: self.since.clone(),
+            error_code: (!self.engine_up).then_some(ErrorCode::EngineUnreachable),
+        };
+        self.reporter
+            .publish(Topic::Agent, serde_json::to_value(doc).expect("documents serialize"));
+    }
+
+    fn event(&self, mut payload: serde_json::Value) {
+        payload["device_id"] = self.config.device_id.clone().into();
+        payload["time"] = timestamp(SystemTime::now()).into();
+        self.reporter.publish(Topic::Events, payload);
+    }
+}
+
+const MANUAL_STOP_REASON: &str = "stopped manually; restart policy suspended until reboot";
+const NEVER_INTERRUPTED_REASON: &str = "interrupted by a reboot or engine restart; restart policy never";
+
+impl Exec {
+    fn set(&mut self, status: Status, reason: Option<String>, error_code: Option<ErrorCode>) {
+        self.status = status;
+        self.reason = reason;
+        self.error_code = error_code;
+    }
+}
+
+impl Deployment {
+    fn new(config: &AgentConfig, spec: DeploymentSpec) -> Self {
+        let execs = spec
+            .executables()
+            .map(|(component, exe)| {
+                let env = merged_env(config, &spec, exe);
+                Exec {
+                    key: ExecKey::new(&spec.id, &component.name, &exe.name),
+                    hash: spec_hash(exe, &env),
+                    spec: exe.clone(),
+                    env,
+                    container_id: None,
+                    status: Status::Pending,
+                    reason: Some("waiting for the docker engine".into()),
+                    error_code: None,
+                    exit_code: None,
+                    started_at: None,
+                    started_nanos: 0,
+                    busy: false,
+                    deferred: Vec::new(),
+                    due: None,
+                    killed_by_other: false,
+                    berth_stopping: false,
+                    launched: false,
+                }
+            })
+            .collect();
+        Deployment {
+            spec,
+            phase: Phase::InProgress,
+            images_ready: false,
+            pulling: false,
+            pull_backoff: Backoff::default(),
+            pull_due: None,
+            execs,
+            dirty: true,
+        }
+    }
+
+    /// `Succeeded` once every executable has been started.
+    fn update_phase(&mut self) {
+        if matches!(self.phase, Phase::InProgress | Phase::Provisioning)
+            && self.execs.iter().all(|e| e.launched)
+        {
+            self.phase = Phase::Succeeded;
+            self.dirty = true;
+        }
+    }
+
+    fn document(&self, device_id: &str, state: &State) -> (String, DeploymentDoc) {
+        let executables: Vec<ExecutableDoc> = self
+            .execs
+            .iter()
+            .map(|e| ExecutableDoc {
+                component: e.key.component.clone(),
+                name: e.key.executable.clone(),
+                container_id: e.container_id.clone(),
+                image: e.spec.image.clone(),
+                status: e.status,
+                reason: e.reason.clone(),
+                error_code: e.error_code,
+                exit_code: e.exit_code,
+                restart_count: state.exec(&e.key).map_or(0, |r| r.restart_count),
+                started_at: e.started_at.as_deref().map(normalize_time),
+            })
+            .collect();
+        let worst = executables.iter().min_by_key(|e| e.status);
+        let status = worst.map_or(Status::Pending, |e| e.status);
+        let error_code = executables
+            .iter()
+            .filter(|e| e.status == status)
+            .find_map(|e| e.error_code);
+        let reason = worst
+            .filter(|e| e.reason.is_some())
+            .map(|e| format!("{}/{}: {}", e.component, e.name, e.reason.as_deref().unwrap_or("")));
+        let doc = DeploymentDoc {
+            device_id: device_id.to_string(),
+            deployment_id: self.spec.id.clone(),
+            package: self.spec.package.clone(),
+            package_version: self.spec.package_version.clone(),
+            phase: self.phase,
+            status,
+            error_code,
+            reason,
+            restart_policy: self.spec.restart,
+            restart_count: executables.iter().map(|e| e.restart_count).sum(),
+            executables,
+            updated_at: timestamp(SystemTime::now()),
+        };
+        (self.spec.id.clone(), doc)
+    }
+}
+
+/// The environment of one executable: the executable's own, then the
+/// deployment's on top (the operator's instance settings win).
+fn merged_env(
+    _config: &AgentConfig,
+    spec: &DeploymentSpec,
+    exe: &ExecutableSpec,
+) -> BTreeMap<String, String> {
+    let mut env = exe.env.clone();
+    env.extend(spec.env.clone());
+    env
+}
+
+/// Pulls each image as its pull policy says.
+async fn ensure_images<R: ContainerRuntime>(
+    runtime: &R,
+    images: &[(String, PullPolicy)],
+    registries: &[RegistryAuth],
+) -> Result<(), (String, RuntimeError)> {
+    let mut done: Vec<&str> = Vec::new();
+    for (image, pull) in images {
+        if done.contains(&image.as_str()) {
+            continue;
+        }
+        let fail = |e| (image.clone(), e);
+        let present = runtime.image_present(image).await.map_err(fail)?;
+        match (pull, present) {
+            (PullPolicy::Never, false) => {
+                return Err(fail(RuntimeError::ImageUnavailable {
+                    image: image.clone(),
+                    message: "not present and pull = \"never\"".into(),
+                }))
+            }
+            (PullPolicy::IfNotPresent, true) | (PullPolicy::Never, true) => {}
+            (PullPolicy::Always, _) | (PullPolicy::IfNotPresent, false) => {
+                let auth = registries.iter().find(|r| registry_of(image) == r.server);
+                info!(image, authenticated = auth.is_some(), "pulling image");
+                runtime.pull(image, auth).await.map_err(fail)?;
+            }
+        }
+        done.push(image);
+    }
+    Ok(())
+}
+
+/// The registry host of an image reference (`docker.io` when none is named).
+fn registry_of(image: &str) -> &str {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => first,
+        _ => "docker.io",
+    }
+}
+
+/// Creates the container when there is none, starts it, and reads it back.
+async fn launch_container<R: ContainerRuntime>(
+    runtime: &R,
+    container_id: Option<String>,
+    spec: &ContainerSpec,
+) -> (Option<String>, Result<ContainerInfo, RuntimeError>) {
+    let id = match container_id {
+        Some(id) => id,
+        None => match runtime.create(spec).await {
+            Ok(id) => id,
+            Err(RuntimeError::Engine { message, .. }) if message.contains("No such image") => {
+                return (
+                    None,
+                    Err(RuntimeError::ImageUnavailable {
+                        image: spec.image.clone(),
+                        message,
+                    }),
+                )
+            }
+            Err(RuntimeError::NotFound(_)) => {
+                return (
+                    None,
+                    Err(RuntimeError::ImageUnavailable {
+                        image: spec.image.clone(),
+                        message: format!("no such image: {}", spec.image),
+                    }),
+                )
+            }
+            Err(e) => return (None, Err(e)),
+        },
+    };
+    if let Err(e) = runtime.start(&id).await {
+        return (Some(id), Err(e));
+    }
+    let info = runtime.inspect(&id).await;
+    (Some(id), info)
+}
+
+/// The part of an engine error an operator needs: for a command missing from
+/// `$PATH`, the runtime's own `exec: "...": executable file not found in $PATH`.
+fn engine_reason(e: &RuntimeError) -> String {
+    let message = match e {
+        RuntimeError::Engine { message, .. } => message.as_str(),
+        other => return other.to_string(),
+    };
+    if let Some(start) = message.find("exec: \"") {
+        let rest = &message[start..];
+        let end = rest.find(": unknown").unwrap_or(rest.len());
+        return rest[..end].to_string();
+    }
+    message.to_string()
+}
+
+/// Per container id, what the replayed history says about how it ended.
+fn classify_replay(replay: &[EngineEvent]) -> HashMap<String, Replayed> {
+    let mut out: HashMap<String, Replayed> = HashMap::new();
+    for event in replay {
+        let seen = out.entry(event.container_id.clone()).or_default();
+        match event.action {
+            EventAction::Kill { .. } => seen.killed_by_other = true,
+            EventAction::Die { .. } => {
+                seen.died = true;
+                seen.manual = seen.killed_by_other;
+                seen.killed_by_other = false;
+            }
+            EventAction::Destroy => {
+                seen.destroyed = true;
+                seen.manual = true;
+            }
+            EventAction::Start => {
+                *seen = Replayed::default();
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn ran_for(info: &ContainerInfo) -> Option<Duration> {
+    let started = parse_nanos(info.started_at.as_deref()?);
+    let finished = parse_nanos(info.finished_at.as_deref()?);
+    (started > 0 && finished >= started).then(|| Duration::from_nanos((finished - started) as u64))
+}
+
+/// Nanoseconds since the epoch of an RFC 3339 time; 0 when unparsable.
+fn parse_nanos(t: &str) -> i64 {
+    humantime::parse_rfc3339(t)
+        .ok()
+        .map(unix_nanos)
+        .unwrap_or(0)
+}
+
+fn unix_nanos(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// The engine's nanosecond times, shown with milliseconds like every other time.
+fn normalize_time(t: &str) -> String {
+    humantime::parse_rfc3339(t)
+        .map(timestamp)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+fn human(d: Duration) -> String {
+    if d.as_millis() % 1000 == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+
