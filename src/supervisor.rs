@@ -249,29 +249,22 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 let attempt = async {
                     runtime.ping().await?;
                     let now = unix_nanos(SystemTime::now());
-                    // The live stream starts at `now`; the replay covers up to it.
-                    let live = runtime.events(&device, Some(now));
+                    // The live stream starts at `now`; the replay ends there.
+                    let live = runtime.events(&device, Some(now), None);
                     let mut replay = Vec::new();
                     if let Some(since) = position {
-                        let mut history = runtime.events(&device, Some(since));
+                        let mut history = runtime.events(&device, Some(since), Some(now));
                         while let Some(event) = history.next().await {
-                            let event = event?;
-                            if event.time_nanos > now {
-                                break;
-                            }
-                            replay.push(event);
+                            replay.push(event?);
                         }
                     }
                     Ok::<_, RuntimeError>((live, replay))
                 };
-                // The history stream never ends by itself: it is read up to `now`
-                // and bounded in time in case nothing comes after it.
-                let attempt = tokio::time::timeout(Duration::from_secs(30), attempt);
                 let (mut live, replay) = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     result = attempt => match result {
-                        Ok(Ok(ok)) => ok,
-                        Ok(Err(e)) => {
+                        Ok(ok) => ok,
+                        Err(e) => {
                             if !reported_down {
                                 let _ = tx.send(Msg::EngineDown { error: e.to_string() });
                                 reported_down = true;
@@ -281,10 +274,6 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                                 _ = tokio::time::sleep(delay) => {}
                             }
                             delay = (delay * 2).min(ENGINE_RETRY_MAX);
-                            continue;
-                        }
-                        Err(_) => {
-                            // The replay never reached `now`: nothing newer happened.
                             continue;
                         }
                     }

@@ -278,7 +278,12 @@ impl ContainerRuntime for DockerRuntime {
             .map_err(|e| engine_error("remove", id, e))
     }
 
-    fn events(&self, device_id: &str, since_nanos: Option<i64>) -> EventStream {
+    fn events(
+        &self,
+        device_id: &str,
+        since_nanos: Option<i64>,
+        until_nanos: Option<i64>,
+    ) -> EventStream {
         let docker = match self.client() {
             Ok(docker) => docker,
             Err(e) => return Box::pin(futures_util::stream::once(async { Err(e) })),
@@ -291,8 +296,8 @@ impl ContainerRuntime for DockerRuntime {
             ),
         ]);
         let options = EventsOptions {
-            since: since_nanos.map(|n| format!("{}.{:09}", n / 1_000_000_000, n % 1_000_000_000)),
-            until: None,
+            since: since_nanos.map(engine_time),
+            until: until_nanos.map(engine_time),
             filters: Some(filters),
         };
         let host = self.host.clone();
@@ -301,6 +306,11 @@ impl ContainerRuntime for DockerRuntime {
             Err(e) => Err(RuntimeError::Unreachable(format!("{host}: event stream: {e}"))),
         }))
     }
+}
+
+/// The engine's `since`/`until` form: seconds with a nanosecond fraction.
+fn engine_time(nanos: i64) -> String {
+    format!("{}.{:09}", nanos / 1_000_000_000, nanos % 1_000_000_000)
 }
 
 fn to_event(message: bollard::models::EventMessage) -> EngineEvent {
