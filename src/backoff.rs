@@ -16,7 +16,11 @@ pub struct Backoff {
 impl Backoff {
     /// Records one more restart after an exit that came `ran_for` after the
     /// start, and returns how long to wait before it.
-    pub fn next_delay(&mut self, settings: &RestartSettings, ran_for: Option<Duration>) -> Duration {
+    pub fn next_delay(
+        &mut self,
+        settings: &RestartSettings,
+        ran_for: Option<Duration>,
+    ) -> Duration {
         if ran_for.is_some_and(|ran| ran >= settings.backoff_reset_after) {
             self.consecutive = 0;
         }
@@ -60,9 +64,9 @@ mod tests {
         let s = settings();
         // (ran for, expected delay): one row per consecutive exit.
         let rows: &[(u64, u64)] = &[
-            (1, 0),      // first restart after good running: immediate
-            (1, 1000),   // then the initial delay
-            (1, 2000),   // doubling
+            (1, 0),    // first restart after good running: immediate
+            (1, 1000), // then the initial delay
+            (1, 2000), // doubling
             (1, 4000),
             (1, 8000),
             (1, 16000),
@@ -72,8 +76,8 @@ mod tests {
             (1, 256000),
             (1, 300000), // capped at backoff_max
             (1, 300000),
-            (60, 0),     // ran for backoff_reset_after: sequence starts again
-            (59, 1000),  // just short of it: keeps growing
+            (60, 0),    // ran for backoff_reset_after: sequence starts again
+            (59, 1000), // just short of it: keeps growing
             (3600, 0),
         ];
         let mut b = Backoff::default();

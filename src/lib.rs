@@ -1,10 +1,10 @@
 //! berth: deployments from TOML run as supervised containers, reported over MQTT.
 
+pub mod backoff;
 pub mod config;
 pub mod model;
+pub mod policy;
 pub mod report;
 pub mod runtime;
-pub mod backoff;
-pub mod policy;
 pub mod state;
 pub mod supervisor;

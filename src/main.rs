@@ -29,7 +29,13 @@ const EXIT_BAD_CONFIG: u8 = 78;
 #[command(version, about, long_about = None)]
 struct Cli {
     /// The agent config file.
-    #[arg(long, short, env = "BERTH_CONFIG", default_value = "/etc/berth/berth.toml", global = true)]
+    #[arg(
+        long,
+        short,
+        env = "BERTH_CONFIG",
+        default_value = "/etc/berth/berth.toml",
+        global = true
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -103,7 +109,9 @@ fn init_tracing(config: &AgentConfig) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("berth={}", config.log.level)));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     if config.log.json {
         builder.json().init();
     } else {
@@ -201,7 +209,10 @@ fn read_registries(config: &AgentConfig) -> anyhow::Result<Vec<RegistryAuth>> {
 fn spawn_signal_handler(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             error!("cannot install signal handlers");
             return;
         };

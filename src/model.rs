@@ -202,7 +202,11 @@ impl ExecKey {
 
 impl fmt::Display for ExecKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}", self.deployment, self.component, self.executable)
+        write!(
+            f,
+            "{}/{}/{}",
+            self.deployment, self.component, self.executable
+        )
     }
 }
 
@@ -224,7 +228,11 @@ pub fn container_name(device_id: &str, key: &ExecKey) -> String {
 }
 
 /// The labels of SPEC 4 for one executable's container.
-pub fn container_labels(device_id: &str, key: &ExecKey, spec_hash: &str) -> BTreeMap<String, String> {
+pub fn container_labels(
+    device_id: &str,
+    key: &ExecKey,
+    spec_hash: &str,
+) -> BTreeMap<String, String> {
     BTreeMap::from([
         (labels::DEVICE.to_string(), device_id.to_string()),
         (labels::DEPLOYMENT.to_string(), key.deployment.clone()),
@@ -266,14 +274,22 @@ mod tests {
             Status::Completed,
         ];
         for pair in order.windows(2) {
-            assert!(pair[0] < pair[1], "{:?} must come before {:?}", pair[0], pair[1]);
+            assert!(
+                pair[0] < pair[1],
+                "{:?} must come before {:?}",
+                pair[0],
+                pair[1]
+            );
         }
     }
 
     #[test]
     fn container_name_is_the_spec_form() {
         let key = ExecKey::new("talker", "comp", "exe");
-        assert_eq!(container_name("robot-42", &key), "berth.robot-42.talker.comp.exe");
+        assert_eq!(
+            container_name("robot-42", &key),
+            "berth.robot-42.talker.comp.exe"
+        );
         let labels = container_labels("robot-42", &key, "abc");
         assert_eq!(key_from_labels(&labels), Some(key));
     }

@@ -81,16 +81,32 @@ mod tests {
     #[test]
     fn restart_table() {
         let rows: &[(&str, Happening, [Decision; 3])] = &[
-            ("exited with code 0", Exited { code: 0 }, [Restart, Complete, Complete]),
-            ("exited non-zero", Exited { code: 3 }, [Restart, Restart, Fail]),
-            ("killed by OOM (137)", Exited { code: 137 }, [Restart, Restart, Fail]),
+            (
+                "exited with code 0",
+                Exited { code: 0 },
+                [Restart, Complete, Complete],
+            ),
+            (
+                "exited non-zero",
+                Exited { code: 3 },
+                [Restart, Restart, Fail],
+            ),
+            (
+                "killed by OOM (137)",
+                Exited { code: 137 },
+                [Restart, Restart, Fail],
+            ),
             ("could not start", StartFailed, [Restart, Restart, Fail]),
             (
                 "stopped, killed or removed by hand",
                 StoppedByHand,
                 [SuspendUntilReboot, SuspendUntilReboot, SuspendUntilReboot],
             ),
-            ("started again by hand", StartedByHand, [Resume, Resume, Resume]),
+            (
+                "started again by hand",
+                StartedByHand,
+                [Resume, Resume, Resume],
+            ),
             (
                 "interrupted by a reboot or engine restart",
                 Interrupted,

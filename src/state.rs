@@ -122,7 +122,9 @@ impl StateStore {
                 path: dir.to_path_buf(),
                 source,
             })?;
-        Ok(StateStore { dir: dir.to_path_buf() })
+        Ok(StateStore {
+            dir: dir.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> PathBuf {

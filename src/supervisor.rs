@@ -57,8 +57,12 @@ pub struct Parts<R, P> {
 enum Msg {
     /// The engine answers again. `replay` holds what happened since the last
     /// event berth had applied (empty when it had none).
-    EngineUp { replay: Vec<EngineEvent> },
-    EngineDown { error: String },
+    EngineUp {
+        replay: Vec<EngineEvent>,
+    },
+    EngineDown {
+        error: String,
+    },
     Event(EngineEvent),
     Pulled {
         deployment: String,
@@ -354,7 +358,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
 
     async fn on_engine_up(&mut self, replay: Vec<EngineEvent>) {
         self.engine_up = true;
-        info!(replayed = replay.len(), "docker engine connected; reconciling");
+        info!(
+            replayed = replay.len(),
+            "docker engine connected; reconciling"
+        );
         self.publish_agent();
         // The listing is the truth after any reconnect; it is awaited here, in
         // the loop, so that no event is applied between it and the reconcile.
@@ -419,7 +426,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     ) {
         let rebooted = self.rebooted;
         let record = self.state.exec(key).cloned().unwrap_or_default();
-        let Some(exec) = self.exec_mut(key) else { return };
+        let Some(exec) = self.exec_mut(key) else {
+            return;
+        };
         if exec.busy {
             return;
         }
@@ -498,9 +507,8 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             }
         } else if !seen.died
             && record.status == Some(Status::Running)
-            && position.is_some_and(|p| {
-                info.finished_at.as_deref().map(parse_nanos).unwrap_or(0) > p
-            })
+            && position
+                .is_some_and(|p| info.finished_at.as_deref().map(parse_nanos).unwrap_or(0) > p)
         {
             // It stopped after the last event berth saw, yet the engine's
             // history has no `die` for it: the engine restarted meanwhile and
@@ -535,11 +543,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                             Some(ErrorCode::ExecutableFailed),
                         )
                     }
-                    Some(Status::Stopped) => exec.set(
-                        Status::Stopped,
-                        Some(NEVER_INTERRUPTED_REASON.into()),
-                        None,
-                    ),
+                    Some(Status::Stopped) => {
+                        exec.set(Status::Stopped, Some(NEVER_INTERRUPTED_REASON.into()), None)
+                    }
                     _ => {
                         let happening = Happening::Exited { code };
                         self.apply(key, happening, Some(code), None);
@@ -559,7 +565,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         if !self.engine_up {
             return;
         }
-        let Some(dep) = self.deployments.get_mut(id) else { return };
+        let Some(dep) = self.deployments.get_mut(id) else {
+            return;
+        };
         let needs: Vec<&Exec> = dep
             .execs
             .iter()
@@ -602,14 +610,19 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         }
         let keys: Vec<ExecKey> = needs.iter().map(|e| e.key.clone()).collect();
         for key in keys {
-            let counted = self.state.exec(&key).is_some_and(|r| r.started_at.is_some());
+            let counted = self
+                .state
+                .exec(&key)
+                .is_some_and(|r| r.started_at.is_some());
             self.launch(&key, counted);
         }
     }
 
     fn on_pulled(&mut self, id: &str, result: Result<(), (String, RuntimeError)>) {
         let settings = self.config.restart;
-        let Some(dep) = self.deployments.get_mut(id) else { return };
+        let Some(dep) = self.deployments.get_mut(id) else {
+            return;
+        };
         dep.pulling = false;
         match result {
             Ok(()) => {
@@ -622,13 +635,20 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 dep.dirty = true;
             }
             Err((image, e)) => {
-                let delay = dep.pull_backoff.next_delay(&settings, None).max(settings.backoff_initial);
+                let delay = dep
+                    .pull_backoff
+                    .next_delay(&settings, None)
+                    .max(settings.backoff_initial);
                 dep.pull_due = Some(Instant::now() + delay);
                 let reason = format!("{e}; retrying in {}", human(delay));
                 warn!(deployment = id, image, error = %e, "image unavailable");
                 for exec in dep.execs.iter_mut().filter(|x| x.container_id.is_none()) {
                     if exec.spec.image == image {
-                        exec.set(Status::Error, Some(reason.clone()), Some(ErrorCode::ImageUnavailable));
+                        exec.set(
+                            Status::Error,
+                            Some(reason.clone()),
+                            Some(ErrorCode::ImageUnavailable),
+                        );
                     }
                 }
                 dep.dirty = true;
@@ -649,7 +669,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     fn launch(&mut self, key: &ExecKey, counted: bool) {
         let device = self.config.device_id.clone();
         let network_mode = "host".to_string();
-        let Some(exec) = self.exec_mut(key) else { return };
+        let Some(exec) = self.exec_mut(key) else {
+            return;
+        };
         exec.busy = true;
         exec.due = None;
         exec.killed_by_other = false;
@@ -708,7 +730,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             Some(dep) => dep.spec.restart,
             None => return,
         };
-        let Some(exec) = self.exec_mut(key) else { return };
+        let Some(exec) = self.exec_mut(key) else {
+            return;
+        };
         exec.busy = false;
         if container_id.is_some() {
             exec.container_id = container_id.clone();
@@ -747,7 +771,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             }
             Err(RuntimeError::ImageUnavailable { message, .. }) => {
                 let exec = self.exec_mut(key).expect("exec exists");
-                exec.set(Status::Error, Some(message), Some(ErrorCode::ImageUnavailable));
+                exec.set(
+                    Status::Error,
+                    Some(message),
+                    Some(ErrorCode::ImageUnavailable),
+                );
                 if let Some(dep) = self.deployments.get_mut(&key.deployment) {
                     dep.images_ready = false;
                 }
@@ -785,7 +813,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     }
                     _ => {
                         let exec = self.exec_mut(key).expect("exec exists");
-                        exec.set(Status::Error, Some(reason), Some(ErrorCode::ExecutableFailed));
+                        exec.set(
+                            Status::Error,
+                            Some(reason),
+                            Some(ErrorCode::ExecutableFailed),
+                        );
                         self.save_state();
                     }
                 }
@@ -808,12 +840,16 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     // ---- engine events -----------------------------------------------------------
 
     fn on_event(&mut self, event: EngineEvent) {
-        let Some(key) = key_from_labels(&event.labels) else { return };
+        let Some(key) = key_from_labels(&event.labels) else {
+            return;
+        };
         let policy = match self.deployments.get(&key.deployment) {
             Some(dep) => dep.spec.restart,
             None => return,
         };
-        let Some(exec) = self.exec_mut(&key) else { return };
+        let Some(exec) = self.exec_mut(&key) else {
+            return;
+        };
         if exec.busy {
             exec.deferred.push(event);
             return;
@@ -831,8 +867,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 exec.killed_by_other = true;
             }
             EventAction::Die { exit_code } if !stale => {
-                if matches!(exec.status, Status::Stopped | Status::Completed | Status::Error)
-                    && exec.due.is_none()
+                if matches!(
+                    exec.status,
+                    Status::Stopped | Status::Completed | Status::Error
+                ) && exec.due.is_none()
                 {
                     return; // already settled
                 }
@@ -842,8 +880,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 } else {
                     Happening::Exited { code }
                 };
-                let ran_for = (exec.started_nanos > 0)
-                    .then(|| Duration::from_nanos((event.time_nanos - exec.started_nanos).max(0) as u64));
+                let ran_for = (exec.started_nanos > 0).then(|| {
+                    Duration::from_nanos((event.time_nanos - exec.started_nanos).max(0) as u64)
+                });
                 exec.killed_by_other = false;
                 self.apply(&key, happening, Some(code), ran_for);
             }
@@ -875,8 +914,16 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     }
 
     /// Applies a restart decision to one executable.
-    fn apply(&mut self, key: &ExecKey, happening: Happening, code: Option<i64>, ran_for: Option<Duration>) {
-        let Some(dep) = self.deployments.get(&key.deployment) else { return };
+    fn apply(
+        &mut self,
+        key: &ExecKey,
+        happening: Happening,
+        code: Option<i64>,
+        ran_for: Option<Duration>,
+    ) {
+        let Some(dep) = self.deployments.get(&key.deployment) else {
+            return;
+        };
         let policy = dep.spec.restart;
         let decision = decide(policy, &happening);
         let settings = self.config.restart;
@@ -898,7 +945,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     let exec = self.exec_mut(key).expect("exec exists");
                     exec.set(
                         Status::Pending,
-                        Some(format!("restarting in {} after {exit} (back-off)", human(delay))),
+                        Some(format!(
+                            "restarting in {} after {exit} (back-off)",
+                            human(delay)
+                        )),
                         failure_code,
                     );
                     exec.due = Some(Instant::now() + delay);
@@ -914,7 +964,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     Some(c) => format!("exited with code {c}; restart policy {policy}"),
                     None => "failed; restart policy never".into(),
                 };
-                exec.set(Status::Error, Some(reason), Some(ErrorCode::ExecutableFailed));
+                exec.set(
+                    Status::Error,
+                    Some(reason),
+                    Some(ErrorCode::ExecutableFailed),
+                );
                 self.record_status(key, Status::Error, code);
             }
             Decision::SuspendUntilReboot => {
@@ -962,7 +1016,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             "restart_count": count,
         }));
         if let Some(exec) = self.exec_mut(key) {
-            exec.set(Status::Pending, Some(format!("restarting after {exit}")), None);
+            exec.set(
+                Status::Pending,
+                Some(format!("restarting after {exit}")),
+                None,
+            );
         }
         self.launch(key, true);
     }
@@ -1073,12 +1131,18 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             state: "online",
             version: env!("CARGO_PKG_VERSION"),
             boot_id: self.boot_id.clone(),
-            docker: if self.engine_up { "connected" } else { "unreachable" },
+            docker: if self.engine_up {
+                "connected"
+            } else {
+                "unreachable"
+            },
             since: self.since.clone(),
             error_code: (!self.engine_up).then_some(ErrorCode::EngineUnreachable),
         };
-        self.reporter
-            .publish(Topic::Agent, serde_json::to_value(doc).expect("documents serialize"));
+        self.reporter.publish(
+            Topic::Agent,
+            serde_json::to_value(doc).expect("documents serialize"),
+        );
     }
 
     fn event(&self, mut payload: serde_json::Value) {
@@ -1089,7 +1153,8 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
 }
 
 const MANUAL_STOP_REASON: &str = "stopped manually; restart policy suspended until reboot";
-const NEVER_INTERRUPTED_REASON: &str = "interrupted by a reboot or engine restart; restart policy never";
+const NEVER_INTERRUPTED_REASON: &str =
+    "interrupted by a reboot or engine restart; restart policy never";
 
 impl Exec {
     fn set(&mut self, status: Status, reason: Option<String>, error_code: Option<ErrorCode>) {
@@ -1171,9 +1236,14 @@ impl Deployment {
             .iter()
             .filter(|e| e.status == status)
             .find_map(|e| e.error_code);
-        let reason = worst
-            .filter(|e| e.reason.is_some())
-            .map(|e| format!("{}/{}: {}", e.component, e.name, e.reason.as_deref().unwrap_or("")));
+        let reason = worst.filter(|e| e.reason.is_some()).map(|e| {
+            format!(
+                "{}/{}: {}",
+                e.component,
+                e.name,
+                e.reason.as_deref().unwrap_or("")
+            )
+        });
         let doc = DeploymentDoc {
             device_id: device_id.to_string(),
             deployment_id: self.spec.id.clone(),
@@ -1239,7 +1309,9 @@ async fn ensure_images<R: ContainerRuntime>(
 /// The registry host of an image reference (`docker.io` when none is named).
 fn registry_of(image: &str) -> &str {
     match image.split_once('/') {
-        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => first,
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            first
+        }
         _ => "docker.io",
     }
 }
@@ -1367,5 +1439,3 @@ async fn sleep_until_opt(t: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
-
-

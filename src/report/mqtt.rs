@@ -76,16 +76,19 @@ pub enum MqttError {
     HalfClientAuth,
     #[error("mqtt ca_file, cert_file and key_file need an mqtts:// url")]
     TlsFilesWithoutTls,
-    #[error("no system CA bundle found (looked for {}); set mqtt ca_file", SYSTEM_CA_BUNDLES.join(", "))]
+    #[error(
+        "no system CA bundle found (looked for {}); set mqtt ca_file",
+        SYSTEM_CA_BUNDLES.join(", ")
+    )]
     NoSystemCa,
-    #[error("mqtt keep alive of {0:?} is not a whole number of seconds between 1 and 65535 (or 0 for none)")]
+    #[error("mqtt keep alive of {0:?} must be 0 (none) or 1 to 65535 whole seconds")]
     KeepAlive(Duration),
     #[error("invalid mqtt topic {0:?}: topic_prefix and device_id must not hold '+' or '#'")]
     Topic(String),
 }
 
-/// Reports to an MQTT broker. Cheap to share; every method returns at once
-/// except `shutdown`.
+/// Reports to an MQTT broker: the handle on the task that owns the
+/// connection. Every method returns at once except `shutdown`.
 pub struct MqttReporter {
     shared: Arc<Shared>,
     /// Cancelled by `shutdown`, or with the token given to `start`.
@@ -368,11 +371,23 @@ impl Task {
                 }
                 let message = error_chain(&e);
                 if self.warned.as_deref() == Some(message.as_str()) {
-                    debug!(broker = %self.broker, error = %message, "mqtt broker still unreachable");
+                    debug!(
+                        broker = %self.broker,
+                        error = %message,
+                        "mqtt broker still unreachable"
+                    );
                 } else if was_connected {
-                    warn!(broker = %self.broker, error = %message, "lost the mqtt broker; reconnecting");
+                    warn!(
+                        broker = %self.broker,
+                        error = %message,
+                        "lost the connection to the mqtt broker; reconnecting"
+                    );
                 } else {
-                    warn!(broker = %self.broker, error = %message, "cannot reach the mqtt broker; retrying");
+                    warn!(
+                        broker = %self.broker,
+                        error = %message,
+                        "cannot reach the mqtt broker; retrying"
+                    );
                 }
                 self.warned = Some(message);
                 return Flow::Retry;
@@ -478,7 +493,7 @@ impl Link {
                     continue;
                 };
                 let payload = payload.to_string();
-                if !self.send(&topic, payload, Sent::Retained) {
+                if self.send(&topic, payload, Sent::Retained).is_err() {
                     pending.dirty.insert(topic);
                     return;
                 }
@@ -486,7 +501,10 @@ impl Link {
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 let text = payload.to_string();
-                if !self.send(&Topic::Events, text, Sent::Event { seq, payload }) {
+                if let Err(Sent::Event { payload, .. }) =
+                    self.send(&Topic::Events, text, Sent::Event { seq, payload })
+                {
+                    pending.events.push_front(payload);
                     return;
                 }
             } else {
@@ -495,11 +513,11 @@ impl Link {
         }
     }
 
-    /// Hands one publish to rumqttc. Returns false when rumqttc would not
-    /// take it; the caller keeps it for later. A payload too large for a
-    /// packet is dropped here, since rumqttc would fail the whole
-    /// connection on it, again after every reconnection.
-    fn send(&mut self, topic: &Topic, payload: String, sent: Sent) -> bool {
+    /// Hands one publish to rumqttc, or gives it back when rumqttc would not
+    /// take it. A payload too large for a packet is dropped here, since
+    /// rumqttc would fail the whole connection on it, again after every
+    /// reconnection.
+    fn send(&mut self, topic: &Topic, payload: String, sent: Sent) -> Result<(), Sent> {
         let path = topic.path(&self.prefix, &self.device_id);
         // Fixed header (at most 5 bytes), topic length, packet id.
         let size = 5 + 2 + path.len() + 2 + payload.len();
@@ -510,7 +528,7 @@ impl Link {
                 limit = MAX_PACKET_SIZE,
                 "mqtt document too large to publish; dropped"
             );
-            return true;
+            return Ok(());
         }
         match self
             .client
@@ -518,16 +536,14 @@ impl Link {
         {
             Ok(()) => {
                 self.unwritten.push_back(sent);
-                true
+                Ok(())
             }
             Err(e) => {
                 // The window keeps the channel from filling, and the event
-                // loop outlives this client: this is not expected.
+                // loop outlives this client: not expected. The next wake-up
+                // or acknowledgement tries again.
                 error!(error = %e, "mqtt client refused a publish; will retry");
-                if let Sent::Event { payload, .. } = sent {
-                    self.shared.lock().requeue_events(vec![payload]);
-                }
-                false
+                Err(sent)
             }
         }
     }
@@ -567,7 +583,7 @@ struct BrokerUrl {
 
 fn parse_url(url: &str) -> Result<BrokerUrl, MqttError> {
     let bad = |reason| MqttError::Url {
-        url: url.to_owned(),
+        url: without_userinfo(url),
         reason,
     };
     let (scheme, rest) = url.split_once("://").ok_or(bad("no scheme"))?;
@@ -604,6 +620,11 @@ fn parse_url(url: &str) -> Result<BrokerUrl, MqttError> {
     if host.is_empty() || host == "[]" {
         return Err(bad("no host"));
     }
+    if host.contains(':') && !host.starts_with('[') {
+        return Err(bad(
+            "an IPv6 address goes in brackets, as in mqtt://[::1]:1883",
+        ));
+    }
     let port = match port {
         None => default_port,
         Some(port) => match port.parse::<u16>() {
@@ -616,6 +637,17 @@ fn parse_url(url: &str) -> Result<BrokerUrl, MqttError> {
         host: host.to_owned(),
         port,
     })
+}
+
+/// The url as it may be shown: a password put in it stays out of logs.
+fn without_userinfo(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
 }
 
 /// rumqttc's options from berth's settings. Reads the password, CA and
@@ -631,10 +663,8 @@ fn options(
         return Err(MqttError::Topic(will_topic));
     }
     let keep_alive = settings.keep_alive;
-    if keep_alive.subsec_nanos() != 0
-        || keep_alive.as_secs() > u64::from(u16::MAX)
-        || (keep_alive > Duration::ZERO && keep_alive < Duration::from_secs(1))
-    {
+    // rumqttc panics below a second, and sends whole seconds as a u16.
+    if keep_alive.subsec_nanos() != 0 || keep_alive.as_secs() > u64::from(u16::MAX) {
         return Err(MqttError::KeepAlive(keep_alive));
     }
 
@@ -1319,12 +1349,20 @@ mod tests {
             "mqtt://broker/path",
             "mqtt://broker?client_id=x",
             "mqtt://[::1",
+            "mqtt://::1",
         ] {
             assert!(
                 matches!(parse_url(url), Err(MqttError::Url { .. })),
                 "{url} was accepted"
             );
         }
+    }
+
+    #[test]
+    fn a_password_in_the_url_stays_out_of_the_error() {
+        let error = parse_url("mqtt://robot:hunter2@broker:1883").unwrap_err();
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+        assert!(!format!("{error:?}").contains("hunter2"), "{error:?}");
     }
 
     fn temp_file(dir: &tempfile::TempDir, name: &str, content: &str) -> PathBuf {

@@ -94,7 +94,11 @@ fn to_info(c: bollard::models::ContainerInspectResponse) -> ContainerInfo {
         .collect();
     ContainerInfo {
         id: c.id.unwrap_or_default(),
-        name: c.name.unwrap_or_default().trim_start_matches('/').to_string(),
+        name: c
+            .name
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_string(),
         labels,
         state: state.status.map(|s| s.to_string()).unwrap_or_default(),
         running: state.running.unwrap_or(false),
@@ -303,7 +307,9 @@ impl ContainerRuntime for DockerRuntime {
         let host = self.host.clone();
         Box::pin(docker.events(Some(options)).map(move |item| match item {
             Ok(message) => Ok(to_event(message)),
-            Err(e) => Err(RuntimeError::Unreachable(format!("{host}: event stream: {e}"))),
+            Err(e) => Err(RuntimeError::Unreachable(format!(
+                "{host}: event stream: {e}"
+            ))),
         }))
     }
 }
@@ -358,7 +364,12 @@ mod pull_with_auth {
         Refused(String),
     }
 
-    pub async fn pull(host: &str, image: &str, tag: &str, auth: &RegistryAuth) -> Result<(), Error> {
+    pub async fn pull(
+        host: &str,
+        image: &str,
+        tag: &str,
+        auth: &RegistryAuth,
+    ) -> Result<(), Error> {
         let credentials = serde_json::json!({
             "username": auth.username,
             "password": auth.password,
@@ -458,8 +469,14 @@ mod tests {
         let rows = [
             ("busybox", ("busybox", "latest")),
             ("busybox:1", ("busybox", "1")),
-            ("127.0.0.1:5000/berth/busybox:1", ("127.0.0.1:5000/berth/busybox", "1")),
-            ("127.0.0.1:5000/berth/busybox", ("127.0.0.1:5000/berth/busybox", "latest")),
+            (
+                "127.0.0.1:5000/berth/busybox:1",
+                ("127.0.0.1:5000/berth/busybox", "1"),
+            ),
+            (
+                "127.0.0.1:5000/berth/busybox",
+                ("127.0.0.1:5000/berth/busybox", "latest"),
+            ),
             ("img@sha256:abc", ("img@sha256:abc", "")),
         ];
         for (input, want) in rows {

@@ -4,6 +4,8 @@
 //! this boundary.
 
 pub mod docker;
+#[cfg(test)]
+pub mod fake;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -118,7 +120,11 @@ pub type EventStream = Pin<Box<dyn Stream<Item = Result<EngineEvent>> + Send>>;
 pub trait ContainerRuntime: Send + Sync + 'static {
     fn ping(&self) -> impl Future<Output = Result<()>> + Send;
     fn image_present(&self, image: &str) -> impl Future<Output = Result<bool>> + Send;
-    fn pull(&self, image: &str, auth: Option<&RegistryAuth>) -> impl Future<Output = Result<()>> + Send;
+    fn pull(
+        &self,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+    ) -> impl Future<Output = Result<()>> + Send;
     /// All containers (running or not) labelled with this device.
     fn list(&self, device_id: &str) -> impl Future<Output = Result<Vec<ContainerInfo>>> + Send;
     fn inspect(&self, id: &str) -> impl Future<Output = Result<ContainerInfo>> + Send;
@@ -130,5 +136,10 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     fn remove(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
     /// Container events of this device from `since_nanos` (engine time) on;
     /// with `until_nanos` the stream ends there, without it it stays live.
-    fn events(&self, device_id: &str, since_nanos: Option<i64>, until_nanos: Option<i64>) -> EventStream;
+    fn events(
+        &self,
+        device_id: &str,
+        since_nanos: Option<i64>,
+        until_nanos: Option<i64>,
+    ) -> EventStream;
 }

@@ -105,11 +105,14 @@ pub fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
 /// Standard base64 with padding, the alphabet of HTTP basic auth, which
 /// includes `+` and `/`.
 pub fn base64_std(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -299,7 +302,18 @@ impl Drop for Broker {
 /// Publishes one message with `mosquitto_pub`, QoS 1.
 pub fn mqtt_publish(port: u16, topic: &str, payload: &str, retain: bool) {
     let port = port.to_string();
-    let mut args = vec!["-h", "127.0.0.1", "-p", &port, "-q", "1", "-t", topic, "-m", payload];
+    let mut args = vec![
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-q",
+        "1",
+        "-t",
+        topic,
+        "-m",
+        payload,
+    ];
     if retain {
         args.push("-r");
     }
@@ -383,7 +397,8 @@ impl Subscriber {
                         Ok(Event::Incoming(Packet::ConnAck(_))) => {
                             // A clean session forgets subscriptions: make it
                             // again on every connection.
-                            if let Err(e) = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
+                            if let Err(e) = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce)
+                            {
                                 inbox.last_error = Some(format!("subscribe: {e}"));
                             }
                         }
@@ -425,7 +440,11 @@ impl Subscriber {
     /// How many times the subscription has been acknowledged: one more after
     /// each reconnection.
     pub fn subscriptions(&self) -> u64 {
-        self.shared.inbox.lock().expect("subscriber inbox").subscriptions
+        self.shared
+            .inbox
+            .lock()
+            .expect("subscriber inbox")
+            .subscriptions
     }
 
     /// Waits until the subscription has been acknowledged `n` times in all;
@@ -448,7 +467,12 @@ impl Subscriber {
 
     /// Every message received so far, oldest first.
     pub fn messages(&self) -> Vec<Message> {
-        self.shared.inbox.lock().expect("subscriber inbox").messages.clone()
+        self.shared
+            .inbox
+            .lock()
+            .expect("subscriber inbox")
+            .messages
+            .clone()
     }
 
     /// The messages received so far on `topic`, oldest first.
@@ -466,7 +490,12 @@ impl Subscriber {
 
     /// Forgets what was received, so that later waits see only new messages.
     pub fn clear(&self) {
-        self.shared.inbox.lock().expect("subscriber inbox").messages.clear();
+        self.shared
+            .inbox
+            .lock()
+            .expect("subscriber inbox")
+            .messages
+            .clear();
     }
 
     /// The payload of the latest message on `topic` that satisfies
@@ -649,7 +678,10 @@ impl Registry {
                 thread::sleep(Duration::from_millis(20));
             }
         }
-        panic!("docker-registry could not bind a port:\n{}", read_lossy(&log));
+        panic!(
+            "docker-registry could not bind a port:\n{}",
+            read_lossy(&log)
+        );
     }
 
     /// `127.0.0.1:PORT`, the registry part of an image reference and the
@@ -690,7 +722,10 @@ impl Registry {
     pub fn push(&self, local_image: &str, repo_tag: &str) -> String {
         let reference = format!("{}/{repo_tag}", self.server());
         docker(&["tag", local_image, &reference]);
-        self.pushed.lock().expect("pushed list").push(reference.clone());
+        self.pushed
+            .lock()
+            .expect("pushed list")
+            .push(reference.clone());
         self.logged_in_docker(&["push", &reference]);
         reference
     }
@@ -757,7 +792,9 @@ impl Registry {
         if self.auth.is_some() {
             let _ = docker_in(Some(config), &["logout", &server]);
         }
-        result.unwrap_or_else(|e| panic!("docker {args:?} failed: {e}\nregistry log:\n{}", self.log()))
+        result.unwrap_or_else(|e| {
+            panic!("docker {args:?} failed: {e}\nregistry log:\n{}", self.log())
+        })
     }
 }
 
@@ -852,7 +889,9 @@ pub fn containers(device_id: &str) -> Vec<Value> {
         let mut args = vec!["inspect", "--type", "container"];
         args.extend(ids.iter().map(String::as_str));
         match try_docker(&args) {
-            Ok(json) => return serde_json::from_str(&json).expect("docker inspect prints a JSON array"),
+            Ok(json) => {
+                return serde_json::from_str(&json).expect("docker inspect prints a JSON array")
+            }
             Err(e) => error = e,
         }
     }
@@ -944,9 +983,13 @@ impl BerthConfig {
             ros_master_image: TEST_IMAGE.to_owned(),
             // Stands in for roscore: runs until stopped, and stops at once
             // on SIGTERM (PID 1 ignores signals it has no handler for).
-            ros_master_command: ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"]
-                .map(str::to_owned)
-                .to_vec(),
+            ros_master_command: [
+                "sh",
+                "-c",
+                "trap 'exit 0' TERM; while true; do sleep 1; done",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
             ros_master_uri: "http://localhost:11311".to_owned(),
             log_level: "debug".to_owned(),
             log_format: "text".to_owned(),
@@ -1163,7 +1206,10 @@ impl Berth {
 
     /// Sends SIGHUP: berth re-reads its config and deployment files.
     pub fn sighup(&self) {
-        send_signal(self.child.as_ref().expect("sighup: berth is not running"), Signal::SIGHUP);
+        send_signal(
+            self.child.as_ref().expect("sighup: berth is not running"),
+            Signal::SIGHUP,
+        );
     }
 
     /// Sends SIGTERM and waits for berth to exit (20 s at most, more than the
@@ -1191,7 +1237,10 @@ impl Berth {
             Some(status) => status,
             None => {
                 kill_and_reap(child);
-                panic!("berth did not exit within {timeout:?}; log:\n{}", self.log());
+                panic!(
+                    "berth did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
             }
         }
     }
