@@ -214,10 +214,20 @@ start_registry() {
     wait_for "$SERVICE_TIMEOUT_SECS" "the registry on $REGISTRY_ADDR" "$LOG_DIR/registry.log" registry_up
 }
 
-push_registry_image() {
-    curl -sf -o /dev/null --max-time 5 \
+# The image id (the digest of its config) of the registry's copy, if any.
+registry_image_id() {
+    curl -sf --max-time 5 \
         -H 'Accept: application/vnd.docker.distribution.manifest.v2+json' \
-        "http://$REGISTRY_ADDR/v2/$REGISTRY_REPO/manifests/$REGISTRY_TAG" && return
+        "http://$REGISTRY_ADDR/v2/$REGISTRY_REPO/manifests/$REGISTRY_TAG" |
+        tr -d ' \n' | grep -o '"config":{[^}]*}' | grep -o 'sha256:[0-9a-f]*' || true
+}
+
+# Pushes the test image unless the registry already holds that very image
+# (it differs after the local one was rebuilt).
+push_registry_image() {
+    local local_id
+    local_id="$(docker image inspect --format '{{.Id}}' "$TEST_IMAGE")"
+    [[ "$(registry_image_id)" == "$local_id" ]] && return
     say "pushing $REGISTRY_IMAGE"
     quietly docker tag "$TEST_IMAGE" "$REGISTRY_IMAGE"
     local out

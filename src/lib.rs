@@ -8,3 +8,4 @@ pub mod report;
 pub mod runtime;
 pub mod state;
 pub mod supervisor;
+pub mod notify;

@@ -14,6 +14,7 @@ use tracing::{error, info, warn};
 use berth::config::{self, AgentConfig};
 use berth::report::mqtt::MqttReporter;
 use berth::report::offline_doc;
+use berth::notify::Notifier;
 use berth::runtime::docker::DockerRuntime;
 use berth::runtime::RegistryAuth;
 use berth::state::StateStore;
@@ -174,6 +175,7 @@ async fn run(config: AgentConfig) -> Result<(), RunError> {
         state,
         boot_id,
         registries,
+        notifier: Notifier::from_env(),
     });
     supervisor.run(shutdown.clone()).await;
     reporter.shutdown().await;

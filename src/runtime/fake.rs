@@ -358,6 +358,29 @@ impl FakeRuntime {
         inner.remove(&id);
     }
 
+    /// The engine restarts, or the device reboots: running containers stop
+    /// without an event anyone could see (the engine keeps its event history
+    /// in memory only, so it is lost too), live streams end, and the engine
+    /// answers again.
+    pub fn restart_engine(&self) {
+        let mut inner = self.lock();
+        inner.subscribers.clear();
+        inner.history.clear();
+        let running: Vec<String> = inner
+            .containers
+            .values()
+            .filter(|c| c.state == "running")
+            .map(|c| c.id.clone())
+            .collect();
+        for id in running {
+            let at = inner.tick();
+            let c = inner.containers.get_mut(&id).expect("container exists");
+            c.state = "exited";
+            c.exit_code = 143;
+            c.finished_at = rfc3339(at);
+        }
+    }
+
     // ---- looking -------------------------------------------------------------------
 
     /// Every call so far, in order.
