@@ -32,7 +32,7 @@ use crate::runtime::{
     ContainerInfo, ContainerRuntime, ContainerSpec, EngineEvent, EventAction, RegistryAuth,
     RuntimeError,
 };
-use crate::state::{PendingRestart, State, StateStore};
+use crate::state::{ExecRecord, PendingRestart, State, StateStore};
 
 /// Back-off of reconnections to the engine.
 const ENGINE_RETRY_INITIAL: Duration = Duration::from_millis(250);
@@ -547,36 +547,37 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 let ran_for = ran_for(&info);
                 self.apply(key, happening, Some(code), ran_for);
             }
-            None => {
-                let exec = self.exec_mut(key).expect("exec exists");
-                match record.status {
-                    Some(Status::Stopped) | None if record.manual_stop => {
-                        exec.set(Status::Stopped, Some(MANUAL_STOP_REASON.into()), None)
-                    }
-                    Some(Status::Completed) => {
-                        exec.exit_code = Some(code);
-                        exec.set(Status::Completed, None, None)
-                    }
-                    Some(Status::Error) => {
-                        exec.exit_code = Some(code);
-                        exec.set(
-                            Status::Error,
-                            Some(format!("exited with code {code}")),
-                            Some(ErrorCode::ExecutableFailed),
-                        )
-                    }
-                    Some(Status::Stopped) => {
-                        exec.set(Status::Stopped, Some(NEVER_INTERRUPTED_REASON.into()), None)
-                    }
-                    _ => {
-                        let happening = Happening::Exited { code };
-                        self.apply(key, happening, Some(code), None);
-                        return;
-                    }
-                }
-                self.mark_dirty(&key.deployment);
+            None => self.restore_recorded(key, &record, code),
+        }
+    }
+
+    /// Shows again what was decided about an executable that has not run
+    /// since berth last looked (it exited before, and nothing changed).
+    fn restore_recorded(&mut self, key: &ExecKey, record: &ExecRecord, code: i64) {
+        let Some(policy) = self.deployments.get(&key.deployment).map(|d| d.spec.restart) else {
+            return;
+        };
+        let exec = self.exec_mut(key).expect("exec exists");
+        exec.exit_code = Some(code);
+        match record.status {
+            Some(Status::Stopped) | None if record.manual_stop => {
+                exec.set(Status::Stopped, Some(MANUAL_STOP_REASON.into()), None)
+            }
+            Some(Status::Completed) => exec.set(Status::Completed, None, None),
+            Some(Status::Error) => exec.set(
+                Status::Error,
+                Some(exit_reason(code, policy)),
+                Some(ErrorCode::ExecutableFailed),
+            ),
+            Some(Status::Stopped) => {
+                exec.set(Status::Stopped, Some(NEVER_INTERRUPTED_REASON.into()), None)
+            }
+            _ => {
+                self.apply(key, Happening::Exited { code }, Some(code), None);
+                return;
             }
         }
+        self.mark_dirty(&key.deployment);
     }
 
     // ---- provisioning ----------------------------------------------------------
@@ -1019,7 +1020,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 record.manual_stop = false;
                 self.record_status(key, Status::Running, None);
             }
-            Decision::Unchanged => {}
+            Decision::Unchanged => {
+                let record = self.state.exec(key).cloned().unwrap_or_default();
+                self.restore_recorded(key, &record, code.unwrap_or(0));
+                return;
+            }
         }
         self.mark_dirty(&key.deployment);
     }
@@ -1146,6 +1151,13 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 serde_json::to_value(doc).expect("documents serialize"),
             );
         }
+        // `systemctl status` shows this line; the notifier drops it when it
+        // has not changed, and does nothing outside systemd.
+        let summary = crate::notify::summary(self.deployments.values().map(|dep| {
+            let (_, doc) = dep.document(&device, &self.state);
+            (doc.status, doc.restart_count)
+        }));
+        self.notifier.status(&summary);
     }
 
     fn publish_agent(&self) {
@@ -1282,6 +1294,10 @@ impl Deployment {
         };
         (self.spec.id.clone(), doc)
     }
+}
+
+fn exit_reason(code: i64, policy: crate::model::RestartPolicy) -> String {
+    format!("exited with code {code}; restart policy {policy}")
 }
 
 /// The environment of one executable: the executable's own, then the
@@ -1461,6 +1477,7 @@ async fn sleep_until_opt(t: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
 #[cfg(test)]
 mod tests {
     //! The loop driven by the fake engine and the memory reporter, in real
@@ -1685,7 +1702,10 @@ mod tests {
             })
             .await;
 
-        let info = h.runtime.container(NAME).expect("container named as SPEC 4 says");
+        let info = h
+            .runtime
+            .container(NAME)
+            .expect("container named as SPEC 4 says");
         assert!(info.running);
         assert_eq!(doc["device_id"], DEVICE);
         assert_eq!(doc["restart_policy"], "always");
@@ -1713,7 +1733,10 @@ mod tests {
                 (labels::SPEC_HASH.to_string(), spec_hash(exe_spec, &env)),
             ])
         );
-        assert_eq!(created.cmd, Some(vec!["talker".to_string(), "--rate=10".to_string()]));
+        assert_eq!(
+            created.cmd,
+            Some(vec!["talker".to_string(), "--rate=10".to_string()])
+        );
         assert_eq!(created.env["ROBOT_NAME"], "r42");
         assert_eq!(created.env["LOG_LEVEL"], "debug");
         assert_eq!(created.network_mode, "host");
@@ -1721,9 +1744,14 @@ mod tests {
         assert_eq!(created.memory_bytes, Some(256 * 1024 * 1024));
 
         let calls = h.runtime.calls();
-        let pull = calls.iter().position(|c| *c == Call::Pull(IMAGE.into(), None));
+        let pull = calls
+            .iter()
+            .position(|c| *c == Call::Pull(IMAGE.into(), None));
         let create = calls.iter().position(|c| *c == Call::Create(NAME.into()));
-        assert!(pull.is_some() && pull < create, "pull before create: {calls:?}");
+        assert!(
+            pull.is_some() && pull < create,
+            "pull before create: {calls:?}"
+        );
         assert_eq!(count(&calls, |c| matches!(c, Call::Create(_))), 1);
         assert_eq!(h.starts(), 1);
         assert!(
@@ -1773,21 +1801,42 @@ mod tests {
                 })
                 .await;
             tokio::time::sleep(QUIET).await;
-            let last = h.reporter.latest(&Topic::Deployment("talker".into())).unwrap();
+            let last = h
+                .reporter
+                .latest(&Topic::Deployment("talker".into()))
+                .unwrap();
             assert_eq!(last["status"], doc["status"], "{name}: settled");
             assert_eq!(h.starts() as u64, 1 + row.restart_count, "{name}: starts");
             assert_eq!(last["restart_count"], row.restart_count, "{name}");
             assert_eq!(exe(&last)["restart_count"], row.restart_count, "{name}");
-            assert_eq!(exe(&last)["exit_code"], serde_json::json!(row.exit_code), "{name}");
-            assert_eq!(last["error_code"], serde_json::json!(row.error_code), "{name}");
-            assert_eq!(exe(&last)["error_code"], serde_json::json!(row.error_code), "{name}");
+            assert_eq!(
+                exe(&last)["exit_code"],
+                serde_json::json!(row.exit_code),
+                "{name}"
+            );
+            assert_eq!(
+                last["error_code"],
+                serde_json::json!(row.error_code),
+                "{name}"
+            );
+            assert_eq!(
+                exe(&last)["error_code"],
+                serde_json::json!(row.error_code),
+                "{name}"
+            );
             assert_eq!(last["phase"], "Succeeded", "{name}");
             if row.status == "Error" {
-                let reason = exe(&last)["reason"].as_str().unwrap_or_default().to_string();
+                let reason = exe(&last)["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
                 assert!(reason.contains("exited with code 3"), "{name}: {reason}");
             }
             let record = h.store.load().unwrap().exec(&key()).cloned().unwrap();
-            assert_eq!(record.restart_count, row.restart_count, "{name}: persisted count");
+            assert_eq!(
+                record.restart_count, row.restart_count,
+                "{name}: persisted count"
+            );
             h.shutdown().await;
         });
         futures_util::future::join_all(runs).await;
@@ -1818,9 +1867,16 @@ mod tests {
             .collect();
         let want = [Duration::ZERO, INITIAL, 2 * INITIAL];
         for (i, (got, want)) in waited.iter().zip(want).enumerate() {
-            assert!(*got >= want, "restart {}: waited {got:?}, less than {want:?}", i + 1);
+            assert!(
+                *got >= want,
+                "restart {}: waited {got:?}, less than {want:?}",
+                i + 1
+            );
         }
-        assert!(waited[0] < INITIAL, "the first restart is immediate: {waited:?}");
+        assert!(
+            waited[0] < INITIAL,
+            "the first restart is immediate: {waited:?}"
+        );
 
         let reasons: Vec<String> = h
             .docs()
@@ -1842,7 +1898,10 @@ mod tests {
             .docs()
             .iter()
             .filter(|d| exe(d)["status"] == "Pending" && exe(d)["reason"] != Value::Null)
-            .filter(|d| exe(d)["reason"].as_str().unwrap().starts_with("restarting in"))
+            .filter(|d| exe(d)["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("restarting in"))
             .all(|d| d["error_code"] == "DEP_E152"));
         h.shutdown().await;
     }
@@ -1865,15 +1924,28 @@ mod tests {
             act(&h.runtime, NAME);
             let doc = h.wait_for(name, |d| d["status"] == "Stopped").await;
             assert_eq!(exe(&doc)["reason"], MANUAL_STOP_REASON, "{name}");
-            assert_eq!(doc["reason"], format!("talker/talker: {MANUAL_STOP_REASON}").as_str());
+            assert_eq!(
+                doc["reason"],
+                format!("talker/talker: {MANUAL_STOP_REASON}").as_str()
+            );
             assert_eq!(doc["error_code"], Value::Null, "{name}");
             tokio::time::sleep(QUIET).await;
-            let last = h.reporter.latest(&Topic::Deployment("talker".into())).unwrap();
+            let last = h
+                .reporter
+                .latest(&Topic::Deployment("talker".into()))
+                .unwrap();
             assert_eq!(last["status"], "Stopped", "{name}: not restarted");
             assert_eq!(last["restart_count"], 0, "{name}");
             assert_eq!(h.starts(), 1, "{name}: no start after the manual stop");
-            assert_eq!(count(&h.runtime.calls(), |c| matches!(c, Call::Create(_))), 1, "{name}");
-            assert!(h.store.load().unwrap().exec(&key()).unwrap().manual_stop, "{name}");
+            assert_eq!(
+                count(&h.runtime.calls(), |c| matches!(c, Call::Create(_))),
+                1,
+                "{name}"
+            );
+            assert!(
+                h.store.load().unwrap().exec(&key()).unwrap().manual_stop,
+                "{name}"
+            );
             assert!(
                 h.events().iter().any(|e| e["event"] == "manual_stop"),
                 "{name}: a manual_stop event"
@@ -1896,27 +1968,40 @@ mod tests {
             ("not in the registry", PullPolicy::IfNotPresent, false, 1),
             ("absent and pull = never", PullPolicy::Never, true, 0),
         ];
-        let runs = rows.into_iter().map(|(name, pull, in_registry, pulls)| async move {
-            let dir = tempfile::tempdir().unwrap();
-            let runtime = if in_registry { fake() } else { Arc::new(FakeRuntime::new()) };
-            let h = Harness::start(runtime, dir.path(), deployment(RestartPolicy::Always, pull, "talker"));
-            let doc = h.wait_for(name, |d| d["status"] == "Error").await;
-            assert_eq!(doc["error_code"], "DEP_E161", "{name}");
-            assert_eq!(exe(&doc)["error_code"], "DEP_E161", "{name}");
-            let reason = exe(&doc)["reason"].as_str().unwrap();
-            assert!(reason.contains(IMAGE), "{name}: {reason}");
-            assert_eq!(doc["phase"], "Provisioning", "{name}");
-            let calls = h.runtime.calls();
-            assert!(
-                count(&calls, |c| matches!(c, Call::Pull(..))) >= pulls,
-                "{name}: {calls:?}"
-            );
-            if pulls == 0 {
-                assert_eq!(count(&calls, |c| matches!(c, Call::Pull(..))), 0, "{name}");
-            }
-            assert_eq!(count(&calls, |c| matches!(c, Call::Create(_) | Call::Start(_))), 0);
-            h.shutdown().await;
-        });
+        let runs = rows
+            .into_iter()
+            .map(|(name, pull, in_registry, pulls)| async move {
+                let dir = tempfile::tempdir().unwrap();
+                let runtime = if in_registry {
+                    fake()
+                } else {
+                    Arc::new(FakeRuntime::new())
+                };
+                let h = Harness::start(
+                    runtime,
+                    dir.path(),
+                    deployment(RestartPolicy::Always, pull, "talker"),
+                );
+                let doc = h.wait_for(name, |d| d["status"] == "Error").await;
+                assert_eq!(doc["error_code"], "DEP_E161", "{name}");
+                assert_eq!(exe(&doc)["error_code"], "DEP_E161", "{name}");
+                let reason = exe(&doc)["reason"].as_str().unwrap();
+                assert!(reason.contains(IMAGE), "{name}: {reason}");
+                assert_eq!(doc["phase"], "Provisioning", "{name}");
+                let calls = h.runtime.calls();
+                assert!(
+                    count(&calls, |c| matches!(c, Call::Pull(..))) >= pulls,
+                    "{name}: {calls:?}"
+                );
+                if pulls == 0 {
+                    assert_eq!(count(&calls, |c| matches!(c, Call::Pull(..))), 0, "{name}");
+                }
+                assert_eq!(
+                    count(&calls, |c| matches!(c, Call::Create(_) | Call::Start(_))),
+                    0
+                );
+                h.shutdown().await;
+            });
         futures_util::future::join_all(runs).await;
     }
 
@@ -1926,11 +2011,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let runtime = fake();
         runtime.fail_start("nope", NOPE);
-        let h = Harness::start(runtime, dir.path(), deployment(RestartPolicy::Never, PullPolicy::IfNotPresent, "nope"));
-        let doc = h.wait_for("start failure", |d| d["status"] == "Error").await;
+        let h = Harness::start(
+            runtime,
+            dir.path(),
+            deployment(RestartPolicy::Never, PullPolicy::IfNotPresent, "nope"),
+        );
+        let doc = h
+            .wait_for("start failure", |d| d["status"] == "Error")
+            .await;
         assert_eq!(doc["error_code"], "DEP_E152");
         assert_eq!(exe(&doc)["reason"], NOPE_REASON);
-        assert_eq!(doc["reason"], format!("talker/talker: {NOPE_REASON}").as_str());
+        assert_eq!(
+            doc["reason"],
+            format!("talker/talker: {NOPE_REASON}").as_str()
+        );
         assert_eq!(doc["phase"], "Provisioning", "never started successfully");
         tokio::time::sleep(QUIET).await;
         assert_eq!(h.starts(), 1, "never: no retry");
@@ -1942,7 +2036,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let runtime = fake();
         runtime.fail_start("nope", NOPE);
-        let h = Harness::start(runtime, dir.path(), deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "nope"));
+        let h = Harness::start(
+            runtime,
+            dir.path(),
+            deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "nope"),
+        );
         let doc = h
             .wait_for("start failure retried", |d| {
                 d["status"] == "Error" && d["restart_count"].as_u64() >= Some(2)
@@ -1950,7 +2048,10 @@ mod tests {
             .await;
         assert_eq!(doc["error_code"], "DEP_E152");
         let reason = exe(&doc)["reason"].as_str().unwrap();
-        assert!(reason.starts_with(NOPE_REASON) && reason.contains("retrying in"), "{reason}");
+        assert!(
+            reason.starts_with(NOPE_REASON) && reason.contains("retrying in"),
+            "{reason}"
+        );
         h.runtime.clear_fail_start("nope");
         let doc = h
             .wait_for("running after the failure is fixed", |d| {
@@ -1958,7 +2059,11 @@ mod tests {
             })
             .await;
         assert_eq!(doc["error_code"], Value::Null);
-        assert_eq!(doc["restart_count"], h.starts() as u64 - 1, "every retry counted once");
+        assert_eq!(
+            doc["restart_count"],
+            h.starts() as u64 - 1,
+            "every retry counted once"
+        );
         h.shutdown().await;
     }
 
@@ -1973,17 +2078,28 @@ mod tests {
         assert_eq!(doc["error_code"], "DEP_E301");
         assert_eq!(exe(&doc)["error_code"], "DEP_E301");
         let agent = h.reporter.latest(&Topic::Agent).unwrap();
-        assert_eq!((agent["docker"].as_str(), agent["error_code"].as_str()), (Some("unreachable"), Some("DEP_E301")));
+        assert_eq!(
+            (agent["docker"].as_str(), agent["error_code"].as_str()),
+            (Some("unreachable"), Some("DEP_E301"))
+        );
 
         // The container crashes while berth cannot see the engine.
         h.runtime.exit(NAME, 3);
         tokio::time::sleep(QUIET).await;
-        assert_eq!(h.reporter.latest(&Topic::Deployment("talker".into())).unwrap()["status"], "Unknown");
+        assert_eq!(
+            h.reporter
+                .latest(&Topic::Deployment("talker".into()))
+                .unwrap()["status"],
+            "Unknown"
+        );
         h.runtime.set_down(false);
         let doc = h.running(1).await;
         assert_eq!(doc["error_code"], Value::Null);
         assert_eq!(doc["phase"], "Succeeded");
-        assert_eq!(h.reporter.latest(&Topic::Agent).unwrap()["docker"], "connected");
+        assert_eq!(
+            h.reporter.latest(&Topic::Agent).unwrap()["docker"],
+            "connected"
+        );
         assert_eq!(h.starts(), 2);
         h.shutdown().await;
     }
@@ -1998,18 +2114,29 @@ mod tests {
         runtime.exit(NAME, 3);
         h.running(1).await;
         h.shutdown().await;
-        assert!(runtime.container(NAME).unwrap().running, "containers outlive berth");
+        assert!(
+            runtime.container(NAME).unwrap().running,
+            "containers outlive berth"
+        );
 
         let before = runtime.calls().len();
         let h = Harness::start(runtime.clone(), dir.path(), spec);
         let doc = h
-            .wait_for("adopted", |d| d["status"] == "Running" && d["phase"] == "Succeeded")
+            .wait_for("adopted", |d| {
+                d["status"] == "Running" && d["phase"] == "Succeeded"
+            })
             .await;
         assert_eq!(doc["restart_count"], 1, "counts survive a berth restart");
-        assert_eq!(exe(&doc)["container_id"], runtime.container(NAME).unwrap().id.as_str());
+        assert_eq!(
+            exe(&doc)["container_id"],
+            runtime.container(NAME).unwrap().id.as_str()
+        );
         let after = &runtime.calls()[before..];
         assert_eq!(
-            count(after, |c| matches!(c, Call::Create(_) | Call::Start(_) | Call::Stop(_) | Call::Remove(_))),
+            count(after, |c| matches!(
+                c,
+                Call::Create(_) | Call::Start(_) | Call::Stop(_) | Call::Remove(_)
+            )),
             0,
             "adopted untouched: {after:?}"
         );
@@ -2025,24 +2152,31 @@ mod tests {
         let rows = [
             (RestartPolicy::Always, "Running", 1, None),
             (RestartPolicy::OnFailure, "Running", 1, None),
-            (RestartPolicy::Never, "Stopped", 0, Some(NEVER_INTERRUPTED_REASON)),
+            (
+                RestartPolicy::Never,
+                "Stopped",
+                0,
+                Some(NEVER_INTERRUPTED_REASON),
+            ),
         ];
-        let runs = rows.into_iter().map(|(policy, status, restarts, reason)| async move {
-            let dir = tempfile::tempdir().unwrap();
-            let spec = deployment(policy, PullPolicy::IfNotPresent, "talker");
-            let h = Harness::start(fake(), dir.path(), spec);
-            h.running(0).await;
-            h.runtime.restart_engine();
-            let doc = h
-                .wait_for(&format!("{status} under {policy}"), |d| {
-                    d["status"] == status && d["restart_count"] == restarts
-                })
-                .await;
-            assert_eq!(exe(&doc)["reason"], serde_json::json!(reason), "{policy}");
-            tokio::time::sleep(QUIET).await;
-            assert_eq!(h.starts() as u64, 1 + restarts, "{policy}");
-            h.shutdown().await;
-        });
+        let runs = rows
+            .into_iter()
+            .map(|(policy, status, restarts, reason)| async move {
+                let dir = tempfile::tempdir().unwrap();
+                let spec = deployment(policy, PullPolicy::IfNotPresent, "talker");
+                let h = Harness::start(fake(), dir.path(), spec);
+                h.running(0).await;
+                h.runtime.restart_engine();
+                let doc = h
+                    .wait_for(&format!("{status} under {policy}"), |d| {
+                        d["status"] == status && d["restart_count"] == restarts
+                    })
+                    .await;
+                assert_eq!(exe(&doc)["reason"], serde_json::json!(reason), "{policy}");
+                tokio::time::sleep(QUIET).await;
+                assert_eq!(h.starts() as u64, 1 + restarts, "{policy}");
+                h.shutdown().await;
+            });
         futures_util::future::join_all(runs).await;
     }
 
@@ -2061,7 +2195,9 @@ mod tests {
 
         // Same boot: still suspended.
         let h = Harness::start(runtime.clone(), dir.path(), spec.clone());
-        let doc = h.wait_for("still Stopped", |d| d["status"] == "Stopped").await;
+        let doc = h
+            .wait_for("still Stopped", |d| d["status"] == "Stopped")
+            .await;
         assert_eq!(exe(&doc)["reason"], MANUAL_STOP_REASON);
         tokio::time::sleep(QUIET).await;
         assert_eq!(h.starts(), 1);
@@ -2084,25 +2220,30 @@ mod tests {
     async fn replay_tells_a_manual_stop_from_a_crash_while_berth_was_away() {
         type Act = fn(&FakeRuntime, &str);
         let crash: Act = |f, name| f.exit(name, 3);
-        let rows: [(&str, Act, &str, u64); 2] = [
+        let rows: [(&str, Act, &str, u64); 3] = [
             ("docker stop", FakeRuntime::manual_stop, "Stopped", 0),
             ("crash", crash, "Running", 1),
+            ("docker rm -f", FakeRuntime::manual_remove, "Stopped", 0),
         ];
-        let runs = rows.into_iter().map(|(name, act, status, restarts)| async move {
-            let dir = tempfile::tempdir().unwrap();
-            let runtime = fake();
-            let spec = deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker");
-            let h = Harness::start(runtime.clone(), dir.path(), spec.clone());
-            h.running(0).await;
-            h.shutdown().await;
-            act(&runtime, NAME);
-            let h = Harness::start(runtime.clone(), dir.path(), spec);
-            h.wait_for(name, |d| d["status"] == status && d["restart_count"] == restarts)
+        let runs = rows
+            .into_iter()
+            .map(|(name, act, status, restarts)| async move {
+                let dir = tempfile::tempdir().unwrap();
+                let runtime = fake();
+                let spec = deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker");
+                let h = Harness::start(runtime.clone(), dir.path(), spec.clone());
+                h.running(0).await;
+                h.shutdown().await;
+                act(&runtime, NAME);
+                let h = Harness::start(runtime.clone(), dir.path(), spec);
+                h.wait_for(name, |d| {
+                    d["status"] == status && d["restart_count"] == restarts
+                })
                 .await;
-            tokio::time::sleep(QUIET).await;
-            assert_eq!(h.starts() as u64, 1 + restarts, "{name}");
-            h.shutdown().await;
-        });
+                tokio::time::sleep(QUIET).await;
+                assert_eq!(h.starts() as u64, 1 + restarts, "{name}");
+                h.shutdown().await;
+            });
         futures_util::future::join_all(runs).await;
     }
 }

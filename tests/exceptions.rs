@@ -1,0 +1,353 @@
+//! The exceptions of the restart table (SPEC 6) and durability, end to end
+//! against the real engine and broker: manual stops while berth runs and
+//! while it is down, hand starts, simulated reboots, and a kill -9 loop.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Runs until SIGTERM (exit 0); SIGUSR1 makes it exit 5, a crash on demand.
+const LONG_RUNNING: &str =
+    "trap 'exit 0' TERM; trap 'exit 5' USR1; while true; do sleep 0.2; done";
+
+fn deployment(id: &str, policy: &str, script: &str) -> String {
+    format!(
+        r#"id = "{id}"
+package = "pkg"
+package_version = "1"
+restart = "{policy}"
+
+[[components]]
+name = "main"
+
+[[components.executables]]
+name = "app"
+image = "{TEST_IMAGE}"
+command = ["sh", "-c", {script}]
+"#,
+        script = toml::Value::String(script.to_owned())
+    )
+}
+
+fn exe(doc: &Value) -> &Value {
+    &doc["executables"][0]
+}
+
+fn nanos_now() -> i128 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i128
+}
+
+/// `start` events of a container in the engine's own history.
+fn engine_starts(container_id: &str) -> usize {
+    let until = format!("{}", nanos_now() / 1_000_000_000 + 1);
+    docker(&[
+        "events",
+        "--since",
+        "0",
+        "--until",
+        &until,
+        "--filter",
+        &format!("container={container_id}"),
+        "--filter",
+        "event=start",
+        "--format",
+        "{{.Action}}",
+    ])
+    .lines()
+    .count()
+}
+
+struct Setup {
+    sub: Subscriber,
+    berth: Berth,
+    _broker: Broker,
+    _guard: EngineGuard,
+}
+
+impl Setup {
+    fn new(prefix: &str) -> Setup {
+        let device = unique_id(prefix);
+        let guard = EngineGuard::new(&device);
+        let broker = Broker::new();
+        let berth = Berth::new(BerthConfig::new(&device, broker.port()).backoff(100, 1, 30));
+        let sub = Subscriber::new(broker.port(), &format!("berth/{device}/#"));
+        Setup {
+            sub,
+            berth,
+            _broker: broker,
+            _guard: guard,
+        }
+    }
+
+    fn topic(&self, id: &str) -> String {
+        self.berth.topic(&format!("deployments/{id}"))
+    }
+
+    fn wait(&self, id: &str, predicate: impl Fn(&Value) -> bool) -> Value {
+        self.sub.wait_for(&self.topic(id), predicate, WAIT)
+    }
+
+    fn container_id(&self, id: &str) -> String {
+        exe(&self.wait(id, |d| exe(d)["container_id"].is_string()))["container_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    fn state(&self) -> Value {
+        let text = std::fs::read_to_string(self.berth.state_dir().join("state.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+}
+
+const MANUAL: &str = "stopped manually";
+
+/// The three ways of stopping by hand, each on its own deployment.
+const HAND_STOPS: [(&str, &[&str]); 3] = [
+    ("by-stop", &["stop", "-t", "1"]),
+    ("by-kill", &["kill"]),
+    ("by-rm", &["rm", "-f"]),
+];
+
+fn assert_stopped_and_left_alone(s: &Setup, id: &str, container: &str) {
+    let doc = s.wait(id, |d| d["status"] == "Stopped");
+    let reason = exe(&doc)["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(MANUAL), "{id}: {doc}");
+    assert_eq!(doc["restart_count"], 0, "{id}: {doc}");
+    std::thread::sleep(Duration::from_secs(2));
+    if id != "by-rm" {
+        assert_eq!(engine_starts(container), 1, "{id}: not restarted");
+        let c = container_state(container);
+        assert_eq!(c["Running"], false, "{id}");
+    } else {
+        assert!(try_docker(&["inspect", container]).is_err(), "{id}: not recreated");
+        assert!(containers(s.berth.device_id())
+            .iter()
+            .all(|c| c["Config"]["Labels"]["berth.deployment"] != "by-rm"));
+    }
+    let latest = s.wait(id, |_| true);
+    assert_eq!(latest["status"], "Stopped", "{id} stays stopped: {latest}");
+}
+
+fn container_state(id: &str) -> Value {
+    let out = docker(&["inspect", "--format", "{{json .State}}", id]);
+    serde_json::from_str(out.trim()).unwrap()
+}
+
+/// A hand `docker start` after a manual stop: Running again, not counted, and
+/// the policy applies again (a crash is restarted and counted).
+fn assert_hand_start_resumes_policy(s: &Setup, id: &str, container: &str) {
+    docker(&["start", container]);
+    let doc = s.wait(id, |d| d["status"] == "Running");
+    assert_eq!(doc["restart_count"], 0, "a hand start is not counted: {doc}");
+    std::thread::sleep(Duration::from_millis(500));
+    docker(&["exec", container, "sh", "-c", "kill -USR1 1"]);
+    let doc = s.wait(id, |d| d["restart_count"] == 1 && d["status"] == "Running");
+    assert_eq!(exe(&doc)["container_id"], container);
+}
+
+#[test]
+fn row_stopped_killed_or_removed_by_hand_while_berth_runs() {
+    let mut s = Setup::new("hand");
+    for (id, _) in HAND_STOPS {
+        s.berth.write_deployment(id, &deployment(id, "always", LONG_RUNNING));
+    }
+    s.berth.start();
+    let mut ids = BTreeMap::new();
+    for (id, args) in HAND_STOPS {
+        s.wait(id, |d| d["status"] == "Running");
+        let container = s.container_id(id);
+        let mut cmd = args.to_vec();
+        cmd.push(&container);
+        docker(&cmd);
+        ids.insert(id, container);
+    }
+    for (id, _) in HAND_STOPS {
+        assert_stopped_and_left_alone(&s, id, &ids[id]);
+    }
+    let events = s.sub.messages_on(&s.berth.topic("events"));
+    for (id, _) in HAND_STOPS {
+        assert!(
+            events
+                .iter()
+                .any(|m| m.payload["event"] == "manual_stop" && m.payload["deployment"] == id),
+            "{id}: a manual_stop event"
+        );
+    }
+    for (id, _) in &HAND_STOPS[..2] {
+        assert_hand_start_resumes_policy(&s, id, &ids[id]);
+    }
+    s.berth.sigterm();
+}
+
+#[test]
+fn row_stopped_killed_or_removed_by_hand_while_berth_is_down() {
+    let mut s = Setup::new("handdown");
+    for (id, _) in HAND_STOPS {
+        s.berth.write_deployment(id, &deployment(id, "on-failure", LONG_RUNNING));
+    }
+    s.berth.start();
+    let mut ids = BTreeMap::new();
+    for (id, _) in HAND_STOPS {
+        s.wait(id, |d| d["status"] == "Running");
+        ids.insert(id, s.container_id(id));
+    }
+    // Let berth save its event position, then stop it.
+    std::thread::sleep(Duration::from_secs(3));
+    s.berth.sigterm();
+    for (id, args) in HAND_STOPS {
+        let mut cmd = args.to_vec();
+        cmd.push(&ids[id]);
+        docker(&cmd);
+    }
+    s.sub.clear();
+    s.berth.start();
+    for (id, _) in HAND_STOPS {
+        assert_stopped_and_left_alone(&s, id, &ids[id]);
+    }
+    // A hand start while berth is down is seen at its next start.
+    s.berth.sigterm();
+    docker(&["start", &ids["by-stop"]]);
+    s.sub.clear();
+    s.berth.start();
+    let doc = s.wait("by-stop", |d| d["status"] == "Running");
+    assert_eq!(doc["restart_count"], 0);
+    assert_hand_start_resumes_policy(&s, "by-kill", &ids["by-kill"]);
+    s.berth.sigterm();
+}
+
+/// A crash while berth is down is a crash, not a manual stop: it is restarted
+/// at berth's next start and counted.
+#[test]
+fn crash_while_berth_is_down_is_restarted() {
+    let mut s = Setup::new("crashdown");
+    s.berth.write_deployment("c", &deployment("c", "on-failure", LONG_RUNNING));
+    s.berth.start();
+    s.wait("c", |d| d["status"] == "Running");
+    let container = s.container_id("c");
+    s.berth.sigterm();
+    docker(&["exec", &container, "sh", "-c", "kill -USR1 1"]);
+    assert!(wait_until(WAIT, || container_state(&container)["Running"] == false));
+    s.sub.clear();
+    s.berth.start();
+    let doc = s.wait("c", |d| d["restart_count"] == 1 && d["status"] == "Running");
+    assert_eq!(exe(&doc)["container_id"], container.as_str());
+    assert_eq!(engine_starts(&container), 2);
+    s.berth.sigterm();
+}
+
+/// A simulated reboot for each policy: berth stopped, the containers killed as
+/// a power loss would, a new boot id, berth started.
+#[test]
+fn row_interrupted_by_a_device_reboot_and_row_had_exited_before_the_reboot() {
+    let mut s = Setup::new("reboot");
+    // (deployment, policy, script, status before, status after, restarts after)
+    let rows: [(&str, &str, &str, &str, &str, u64); 7] = [
+        ("run-always", "always", LONG_RUNNING, "Running", "Running", 1),
+        ("run-onfail", "on-failure", LONG_RUNNING, "Running", "Running", 1),
+        ("run-never", "never", LONG_RUNNING, "Running", "Stopped", 0),
+        ("done-onfail", "on-failure", "exit 0", "Completed", "Completed", 0),
+        ("done-never", "never", "exit 0", "Completed", "Completed", 0),
+        ("failed-never", "never", "exit 3", "Error", "Error", 0),
+        ("manual-always", "always", LONG_RUNNING, "Stopped", "Running", 1),
+    ];
+    for (id, policy, script, ..) in rows {
+        s.berth.write_deployment(id, &deployment(id, policy, script));
+    }
+    s.berth.start();
+    for (id, _, _, before, ..) in rows {
+        if id == "manual-always" {
+            s.wait(id, |d| d["status"] == "Running");
+            docker(&["stop", "-t", "1", &s.container_id(id)]);
+        }
+        s.wait(id, |d| d["status"] == before);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    s.berth.sigterm();
+    for (id, ..) in rows {
+        let c = s.container_id(id);
+        if container_state(&c)["Running"] == true {
+            docker(&["kill", &c]);
+        }
+    }
+    s.berth.set_boot_id(&unique_id("newboot"));
+    s.sub.clear();
+    s.berth.start();
+    for (id, _, _, _, after, restarts) in rows {
+        let doc = s.wait(id, |d| d["status"] == after && d["restart_count"] == restarts);
+        if after == "Stopped" {
+            let reason = exe(&doc)["reason"].as_str().unwrap_or_default();
+            assert!(reason.contains("interrupted"), "{id}: {doc}");
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    for (id, _, _, _, after, restarts) in rows {
+        let doc = s.wait(id, |_| true);
+        assert_eq!(doc["status"], after, "{id}: {doc}");
+        assert_eq!(doc["restart_count"], restarts, "{id}: {doc}");
+    }
+    let state = s.state();
+    for record in state["executables"].as_object().unwrap().values() {
+        assert_eq!(record["manual_stop"], false, "a reboot clears manual stops");
+    }
+    s.berth.sigterm();
+}
+
+/// kill -9 of berth at random moments while executables crash-loop: no
+/// restart is lost or counted twice, and no container is duplicated.
+#[test]
+fn kill_9_loop_never_loses_or_doubles_a_count() {
+    let mut s = Setup::new("kill9");
+    let loops = ["loop-a", "loop-b"];
+    for id in loops {
+        s.berth
+            .write_deployment(id, &deployment(id, "always", "sleep 0.3; exit 1"));
+    }
+    let mut seed = nanos_now() as u64 | 1;
+    let mut random_ms = |lo: u64, hi: u64| {
+        // xorshift: enough to scatter the kills.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        lo + seed % (hi - lo)
+    };
+    s.berth.start();
+    for id in loops {
+        s.wait(id, |d| exe(d)["container_id"].is_string());
+    }
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(random_ms(100, 1500)));
+        s.berth.kill9();
+        s.berth.start();
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    s.berth.sigterm();
+
+    let cs = containers(s.berth.device_id());
+    assert_eq!(cs.len(), loops.len(), "one container per executable");
+    let state = s.state();
+    for id in loops {
+        let c = cs
+            .iter()
+            .find(|c| c["Config"]["Labels"]["berth.deployment"] == id)
+            .unwrap();
+        let starts = engine_starts(c["Id"].as_str().unwrap()) as u64;
+        let record = &state["executables"][format!("{id}/main/app")];
+        assert_eq!(record["pending_restart"], Value::Null, "{id}: {record}");
+        assert_eq!(
+            record["restart_count"].as_u64().unwrap(),
+            starts - 1,
+            "{id}: restart_count against the engine's {starts} starts"
+        );
+        assert!(starts > 5, "{id}: the loop ran ({starts} starts)");
+    }
+}
