@@ -2,6 +2,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod control;
 pub mod model;
 pub mod policy;
 pub mod report;
@@ -9,3 +10,4 @@ pub mod runtime;
 pub mod state;
 pub mod supervisor;
 pub mod notify;
+pub mod watch;

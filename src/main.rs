@@ -12,10 +12,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use berth::config::{self, AgentConfig};
+use berth::control::{self, Snapshot};
+use berth::notify::Notifier;
 use berth::report::mqtt::MqttReporter;
 use berth::report::offline_doc;
-use berth::notify::Notifier;
-use berth::runtime::docker::DockerRuntime;
+use berth::runtime::docker::{DockerRuntime, LogRequest};
 use berth::runtime::RegistryAuth;
 use berth::state::StateStore;
 use berth::supervisor::{Parts, Supervisor};
@@ -23,6 +24,10 @@ use berth::supervisor::{Parts, Supervisor};
 /// Exit code for a configuration berth cannot start with (EX_CONFIG); the
 /// systemd unit does not restart on it.
 const EXIT_BAD_CONFIG: u8 = 78;
+/// Exit code of `berth status` when no daemon answers on the control socket.
+const EXIT_NOT_RUNNING: u8 = 3;
+/// Exit code of `berth exec` when berth itself fails, as `docker exec` does.
+const EXIT_EXEC_FAILED: u8 = 125;
 
 /// berth runs the deployments of this robot as supervised Docker containers
 /// and reports their state over MQTT.
@@ -49,12 +54,91 @@ enum Command {
     /// Check the agent config and every deployment file; print each error as
     /// `file:line:col: message` and exit 1 if there is any.
     CheckConfig,
+    /// Show every deployment and its executables, as the running daemon sees
+    /// them.
+    ///
+    /// Asks the daemon on its control socket (`<state_dir>/berth.sock`, read
+    /// from the agent config) and prints one row per deployment: phase,
+    /// status, restart count, error code and reason, with each executable
+    /// (component/name) indented below it. The first line tells whether the
+    /// Docker engine answers; the last one shows the shared ROS master, if
+    /// any. Colours only when stdout is a terminal.
+    #[command(
+        after_help = "Exit status: 0 shown; 3 berth is not running (no daemon on the \
+                            control socket); 1 any other failure."
+    )]
+    Status {
+        /// Print the documents exactly as MQTT carries them:
+        /// `{"agent": …, "deployments": [ … ], "ros_master": …}`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the output of an executable's container.
+    ///
+    /// The container's stdout goes to stdout and its stderr to stderr. Works
+    /// without the daemon: berth asks the Docker engine of the agent config
+    /// directly. EXECUTABLE is `NAME` or `COMPONENT/NAME`, and may be left out
+    /// when the deployment has only one executable.
+    #[command(
+        after_help = "Exit status: 0 done; 1 no such deployment or executable, or the \
+                            engine failed."
+    )]
+    Logs {
+        deployment: String,
+        executable: Option<String>,
+        /// Keep printing new output until the container stops (or Ctrl-C).
+        #[arg(long, short)]
+        follow: bool,
+        /// Only the last N lines of each stream (default: all).
+        #[arg(long, short = 'n', value_name = "N")]
+        tail: Option<u64>,
+        /// Prefix every line with the engine's time stamp.
+        #[arg(long, short)]
+        timestamps: bool,
+    },
+    /// Run a command inside an executable's running container, for debugging.
+    ///
+    /// With stdin on a terminal the command gets a terminal of its own (try
+    /// `berth exec DEPLOYMENT EXECUTABLE -- sh`); keys, Ctrl-C included, go to
+    /// the command. Otherwise stdin, stdout and stderr are plain pipes.
+    /// EXECUTABLE is `NAME` or `COMPONENT/NAME`.
+    #[command(
+        after_help = "Exit status: the command's own; 125 when berth cannot run it (no \
+                            such deployment, executable or running container; engine failure)."
+    )]
+    Exec {
+        deployment: String,
+        executable: String,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig => check_config(&cli.config),
+        Command::Status { json } => status(&cli.config, json),
+        Command::Logs {
+            deployment,
+            executable,
+            follow,
+            tail,
+            timestamps,
+        } => {
+            let request = LogRequest {
+                follow,
+                tail,
+                timestamps,
+            };
+            logs(&cli.config, &deployment, executable.as_deref(), request)
+        }
+        Command::Exec {
+            deployment,
+            executable,
+            command,
+        } => exec(&cli.config, &deployment, &executable, command),
         Command::Run => {
             let config = match config::load_agent(&cli.config) {
                 Ok(config) => config,
@@ -106,6 +190,100 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
+/// The agent config of an operator command; its errors are printed.
+fn load_for_tool(path: &Path) -> Option<AgentConfig> {
+    match config::load_agent(path) {
+        Ok(config) => Some(config),
+        Err(errors) => {
+            for e in errors {
+                eprintln!("{e}");
+            }
+            None
+        }
+    }
+}
+
+fn status(config_path: &Path, json: bool) -> ExitCode {
+    use std::io::IsTerminal;
+    let Some(config) = load_for_tool(config_path) else {
+        return ExitCode::FAILURE;
+    };
+    match control::query_status(&control::socket_path(&config.state_dir)) {
+        Ok(answer) if json => println!("{answer}"),
+        Ok(answer) => {
+            let colour = std::io::stdout().is_terminal();
+            print!("{}", control::render_status(&answer, colour));
+        }
+        Err(e @ control::QueryError::NotRunning { .. }) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_NOT_RUNNING);
+        }
+        Err(e) => {
+            eprintln!("berth: {:#}", anyhow::Error::from(e));
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn logs(
+    config_path: &Path,
+    deployment: &str,
+    executable: Option<&str>,
+    request: LogRequest,
+) -> ExitCode {
+    let Some(config) = load_for_tool(config_path) else {
+        return ExitCode::FAILURE;
+    };
+    let result = tool_runtime().and_then(|rt| {
+        rt.block_on(async {
+            let engine = DockerRuntime::new(&config.docker.host);
+            let container =
+                control::find_container(&engine, &config.device_id, deployment, executable).await?;
+            control::logs(&engine, &container, request).await?;
+            Ok(())
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("berth: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn exec(config_path: &Path, deployment: &str, executable: &str, command: Vec<String>) -> ExitCode {
+    let Some(config) = load_for_tool(config_path) else {
+        return ExitCode::from(EXIT_EXEC_FAILED);
+    };
+    let result = tool_runtime().and_then(|rt| {
+        rt.block_on(async {
+            let engine = DockerRuntime::new(&config.docker.host);
+            let container =
+                control::find_container(&engine, &config.device_id, deployment, Some(executable))
+                    .await?;
+            Ok(control::exec(&engine, &container, command).await?)
+        })
+    });
+    match result {
+        // Exit codes are 0..=255; wrap like the shell does.
+        Ok(code) => ExitCode::from((code & 0xff) as u8),
+        Err(e) => {
+            eprintln!("berth: {e:#}");
+            ExitCode::from(EXIT_EXEC_FAILED)
+        }
+    }
+}
+
+/// A small runtime for the operator commands that talk to the engine.
+fn tool_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 fn init_tracing(config: &AgentConfig) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
@@ -144,12 +322,7 @@ async fn run(config: AgentConfig) -> Result<(), RunError> {
             Default::default()
         }
     };
-    let (deployments, broken) = config::load_deployments_dir(&config.deployments_dir);
-    for (file, errors) in &broken {
-        for e in errors {
-            error!(file = %file.display(), "{e}");
-        }
-    }
+    let (deployments, invalid) = berth::supervisor::load_files(&config.deployments_dir);
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -162,10 +335,24 @@ async fn run(config: AgentConfig) -> Result<(), RunError> {
     )
     .context("cannot set up MQTT")
     .map_err(RunError::Config)?;
-    let reporter = Arc::new(reporter);
+    let mqtt = Arc::new(reporter);
+    let reporter = Arc::new(Snapshot::new(mqtt.clone()));
+    // The daemon runs without it: only `berth status` depends on it.
+    if let Err(e) = control::serve(
+        &config.state_dir,
+        reporter.clone(),
+        shutdown.child_token(),
+        &tracker,
+    ) {
+        error!(
+            "{:#}; `berth status` will not answer",
+            anyhow::Error::from(e)
+        );
+    }
     let runtime = Arc::new(DockerRuntime::new(&config.docker.host));
 
     spawn_signal_handler(shutdown.clone());
+    let deployments_dir = config.deployments_dir.clone();
     let supervisor = Supervisor::from_parts(Parts {
         config,
         deployments,
@@ -176,9 +363,12 @@ async fn run(config: AgentConfig) -> Result<(), RunError> {
         boot_id,
         registries,
         notifier: Notifier::from_env(),
+        invalid,
     });
+    berth::watch::spawn(&deployments_dir, supervisor.reloader(), shutdown.clone(), &tracker);
+    spawn_reload_on_sighup(supervisor.reloader(), shutdown.clone());
     supervisor.run(shutdown.clone()).await;
-    reporter.shutdown().await;
+    mqtt.shutdown().await;
     tracker.close();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(3), tracker.wait()).await;
     info!("berth stopped");
@@ -205,6 +395,26 @@ fn read_registries(config: &AgentConfig) -> anyhow::Result<Vec<RegistryAuth>> {
             })
         })
         .collect()
+}
+
+/// SIGHUP (`systemctl reload`) re-reads the config and the deployment files.
+fn spawn_reload_on_sighup(reloader: berth::supervisor::Reloader, shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    tokio::spawn(async move {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            error!("cannot install the SIGHUP handler");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                Some(()) = hup.recv() => {
+                    info!("SIGHUP received; reloading");
+                    reloader.reload();
+                }
+            }
+        }
+    });
 }
 
 /// SIGTERM (what systemd sends) and SIGINT cancel; containers keep running.

@@ -21,9 +21,12 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::{AgentConfig, Deployments};
+
+mod converge;
+pub use converge::load_files;
 use crate::notify::Notifier;
 use crate::model::{
-    container_labels, container_name, key_from_labels, spec_hash, DeploymentSpec, ErrorCode,
+    key_from_labels, spec_hash, DeploymentSpec, ErrorCode,
     ExecKey, ExecutableSpec, Phase, PullPolicy, Status,
 };
 use crate::policy::{decide, Decision, Happening};
@@ -53,6 +56,9 @@ pub struct Parts<R, P> {
     pub registries: Vec<RegistryAuth>,
     /// systemd readiness, status and watchdog.
     pub notifier: Notifier,
+    /// Deployment files that could not be read, by id (the file's stem), with
+    /// the error: each is `FailedToStart`.
+    pub invalid: BTreeMap<String, String>,
 }
 
 /// Messages into the loop.
@@ -76,6 +82,30 @@ enum Msg {
         container_id: Option<String>,
         result: Result<ContainerInfo, RuntimeError>,
     },
+    /// Re-read the agent config and the deployment files.
+    Reload,
+    /// A container berth stopped and removed (deprovisioning or an update).
+    Removed {
+        key: ExecKey,
+        result: Result<(), RuntimeError>,
+    },
+    /// An update's images are pulled and its new containers created, or the
+    /// reason it cannot be applied.
+    Prepared {
+        deployment: String,
+        result: Result<Vec<(ExecKey, String)>, String>,
+    },
+}
+
+/// Asks a running supervisor to re-read its files (SIGHUP, a change in
+/// `deployments_dir`).
+#[derive(Debug, Clone)]
+pub struct Reloader(mpsc::UnboundedSender<Msg>);
+
+impl Reloader {
+    pub fn reload(&self) {
+        let _ = self.0.send(Msg::Reload);
+    }
 }
 
 /// Live state of one executable.
@@ -105,6 +135,11 @@ struct Exec {
     berth_stopping: bool,
     /// Has been started successfully at least once in this deployment's life.
     launched: bool,
+    /// The spec hash of the current container: differs from `hash` while an
+    /// update has not been applied to it.
+    container_hash: Option<String>,
+    /// A created container of an update, waiting to replace the current one.
+    pending_swap: Option<String>,
 }
 
 /// Live state of one deployment.
@@ -119,6 +154,14 @@ struct Deployment {
     pull_due: Option<Instant>,
     execs: Vec<Exec>,
     dirty: bool,
+    /// Why the file cannot be applied (`FailedToStart`, `FailedToUpdate`).
+    failure: Option<String>,
+    /// Its file is gone: containers are being stopped and removed.
+    removing: bool,
+    /// An update's images are being pulled and containers created.
+    updating: bool,
+    /// Executables an update dropped, being stopped and removed.
+    retiring: Vec<Exec>,
 }
 
 /// How the replay says a container ended while berth was away.
@@ -165,6 +208,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             boot_id,
             registries,
             notifier,
+            invalid,
         } = parts;
         let rebooted = state.boot_id.as_deref().is_some_and(|b| b != boot_id);
         if rebooted {
@@ -175,11 +219,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             }
         }
         state.boot_id = Some(boot_id.clone());
-        let deployments = deployments
-            .into_values()
-            .map(|spec| (spec.id.clone(), Deployment::new(&config, spec)))
-            .collect();
-        Supervisor {
+        let mut supervisor = Supervisor {
             config,
             runtime,
             reporter,
@@ -188,7 +228,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             boot_id,
             rebooted,
             registries,
-            deployments,
+            deployments: BTreeMap::new(),
             engine_up: false,
             reconciled: false,
             tx,
@@ -197,7 +237,14 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             since: timestamp(SystemTime::now()),
             position_dirty: false,
             notifier,
-        }
+        };
+        supervisor.converge(deployments, invalid);
+        supervisor
+    }
+
+    /// A handle that makes the loop re-read its files.
+    pub fn reloader(&self) -> Reloader {
+        Reloader(self.tx.clone())
     }
 
     /// Runs until `shutdown` is cancelled. Containers are left running.
@@ -340,7 +387,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 container_id,
                 result,
             } => self.on_launched(&key, container_id, result),
+            Msg::Reload => self.reload(),
+            Msg::Removed { key, result } => self.on_removed(&key, result),
+            Msg::Prepared { deployment, result } => self.on_prepared(&deployment, result),
         }
+        self.provision_waiting();
     }
 
     fn on_engine_down(&mut self, error: &str) {
@@ -396,6 +447,15 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     fn reconcile(&mut self, containers: Vec<ContainerInfo>, replay: &[EngineEvent]) {
         let mut by_key: HashMap<ExecKey, ContainerInfo> = HashMap::new();
         for info in containers {
+            if info.name.ends_with(converge::NEXT_SUFFIX) {
+                // An update's new container that never replaced the old one:
+                // the update is prepared again.
+                let runtime = self.runtime.clone();
+                self.tracker.spawn(async move {
+                    let _ = runtime.remove(&info.id).await;
+                });
+                continue;
+            }
             match key_from_labels(&info.labels) {
                 Some(key) if self.deployments.contains_key(&key.deployment) => {
                     by_key.insert(key, info);
@@ -429,7 +489,8 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         }
         let ids: Vec<String> = self.deployments.keys().cloned().collect();
         for id in ids {
-            self.maybe_provision(&id);
+            // Files changed while berth was away are applied as updates.
+            self.start_update(&id);
         }
         self.rebooted = false;
         self.save_state();
@@ -470,6 +531,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             return;
         };
         exec.container_id = Some(info.id.clone());
+        exec.container_hash = converge::container_hash(&info);
         exec.started_at = info.started_at.clone().filter(|_| info.has_started());
         exec.started_nanos = exec.started_at.as_deref().map(parse_nanos).unwrap_or(0);
         exec.exit_code = None;
@@ -588,9 +650,26 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         if !self.engine_up {
             return;
         }
+        let unmet = self.unmet_dependency(id);
         let Some(dep) = self.deployments.get_mut(id) else {
             return;
         };
+        if dep.removing || dep.updating || dep.phase == Phase::FailedToStart {
+            return;
+        }
+        if let Some(waiting) = unmet {
+            // SPEC 7: nothing starts before its dependencies have.
+            dep.phase = Phase::InProgress;
+            for exec in dep.execs.iter_mut().filter(|e| e.container_id.is_none() && !e.busy) {
+                exec.set(
+                    Status::Pending,
+                    Some(format!("waiting for dependency {waiting}")),
+                    None,
+                );
+            }
+            dep.dirty = true;
+            return;
+        }
         let needs: Vec<&Exec> = dep
             .execs
             .iter()
@@ -691,7 +770,6 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     /// start is a restart and was already counted (or is counted now).
     fn launch(&mut self, key: &ExecKey, counted: bool) {
         let device = self.config.device_id.clone();
-        let network_mode = "host".to_string();
         let Some(exec) = self.exec_mut(key) else {
             return;
         };
@@ -699,26 +777,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         exec.due = None;
         exec.killed_by_other = false;
         let container_id = exec.container_id.clone();
-        let spec = ContainerSpec {
-            name: container_name(&device, key),
-            image: exec.spec.image.clone(),
-            cmd: exec.spec.command.as_ref().map(|c| c.argv()),
-            env: exec.env.clone(),
-            labels: container_labels(&device, key, &exec.hash),
-            nano_cpus: exec.spec.limits.cpus.map(|c| (c * 1e9) as i64),
-            memory_bytes: exec.spec.limits.memory_mb.map(|m| (m * 1024 * 1024) as i64),
-            binds: exec
-                .spec
-                .volumes
-                .iter()
-                .map(|v| {
-                    let mode = if v.read_only { ":ro" } else { "" };
-                    format!("{}:{}{mode}", v.host, v.container)
-                })
-                .collect(),
-            devices: exec.spec.devices.clone(),
-            network_mode,
-        };
+        let spec = converge::container_spec(&device, exec);
         if counted {
             let record = self.state.exec_mut(key);
             if record.pending_restart.is_none() {
@@ -753,12 +812,24 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             Some(dep) => dep.spec.restart,
             None => return,
         };
+        // Retired while its start was in flight: remove it now.
+        if let Some(exec) = self.retiring_mut(key) {
+            exec.busy = false;
+            if container_id.is_some() {
+                exec.container_id = container_id;
+            }
+            self.remove_container(key);
+            return;
+        }
         let Some(exec) = self.exec_mut(key) else {
             return;
         };
         exec.busy = false;
-        if container_id.is_some() {
+        exec.berth_stopping = false;
+        if container_id.is_some() && container_id != exec.container_id {
+            // A container created by this launch (or an update): current spec.
             exec.container_id = container_id.clone();
+            exec.container_hash = Some(exec.hash.clone());
         }
         let restart_count = self.state.exec(key).map_or(0, |r| r.restart_count);
         match result {
@@ -850,6 +921,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         if let Some(dep) = self.deployments.get_mut(&key.deployment) {
             dep.update_phase();
         }
+        // An update waiting for this start to finish applies now.
+        if self.exec_mut(key).is_some_and(|e| e.pending_swap.is_some()) {
+            self.swap(key);
+            return;
+        }
         // Events that arrived meanwhile, in their order.
         let deferred = self
             .exec_mut(key)
@@ -867,8 +943,8 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             return;
         };
         let policy = match self.deployments.get(&key.deployment) {
-            Some(dep) => dep.spec.restart,
-            None => return,
+            Some(dep) if !dep.removing => dep.spec.restart,
+            _ => return, // unknown, or being removed by berth
         };
         let Some(exec) = self.exec_mut(&key) else {
             return;
@@ -1056,6 +1132,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         let now = Instant::now();
         let mut due = Vec::new();
         let mut pulls = Vec::new();
+        let mut removals = Vec::new();
         for dep in self.deployments.values_mut() {
             if dep.pull_due.is_some_and(|t| t <= now) {
                 dep.pull_due = None;
@@ -1067,6 +1144,15 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     due.push((exec.key.clone(), exec.exit_code));
                 }
             }
+            for exec in &mut dep.retiring {
+                if exec.due.is_some_and(|t| t <= now) {
+                    exec.due = None;
+                    removals.push(exec.key.clone());
+                }
+            }
+        }
+        for key in removals {
+            self.remove_container(&key);
         }
         for (key, code) in due {
             let exit = code.map_or("a failed start".to_string(), |c| format!("exit code {c}"));
@@ -1087,7 +1173,13 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     fn next_due(&self) -> Option<Instant> {
         self.deployments
             .values()
-            .flat_map(|d| d.execs.iter().filter_map(|e| e.due).chain(d.pull_due))
+            .flat_map(|d| {
+                d.execs
+                    .iter()
+                    .chain(&d.retiring)
+                    .filter_map(|e| e.due)
+                    .chain(d.pull_due)
+            })
             .min()
     }
 
@@ -1136,14 +1228,42 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     }
 
     fn publish_dirty(&mut self) {
+        // A deployment's document shows its dependencies' errors: when one
+        // changes, so may the documents of those that depend on it.
+        loop {
+            let dirty: Vec<String> = self
+                .deployments
+                .values()
+                .filter(|d| d.dirty)
+                .map(|d| d.spec.id.clone())
+                .collect();
+            let mut more = false;
+            for dep in self.deployments.values_mut() {
+                if !dep.dirty && dep.spec.depends_on.iter().any(|d| dirty.contains(d)) {
+                    dep.dirty = true;
+                    more = true;
+                }
+            }
+            if !more {
+                break;
+            }
+        }
         let device = self.config.device_id.clone();
         let mut docs = Vec::new();
-        for dep in self.deployments.values_mut() {
-            if !dep.dirty {
-                continue;
+        for dep in self.deployments.values().filter(|d| d.dirty) {
+            let (id, mut doc) = dep.document(&device, &self.state);
+            if let Some(failed) = self.failed_dependency(&id) {
+                doc.status = Status::Error;
+                doc.error_code = Some(ErrorCode::DependencyFailed);
+                doc.reason = Some(format!("dependency {failed} is in Error"));
             }
+            docs.push((id, doc));
+        }
+        if docs.is_empty() {
+            return;
+        }
+        for dep in self.deployments.values_mut() {
             dep.dirty = false;
-            docs.push(dep.document(&device, &self.state));
         }
         for (id, doc) in docs {
             self.reporter.publish(
@@ -1154,8 +1274,12 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         // `systemctl status` shows this line; the notifier drops it when it
         // has not changed, and does nothing outside systemd.
         let summary = crate::notify::summary(self.deployments.values().map(|dep| {
-            let (_, doc) = dep.document(&device, &self.state);
-            (doc.status, doc.restart_count)
+            let restarts = dep
+                .execs
+                .iter()
+                .map(|e| self.state.exec(&e.key).map_or(0, |r| r.restart_count))
+                .sum();
+            (dep.status(), restarts)
         }));
         self.notifier.status(&summary);
     }
@@ -1199,11 +1323,12 @@ impl Exec {
 }
 
 impl Deployment {
-    fn new(config: &AgentConfig, spec: DeploymentSpec) -> Self {
+    /// `exports`: what the deployments this one depends on export.
+    fn new(config: &AgentConfig, spec: DeploymentSpec, exports: &BTreeMap<String, String>) -> Self {
         let execs = spec
             .executables()
             .map(|(component, exe)| {
-                let env = merged_env(config, &spec, exe);
+                let env = merged_env(config, &spec, exe, exports);
                 Exec {
                     key: ExecKey::new(&spec.id, &component.name, &exe.name),
                     hash: spec_hash(exe, &env),
@@ -1222,6 +1347,8 @@ impl Deployment {
                     killed_by_other: false,
                     berth_stopping: false,
                     launched: false,
+                    container_hash: None,
+                    pending_swap: None,
                 }
             })
             .collect();
@@ -1234,6 +1361,47 @@ impl Deployment {
             pull_due: None,
             execs,
             dirty: true,
+            failure: None,
+            removing: false,
+            updating: false,
+            retiring: Vec::new(),
+        }
+    }
+
+    /// The stand-in for a deployment whose file cannot be applied.
+    fn failed(id: &str, source: std::path::PathBuf, reason: String) -> Self {
+        let spec = DeploymentSpec {
+            id: id.to_string(),
+            package: String::new(),
+            package_version: String::new(),
+            restart: Default::default(),
+            depends_on: Vec::new(),
+            ros: false,
+            env: BTreeMap::new(),
+            exports: BTreeMap::new(),
+            components: Vec::new(),
+            source,
+        };
+        let mut dep = Deployment::new_empty(spec);
+        dep.phase = Phase::FailedToStart;
+        dep.failure = Some(reason);
+        dep
+    }
+
+    fn new_empty(spec: DeploymentSpec) -> Self {
+        Deployment {
+            spec,
+            phase: Phase::InProgress,
+            images_ready: false,
+            pulling: false,
+            pull_backoff: Backoff::default(),
+            pull_due: None,
+            execs: Vec::new(),
+            dirty: true,
+            failure: None,
+            removing: false,
+            updating: false,
+            retiring: Vec::new(),
         }
     }
 
@@ -1247,10 +1415,21 @@ impl Deployment {
         }
     }
 
+    /// The first status any executable has, in the order of SPEC 5.
+    fn status(&self) -> Status {
+        match self.execs.iter().chain(&self.retiring).map(|e| e.status).min() {
+            Some(status) => status,
+            None if self.failure.is_some() => Status::Error,
+            None if self.phase == Phase::DeploymentStopped => Status::Stopped,
+            None => Status::Pending,
+        }
+    }
+
     fn document(&self, device_id: &str, state: &State) -> (String, DeploymentDoc) {
         let executables: Vec<ExecutableDoc> = self
             .execs
             .iter()
+            .chain(&self.retiring)
             .map(|e| ExecutableDoc {
                 component: e.key.component.clone(),
                 name: e.key.executable.clone(),
@@ -1265,18 +1444,22 @@ impl Deployment {
             })
             .collect();
         let worst = executables.iter().min_by_key(|e| e.status);
-        let status = worst.map_or(Status::Pending, |e| e.status);
+        let status = self.status();
         let error_code = executables
             .iter()
             .filter(|e| e.status == status)
             .find_map(|e| e.error_code);
-        let reason = worst.filter(|e| e.reason.is_some()).map(|e| {
-            format!(
-                "{}/{}: {}",
-                e.component,
-                e.name,
-                e.reason.as_deref().unwrap_or("")
-            )
+        // A file that cannot be applied says why; otherwise the reason of the
+        // executable that gives the deployment its status.
+        let reason = self.failure.clone().or_else(|| {
+            worst.filter(|e| e.reason.is_some()).map(|e| {
+                format!(
+                    "{}/{}: {}",
+                    e.component,
+                    e.name,
+                    e.reason.as_deref().unwrap_or("")
+                )
+            })
         });
         let doc = DeploymentDoc {
             device_id: device_id.to_string(),
@@ -1300,15 +1483,22 @@ fn exit_reason(code: i64, policy: crate::model::RestartPolicy) -> String {
     format!("exited with code {code}; restart policy {policy}")
 }
 
-/// The environment of one executable: the executable's own, then the
-/// deployment's on top (the operator's instance settings win).
+/// The environment of one executable, later layers winning: the exports of
+/// the deployments it depends on, the executable's own env, the deployment's
+/// env (the operator's instance settings), and `ROS_MASTER_URI` for a ROS
+/// deployment.
 fn merged_env(
-    _config: &AgentConfig,
+    config: &AgentConfig,
     spec: &DeploymentSpec,
     exe: &ExecutableSpec,
+    exports: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
-    let mut env = exe.env.clone();
+    let mut env = exports.clone();
+    env.extend(exe.env.clone());
     env.extend(spec.env.clone());
+    if spec.ros {
+        env.insert("ROS_MASTER_URI".into(), config.ros.master_uri.clone());
+    }
     env
 }
 
@@ -1385,6 +1575,7 @@ async fn launch_container<R: ContainerRuntime>(
             Err(e) => return (None, Err(e)),
         },
     };
+    debug!(container = %spec.name, "start request");
     if let Err(e) = runtime.start(&id).await {
         return (Some(id), Err(e));
     }
@@ -1611,6 +1802,7 @@ mod tests {
                 boot_id: boot_id.into(),
                 registries: Vec::new(),
                 notifier: crate::notify::Notifier::disabled(),
+                invalid: BTreeMap::new(),
             });
             let task = tokio::spawn(supervisor.run(token.clone()));
             Harness {
@@ -1722,7 +1914,7 @@ mod tests {
 
         let created = h.runtime.spec(NAME).unwrap();
         let (_, exe_spec) = spec.executables().next().unwrap();
-        let env = merged_env(&config(dir.path()), &spec, exe_spec);
+        let env = merged_env(&config(dir.path()), &spec, exe_spec, &BTreeMap::new());
         assert_eq!(
             created.labels,
             BTreeMap::from([

@@ -9,7 +9,7 @@ use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerCreateBody, DeviceMapping, HostConfig};
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, EventsOptions, InspectContainerOptions,
-    ListContainersOptions, RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
+    ListContainersOptions, RemoveContainerOptions, RenameContainerOptions, StartContainerOptions, StopContainerOptions,
 };
 use bollard::{ClientVersion, Docker};
 use futures_util::StreamExt;
@@ -282,6 +282,16 @@ impl ContainerRuntime for DockerRuntime {
             .map_err(|e| engine_error("remove", id, e))
     }
 
+    async fn rename(&self, id: &str, name: &str) -> Result<()> {
+        let options = RenameContainerOptions {
+            name: name.to_string(),
+        };
+        self.client()?
+            .rename_container(id, options)
+            .await
+            .map_err(|e| engine_error("rename", id, e))
+    }
+
     fn events(
         &self,
         device_id: &str,
@@ -457,6 +467,177 @@ mod pull_with_auth {
                 _ => format!("%{b:02X}"),
             })
             .collect()
+    }
+}
+
+/// Which stream of a container or exec a piece of output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// A piece of a container's or an exec's output, as the engine sent it (not
+/// split into lines). With a TTY everything arrives as `Stdout`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputChunk {
+    pub stream: OutputStream,
+    pub bytes: Vec<u8>,
+}
+
+/// A stream of output chunks, ending when the engine closes it.
+pub type OutputChunks =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<OutputChunk>> + Send>>;
+
+/// What `berth logs` asks of the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogRequest {
+    /// Keep streaming until the container stops.
+    pub follow: bool,
+    /// Only the last N lines; `None` for all of them.
+    pub tail: Option<u64>,
+    /// Prefix each line with the engine's RFC 3339 time stamp.
+    pub timestamps: bool,
+}
+
+/// A terminal size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TermSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// What `berth exec` asks of the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRequest {
+    pub cmd: Vec<String>,
+    /// Give the command a pseudo-terminal (output then comes as one stream).
+    pub tty: bool,
+}
+
+/// A started exec: its output, and its stdin (shut it down for end of file).
+pub struct ExecSession {
+    /// The engine's exec id, for `resize_exec` and `exec_exit_code`.
+    pub id: String,
+    pub output: OutputChunks,
+    pub input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+}
+
+fn to_chunk(output: bollard::container::LogOutput) -> Option<OutputChunk> {
+    use bollard::container::LogOutput;
+    let (stream, message) = match output {
+        LogOutput::StdOut { message } | LogOutput::Console { message } => {
+            (OutputStream::Stdout, message)
+        }
+        LogOutput::StdErr { message } => (OutputStream::Stderr, message),
+        LogOutput::StdIn { .. } => return None,
+    };
+    Some(OutputChunk {
+        stream,
+        bytes: message.to_vec(),
+    })
+}
+
+/// The operator's calls (`berth logs`, `berth exec`): not part of
+/// `ContainerRuntime`, since the supervisor never needs them.
+impl DockerRuntime {
+    /// The container's output, stdout and stderr kept apart. The stream ends
+    /// at the end of the log, or with `follow` when the container stops.
+    pub fn logs(&self, id: &str, request: LogRequest) -> OutputChunks {
+        let docker = match self.client() {
+            Ok(docker) => docker,
+            Err(e) => return Box::pin(futures_util::stream::once(async { Err(e) })),
+        };
+        let options = bollard::query_parameters::LogsOptions {
+            follow: request.follow,
+            stdout: true,
+            stderr: true,
+            timestamps: request.timestamps,
+            tail: request
+                .tail
+                .map_or_else(|| "all".to_string(), |n| n.to_string()),
+            ..Default::default()
+        };
+        let object = id.to_string();
+        Box::pin(docker.logs(id, Some(options)).filter_map(move |item| {
+            let item = match item {
+                Ok(output) => to_chunk(output).map(Ok),
+                Err(e) => Some(Err(engine_error("logs", &object, e))),
+            };
+            std::future::ready(item)
+        }))
+    }
+
+    /// Creates and starts `request.cmd` in the running container `id`, with
+    /// stdin, stdout and stderr attached.
+    pub async fn exec(&self, id: &str, request: &ExecRequest) -> Result<ExecSession> {
+        let docker = self.client()?;
+        let options = bollard::exec::CreateExecOptions {
+            attach_stdin: Some(true),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            tty: Some(request.tty),
+            cmd: Some(request.cmd.clone()),
+            ..Default::default()
+        };
+        let exec_id = docker
+            .create_exec(id, options)
+            .await
+            .map_err(|e| engine_error("exec in", id, e))?
+            .id;
+        let start = bollard::exec::StartExecOptions {
+            detach: false,
+            tty: request.tty,
+            output_capacity: None,
+        };
+        match docker.start_exec(&exec_id, Some(start)).await {
+            Ok(bollard::exec::StartExecResults::Attached { output, input }) => {
+                let object = id.to_string();
+                let output = output.filter_map(move |item| {
+                    let item = match item {
+                        Ok(output) => to_chunk(output).map(Ok),
+                        Err(e) => Some(Err(engine_error("exec in", &object, e))),
+                    };
+                    std::future::ready(item)
+                });
+                Ok(ExecSession {
+                    id: exec_id,
+                    output: Box::pin(output),
+                    input,
+                })
+            }
+            Ok(bollard::exec::StartExecResults::Detached) => Err(RuntimeError::Engine {
+                operation: "exec in",
+                object: id.to_string(),
+                message: "the engine detached the exec instead of attaching it".to_string(),
+            }),
+            Err(e) => Err(engine_error("exec in", id, e)),
+        }
+    }
+
+    /// Tells the exec's pseudo-terminal its size.
+    pub async fn resize_exec(&self, exec_id: &str, size: TermSize) -> Result<()> {
+        let options = bollard::query_parameters::ResizeExecOptions {
+            h: i32::from(size.rows),
+            w: i32::from(size.cols),
+        };
+        self.client()?
+            .resize_exec(exec_id, options)
+            .await
+            .map_err(|e| engine_error("resize exec", exec_id, e))
+    }
+
+    /// The exit code of a finished exec; `None` while it still runs.
+    pub async fn exec_exit_code(&self, exec_id: &str) -> Result<Option<i64>> {
+        let inspect = self
+            .client()?
+            .inspect_exec(exec_id)
+            .await
+            .map_err(|e| engine_error("inspect exec", exec_id, e))?;
+        if inspect.running.unwrap_or(false) {
+            return Ok(None);
+        }
+        Ok(inspect.exit_code)
     }
 }
 

@@ -38,6 +38,8 @@ pub enum Call {
     Start(String),
     Stop(String),
     Remove(String),
+    /// The container, and its new name.
+    Rename(String, String),
     Events {
         since: Option<i64>,
         until: Option<i64>,
@@ -143,8 +145,16 @@ impl Inner {
 
     /// Records an event and hands it to every live stream of its device.
     fn emit(&mut self, id: &str, action: EventAction, at: i64) {
+        self.emit_with(id, action, at, None);
+    }
+
+    /// `emit` with one more attribute, such as `oldName` of a rename.
+    fn emit_with(&mut self, id: &str, action: EventAction, at: i64, extra: Option<(&str, String)>) {
         let container = &self.containers[id];
         let mut attributes = container.spec.labels.clone();
+        if let Some((key, value)) = extra {
+            attributes.insert(key.to_string(), value);
+        }
         attributes.insert("name".into(), container.spec.name.clone());
         attributes.insert("image".into(), container.spec.image.clone());
         match &action {
@@ -547,6 +557,45 @@ impl ContainerRuntime for FakeRuntime {
             .find(id)
             .ok_or_else(|| RuntimeError::NotFound(id.to_string()))?;
         inner.remove(&found);
+        Ok(())
+    }
+
+    async fn rename(&self, id: &str, name: &str) -> Result<()> {
+        let mut inner = self.lock();
+        inner
+            .calls
+            .push(Call::Rename(id.to_string(), name.to_string()));
+        inner.check_up()?;
+        let found = inner
+            .find(id)
+            .ok_or_else(|| RuntimeError::NotFound(id.to_string()))?;
+        let name = name.trim_start_matches('/');
+        if let Some(other) = inner
+            .containers
+            .values()
+            .find(|c| c.spec.name == name && c.id != found)
+        {
+            return Err(RuntimeError::Engine {
+                operation: "rename",
+                object: id.to_string(),
+                message: format!(
+                    "Error when allocating new name: Conflict. The container name \"/{name}\" \
+                     is already in use by container \"{}\". You have to remove (or rename) that \
+                     container to be able to reuse that name.",
+                    other.id
+                ),
+            });
+        }
+        let c = inner.containers.get_mut(&found).expect("container exists");
+        let old = std::mem::replace(&mut c.spec.name, name.to_string());
+        let at = inner.tick();
+        let old_name = ("oldName", format!("/{old}"));
+        inner.emit_with(
+            &found,
+            EventAction::Other("rename".into()),
+            at,
+            Some(old_name),
+        );
         Ok(())
     }
 

@@ -134,6 +134,7 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// SIGTERM, then SIGKILL after `grace_secs`.
     fn stop(&self, id: &str, grace_secs: i64) -> impl Future<Output = Result<()>> + Send;
     fn remove(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
+    fn rename(&self, id: &str, name: &str) -> impl Future<Output = Result<()>> + Send;
     /// Container events of this device from `since_nanos` (engine time) on;
     /// with `until_nanos` the stream ends there, without it it stays live.
     fn events(

@@ -1,0 +1,558 @@
+//! Converging to the files: new deployments are provisioned, changed ones
+//! updated (new images pulled and new containers created before anything
+//! running is touched), removed ones deprovisioned, broken ones reported
+//! `FailedToStart` without touching what runs. Also the dependency gates of
+//! SPEC 7.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use super::{ensure_images, Deployment, Exec, Msg, Supervisor};
+use crate::config::{self, Deployments};
+use crate::model::{container_labels, container_name, labels, ExecKey, Phase, Status};
+use crate::report::Reporter;
+use crate::runtime::{ContainerRuntime, RuntimeError};
+
+/// berth's own stops: SIGTERM, then SIGKILL after this many seconds.
+pub(super) const STOP_GRACE_SECS: i64 = 10;
+/// Wait before retrying a container that could not be removed.
+const REMOVE_RETRY: Duration = Duration::from_secs(5);
+/// Suffix of an update's new container until it replaces the old one.
+pub(super) const NEXT_SUFFIX: &str = ".next";
+
+impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
+    /// SIGHUP or a change in `deployments_dir`: re-read everything. A broken
+    /// agent config is rejected and the running one stays in force.
+    pub(super) fn reload(&mut self) {
+        match config::load_agent(&self.config.source) {
+            Ok(new) => {
+                if new.restart != self.config.restart {
+                    info!("reload: new back-off settings apply to the next restarts");
+                    self.config.restart = new.restart;
+                }
+                if new.device_id != self.config.device_id
+                    || new.mqtt != self.config.mqtt
+                    || new.docker != self.config.docker
+                    || new.state_dir != self.config.state_dir
+                    || new.deployments_dir != self.config.deployments_dir
+                {
+                    warn!("reload: changes to device_id, [mqtt], [docker], state_dir or deployments_dir take effect when berth restarts");
+                }
+            }
+            Err(errors) => {
+                let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                for line in &text {
+                    error!("{line}");
+                }
+                error!("reload: the agent config is invalid; the running config stays in force");
+                self.event(serde_json::json!({
+                    "event": "error",
+                    "reason": format!("agent config rejected on reload: {}", text.join("; ")),
+                }));
+            }
+        }
+        let (specs, invalid) = load_files(&self.config.deployments_dir);
+        info!(deployments = specs.len(), invalid = invalid.len(), "reload");
+        self.converge(specs, invalid);
+    }
+
+    /// Makes the set of deployments match the files.
+    pub(super) fn converge(&mut self, mut specs: Deployments, mut invalid: BTreeMap<String, String>) {
+        // An unknown dependency or a cycle: FailedToStart with the reason. A
+        // dependency whose file is broken is not unknown: the dependent waits.
+        for problem in config::dependency_problems(&specs) {
+            if let config::DependencyProblem::Unknown { dependency, .. } = &problem {
+                if invalid.contains_key(dependency) {
+                    continue;
+                }
+            }
+            for id in problem.deployments() {
+                invalid
+                    .entry(id.clone())
+                    .and_modify(|r| {
+                        r.push_str("; ");
+                        r.push_str(&problem.to_string());
+                    })
+                    .or_insert_with(|| problem.to_string());
+            }
+        }
+        let mut sources = BTreeMap::new();
+        for id in invalid.keys() {
+            if let Some(spec) = specs.remove(id) {
+                sources.insert(id.clone(), spec.source);
+            }
+        }
+
+        let ids: BTreeSet<String> = self
+            .deployments
+            .keys()
+            .chain(specs.keys())
+            .chain(invalid.keys())
+            .cloned()
+            .collect();
+        for id in ids {
+            if let Some(reason) = invalid.get(&id) {
+                let source = sources
+                    .remove(&id)
+                    .unwrap_or_else(|| self.config.deployments_dir.join(format!("{id}.toml")));
+                self.mark_failed(&id, source, reason.clone());
+            } else if let Some(spec) = specs.get(&id) {
+                let exports = dependency_exports(&specs, spec);
+                match self.deployments.get(&id) {
+                    None => {
+                        info!(deployment = %id, "new deployment");
+                        let dep = Deployment::new(&self.config, spec.clone(), &exports);
+                        self.deployments.insert(id.clone(), dep);
+                        self.maybe_provision(&id);
+                    }
+                    Some(dep) if dep.execs.is_empty() && dep.retiring.is_empty() => {
+                        // Was broken and never ran: start afresh.
+                        let dep = Deployment::new(&self.config, spec.clone(), &exports);
+                        self.deployments.insert(id.clone(), dep);
+                        self.maybe_provision(&id);
+                    }
+                    Some(dep) if dep.removing => {
+                        info!(deployment = %id, "file is back while deprovisioning; provisioning after it");
+                    }
+                    Some(_) => self.update(&id, spec.clone(), &exports),
+                }
+            } else if !self.deployments[&id].removing {
+                self.deprovision(&id);
+            }
+        }
+    }
+
+    /// A deployment whose file cannot be applied: `FailedToStart`; whatever
+    /// it already runs keeps running.
+    fn mark_failed(&mut self, id: &str, source: std::path::PathBuf, reason: String) {
+        warn!(deployment = id, reason, "deployment cannot start");
+        match self.deployments.get_mut(id) {
+            Some(dep) => {
+                dep.phase = Phase::FailedToStart;
+                dep.failure = Some(reason.clone());
+                dep.dirty = true;
+            }
+            None => {
+                self.deployments
+                    .insert(id.to_string(), Deployment::failed(id, source, reason.clone()));
+            }
+        }
+        self.event(serde_json::json!({
+            "event": "phase",
+            "deployment": id,
+            "phase": Phase::FailedToStart,
+            "reason": reason,
+        }));
+    }
+
+    /// A changed file: the new spec applies to the executables whose spec
+    /// hash changed; the others are not touched.
+    fn update(&mut self, id: &str, spec: crate::model::DeploymentSpec, exports: &BTreeMap<String, String>) {
+        let mut fresh = Deployment::new(&self.config, spec, exports);
+        let Some(dep) = self.deployments.get_mut(id) else {
+            return;
+        };
+        let unchanged = dep.spec == fresh.spec
+            && dep.execs.len() == fresh.execs.len()
+            && dep.execs.iter().zip(&fresh.execs).all(|(a, b)| a.key == b.key && a.hash == b.hash);
+        if unchanged && dep.failure.is_none() {
+            return;
+        }
+        info!(deployment = id, "deployment file changed");
+        // Carry the live state of each executable that stays over to the new spec.
+        let mut old: BTreeMap<ExecKey, Exec> = dep.execs.drain(..).map(|e| (e.key.clone(), e)).collect();
+        for exec in &mut fresh.execs {
+            if let Some(mut live) = old.remove(&exec.key) {
+                live.spec = exec.spec.clone();
+                live.env = std::mem::take(&mut exec.env);
+                live.hash = exec.hash.clone();
+                std::mem::swap(exec, &mut live);
+            }
+        }
+        dep.execs = fresh.execs;
+        dep.retiring.extend(old.into_values());
+        dep.spec = fresh.spec;
+        dep.failure = None;
+        dep.images_ready = false;
+        dep.dirty = true;
+        if dep.phase == Phase::FailedToStart {
+            dep.phase = Phase::Provisioning;
+        }
+        let retiring: Vec<ExecKey> = dep.retiring.iter().filter(|e| !e.busy).map(|e| e.key.clone()).collect();
+        for key in retiring {
+            self.remove_container(&key);
+        }
+        self.start_update(id);
+    }
+
+    /// Pulls the images of the executables whose container is out of date and
+    /// creates their new containers beside the old ones.
+    pub(super) fn start_update(&mut self, id: &str) {
+        let device = self.config.device_id.clone();
+        let Some(dep) = self.deployments.get_mut(id) else {
+            return;
+        };
+        if dep.updating || dep.removing || !self.engine_up {
+            return;
+        }
+        let outdated: Vec<(ExecKey, crate::runtime::ContainerSpec, crate::model::PullPolicy)> = dep
+            .execs
+            .iter()
+            .filter(|e| e.container_id.is_some() && e.container_hash.as_deref() != Some(e.hash.as_str()))
+            .map(|e| {
+                let mut spec = container_spec(&device, e);
+                spec.name.push_str(NEXT_SUFFIX);
+                (e.key.clone(), spec, e.spec.pull)
+            })
+            .collect();
+        if outdated.is_empty() {
+            self.maybe_provision(id);
+            return;
+        }
+        dep.updating = true;
+        dep.phase = Phase::Provisioning;
+        dep.dirty = true;
+        let runtime = self.runtime.clone();
+        let registries = self.registries.clone();
+        let tx = self.tx.clone();
+        let deployment = id.to_string();
+        self.tracker.spawn(async move {
+            let images: Vec<_> = outdated.iter().map(|(_, s, pull)| (s.image.clone(), *pull)).collect();
+            let result = async {
+                ensure_images(&*runtime, &images, &registries)
+                    .await
+                    .map_err(|(_, e)| e.to_string())?;
+                let mut created = Vec::new();
+                for (key, spec, _) in &outdated {
+                    // A leftover of an update berth did not finish.
+                    let _ = runtime.remove(&spec.name).await;
+                    match runtime.create(spec).await {
+                        Ok(id) => created.push((key.clone(), id)),
+                        Err(e) => {
+                            for (_, id) in &created {
+                                let _ = runtime.remove(id).await;
+                            }
+                            return Err(e.to_string());
+                        }
+                    }
+                }
+                Ok(created)
+            }
+            .await;
+            let _ = tx.send(Msg::Prepared { deployment, result });
+        });
+    }
+
+    pub(super) fn on_prepared(&mut self, id: &str, result: Result<Vec<(ExecKey, String)>, String>) {
+        let Some(dep) = self.deployments.get_mut(id) else {
+            return;
+        };
+        dep.updating = false;
+        dep.dirty = true;
+        match result {
+            Err(reason) => {
+                warn!(deployment = id, reason, "update failed; the previous containers keep running");
+                dep.phase = Phase::FailedToUpdate;
+                dep.failure = Some(reason.clone());
+                self.event(serde_json::json!({
+                    "event": "phase",
+                    "deployment": id,
+                    "phase": Phase::FailedToUpdate,
+                    "reason": reason,
+                }));
+            }
+            Ok(created) => {
+                for (key, new_id) in created {
+                    let Some(exec) = self.exec_mut(&key) else {
+                        continue;
+                    };
+                    exec.pending_swap = Some(new_id);
+                    // A crash-looping executable is updated at once, not after its back-off.
+                    exec.due = None;
+                    if !exec.busy {
+                        self.swap(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Replaces an executable's container by the one its update created:
+    /// stop and remove the old, give the new its name, start it.
+    pub(super) fn swap(&mut self, key: &ExecKey) {
+        let device = self.config.device_id.clone();
+        let Some(exec) = self.exec_mut(key) else {
+            return;
+        };
+        let Some(new_id) = exec.pending_swap.take() else {
+            return;
+        };
+        exec.busy = true;
+        exec.berth_stopping = true;
+        exec.status = Status::Pending;
+        exec.reason = Some("updating".into());
+        exec.error_code = None;
+        let old = exec.container_id.clone();
+        let hash = exec.hash.clone();
+        let name = container_name(&device, key);
+        let runtime = self.runtime.clone();
+        let tx = self.tx.clone();
+        let key = key.clone();
+        self.mark_dirty(&key.deployment);
+        self.tracker.spawn(async move {
+            if let Some(old) = old {
+                let _ = runtime.stop(&old, STOP_GRACE_SECS).await;
+                if let Err(e) = runtime.remove(&old).await {
+                    let _ = tx.send(Msg::Launched {
+                        key,
+                        container_id: None,
+                        result: Err(e),
+                    });
+                    return;
+                }
+            }
+            let result = async {
+                runtime.rename(&new_id, &name).await?;
+                runtime.start(&new_id).await?;
+                runtime.inspect(&new_id).await
+            }
+            .await;
+            let _ = hash;
+            let _ = tx.send(Msg::Launched {
+                key,
+                container_id: Some(new_id),
+                result,
+            });
+        });
+    }
+
+    /// A removed file: stop and remove every container, then report
+    /// `DeploymentStopped` (or `PartiallyDeprovisioned` while one resists).
+    pub(super) fn deprovision(&mut self, id: &str) {
+        let Some(dep) = self.deployments.get_mut(id) else {
+            return;
+        };
+        info!(deployment = id, "deployment file removed; deprovisioning");
+        dep.removing = true;
+        dep.pull_due = None;
+        dep.dirty = true;
+        let mut keys = Vec::new();
+        for exec in dep.execs.drain(..) {
+            dep.retiring.push(exec);
+        }
+        for exec in &mut dep.retiring {
+            exec.due = None;
+            if !exec.busy {
+                keys.push(exec.key.clone());
+            }
+        }
+        for key in keys {
+            self.remove_container(&key);
+        }
+        self.finish_deprovision(id);
+    }
+
+    /// Stops and removes the container of a retiring executable.
+    pub(super) fn remove_container(&mut self, key: &ExecKey) {
+        let Some(exec) = self.retiring_mut(key) else {
+            return;
+        };
+        exec.berth_stopping = true;
+        exec.due = None;
+        let Some(id) = exec.container_id.clone() else {
+            exec.busy = false;
+            self.forget_retired(key);
+            return;
+        };
+        exec.busy = true;
+        exec.status = Status::Pending;
+        exec.reason = Some("stopping".into());
+        let runtime = self.runtime.clone();
+        let tx = self.tx.clone();
+        let key = key.clone();
+        self.tracker.spawn(async move {
+            let _ = runtime.stop(&id, STOP_GRACE_SECS).await;
+            let result = match runtime.remove(&id).await {
+                Err(RuntimeError::NotFound(_)) => Ok(()),
+                other => other,
+            };
+            let _ = tx.send(Msg::Removed { key, result });
+        });
+    }
+
+    pub(super) fn on_removed(&mut self, key: &ExecKey, result: Result<(), RuntimeError>) {
+        let Some(exec) = self.retiring_mut(key) else {
+            return;
+        };
+        exec.busy = false;
+        match result {
+            Ok(()) => {
+                exec.container_id = None;
+                self.forget_retired(key);
+            }
+            Err(e) => {
+                warn!(executable = %key, error = %e, "cannot remove container; retrying");
+                exec.status = Status::Error;
+                exec.reason = Some(format!("cannot remove container: {e}"));
+                exec.error_code = None;
+                exec.due = Some(Instant::now() + REMOVE_RETRY);
+                if let Some(dep) = self.deployments.get_mut(&key.deployment) {
+                    if dep.removing {
+                        dep.phase = Phase::PartiallyDeprovisioned;
+                    }
+                    dep.dirty = true;
+                }
+            }
+        }
+        self.finish_deprovision(&key.deployment);
+    }
+
+    /// Drops a retired executable whose container is gone; its count ends.
+    fn forget_retired(&mut self, key: &ExecKey) {
+        if let Some(dep) = self.deployments.get_mut(&key.deployment) {
+            dep.retiring.retain(|e| e.key != *key);
+            dep.dirty = true;
+        }
+        self.state.remove_exec(key);
+        self.save_state();
+    }
+
+    /// Once every container of a removed deployment is gone: its final
+    /// retained document says `DeploymentStopped`, and berth forgets it.
+    fn finish_deprovision(&mut self, id: &str) {
+        let Some(dep) = self.deployments.get_mut(id) else {
+            return;
+        };
+        if !dep.removing || !dep.retiring.is_empty() {
+            return;
+        }
+        dep.phase = Phase::DeploymentStopped;
+        dep.dirty = true;
+        info!(deployment = id, "deprovisioned");
+        self.event(serde_json::json!({
+            "event": "phase",
+            "deployment": id,
+            "phase": Phase::DeploymentStopped,
+        }));
+        self.publish_dirty();
+        self.deployments.remove(id);
+        // A file that came back meanwhile is provisioned afresh.
+        let (specs, _) = config::load_deployments_dir(&self.config.deployments_dir);
+        if specs.contains_key(id) {
+            self.reload();
+        }
+    }
+
+    pub(super) fn retiring_mut(&mut self, key: &ExecKey) -> Option<&mut Exec> {
+        self.deployments
+            .get_mut(&key.deployment)?
+            .retiring
+            .iter_mut()
+            .find(|e| e.key == *key)
+    }
+
+    /// The first dependency of `id` that is not yet `Succeeded` (or is in
+    /// `Error`), if any.
+    pub(super) fn unmet_dependency(&self, id: &str) -> Option<String> {
+        let dep = self.deployments.get(id)?;
+        dep.spec
+            .depends_on
+            .iter()
+            .find(|d| match self.deployments.get(*d) {
+                Some(other) => other.phase != Phase::Succeeded || other.status() == Status::Error,
+                None => true,
+            })
+            .cloned()
+    }
+
+    /// The first dependency of `id` in `Error`, if any (`DEP_E156`).
+    pub(super) fn failed_dependency(&self, id: &str) -> Option<String> {
+        let dep = self.deployments.get(id)?;
+        dep.spec
+            .depends_on
+            .iter()
+            .find(|d| self.deployments.get(*d).is_some_and(|o| o.status() == Status::Error))
+            .cloned()
+    }
+
+    /// Starts the deployments whose dependencies have come up.
+    pub(super) fn provision_waiting(&mut self) {
+        let waiting: Vec<String> = self
+            .deployments
+            .values()
+            .filter(|d| d.phase == Phase::InProgress && !d.spec.depends_on.is_empty() && !d.pulling)
+            .map(|d| d.spec.id.clone())
+            .collect();
+        for id in waiting {
+            if self.unmet_dependency(&id).is_none() {
+                self.maybe_provision(&id);
+            }
+        }
+    }
+}
+
+/// The deployment files of `dir`: the valid ones, and the error of each
+/// invalid one by id (its file's stem), every error also logged.
+pub fn load_files(dir: &std::path::Path) -> (Deployments, BTreeMap<String, String>) {
+    let (specs, broken) = config::load_deployments_dir(dir);
+    let mut invalid = BTreeMap::new();
+    for (file, errors) in broken {
+        let id = file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| file.display().to_string());
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        for line in &text {
+            error!("{line}");
+        }
+        invalid.insert(id, text.join("; "));
+    }
+    (specs, invalid)
+}
+
+/// The exports of the deployments `spec` depends on, in `depends_on` order
+/// (a later dependency wins on a clash).
+pub(super) fn dependency_exports(
+    specs: &Deployments,
+    spec: &crate::model::DeploymentSpec,
+) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for dep in &spec.depends_on {
+        if let Some(other) = specs.get(dep) {
+            env.extend(other.exports.clone());
+        }
+    }
+    env
+}
+
+/// What the engine is asked to create for one executable.
+pub(super) fn container_spec(device_id: &str, exec: &Exec) -> crate::runtime::ContainerSpec {
+    crate::runtime::ContainerSpec {
+        name: container_name(device_id, &exec.key),
+        image: exec.spec.image.clone(),
+        cmd: exec.spec.command.as_ref().map(|c| c.argv()),
+        env: exec.env.clone(),
+        labels: container_labels(device_id, &exec.key, &exec.hash),
+        nano_cpus: exec.spec.limits.cpus.map(|c| (c * 1e9) as i64),
+        memory_bytes: exec.spec.limits.memory_mb.map(|m| (m * 1024 * 1024) as i64),
+        binds: exec
+            .spec
+            .volumes
+            .iter()
+            .map(|v| {
+                let mode = if v.read_only { ":ro" } else { "" };
+                format!("{}:{}{mode}", v.host, v.container)
+            })
+            .collect(),
+        devices: exec.spec.devices.clone(),
+        network_mode: "host".into(),
+    }
+}
+
+/// The spec hash a container was created from.
+pub(super) fn container_hash(info: &crate::runtime::ContainerInfo) -> Option<String> {
+    info.labels.get(labels::SPEC_HASH).cloned()
+}
