@@ -219,8 +219,21 @@ pub mod labels {
     pub const SPEC_HASH: &str = "berth.spec-hash";
 }
 
-/// The container name of SPEC 4: `berth.<device>.<deployment>.<component>.<executable>`.
+/// The shared ROS master is supervised as this internal deployment; the
+/// underscore keeps it apart from every deployment id a file can give.
+pub const ROS_MASTER_DEPLOYMENT: &str = "_ros";
+
+/// The executable key of the shared ROS master.
+pub fn ros_master_key() -> ExecKey {
+    ExecKey::new(ROS_MASTER_DEPLOYMENT, "ros", "master")
+}
+
+/// The container name of SPEC 4: `berth.<device>.<deployment>.<component>.<executable>`,
+/// and `berth.<device>.ros-master` for the shared ROS master.
 pub fn container_name(device_id: &str, key: &ExecKey) -> String {
+    if key.deployment == ROS_MASTER_DEPLOYMENT {
+        return format!("berth.{device_id}.ros-master");
+    }
     format!(
         "berth.{device_id}.{}.{}.{}",
         key.deployment, key.component, key.executable

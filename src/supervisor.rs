@@ -23,10 +23,11 @@ use crate::backoff::Backoff;
 use crate::config::{AgentConfig, Deployments};
 
 mod converge;
+mod ros;
 pub use converge::load_files;
 use crate::notify::Notifier;
 use crate::model::{
-    key_from_labels, spec_hash, DeploymentSpec, ErrorCode,
+    key_from_labels, ROS_MASTER_DEPLOYMENT, spec_hash, DeploymentSpec, ErrorCode,
     ExecKey, ExecutableSpec, Phase, PullPolicy, Status,
 };
 use crate::policy::{decide, Decision, Happening};
@@ -446,6 +447,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     /// replayed history to tell manual stops from crashes.
     fn reconcile(&mut self, containers: Vec<ContainerInfo>, replay: &[EngineEvent]) {
         let mut by_key: HashMap<ExecKey, ContainerInfo> = HashMap::new();
+        let mut orphans = Vec::new();
         for info in containers {
             if info.name.ends_with(converge::NEXT_SUFFIX) {
                 // An update's new container that never replaced the old one:
@@ -460,13 +462,21 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 Some(key) if self.deployments.contains_key(&key.deployment) => {
                     by_key.insert(key, info);
                 }
-                Some(key) => warn!(
-                    container = %info.name,
-                    deployment = %key.deployment,
-                    "container of a deployment berth has no file for; left alone"
-                ),
+                Some(key) => orphans.push((key, info)),
                 None => {}
             }
+        }
+        if self.config.deployments_dir.is_dir() {
+            for (key, info) in orphans {
+                self.remove_orphan(key, info);
+            }
+        } else if !orphans.is_empty() {
+            // An unmounted or missing directory must not deprovision everything.
+            warn!(
+                dir = %self.config.deployments_dir.display(),
+                containers = orphans.len(),
+                "deployments_dir is missing; containers without a deployment left alone"
+            );
         }
         let replayed = classify_replay(replay);
         let position = self.state.event_position;
@@ -663,7 +673,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             for exec in dep.execs.iter_mut().filter(|e| e.container_id.is_none() && !e.busy) {
                 exec.set(
                     Status::Pending,
-                    Some(format!("waiting for dependency {waiting}")),
+                    Some(format!("waiting for {waiting}")),
                     None,
                 );
             }
@@ -1238,8 +1248,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 .map(|d| d.spec.id.clone())
                 .collect();
             let mut more = false;
+            let master_dirty = dirty.iter().any(|d| d == ROS_MASTER_DEPLOYMENT);
             for dep in self.deployments.values_mut() {
-                if !dep.dirty && dep.spec.depends_on.iter().any(|d| dirty.contains(d)) {
+                let affected = dep.spec.depends_on.iter().any(|d| dirty.contains(d))
+                    || (dep.spec.ros && master_dirty);
+                if !dep.dirty && affected {
                     dep.dirty = true;
                     more = true;
                 }
@@ -1255,7 +1268,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             if let Some(failed) = self.failed_dependency(&id) {
                 doc.status = Status::Error;
                 doc.error_code = Some(ErrorCode::DependencyFailed);
-                doc.reason = Some(format!("dependency {failed} is in Error"));
+                doc.reason = Some(format!("{failed} is in Error"));
             }
             docs.push((id, doc));
         }
@@ -1266,6 +1279,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             dep.dirty = false;
         }
         for (id, doc) in docs {
+            if id == ROS_MASTER_DEPLOYMENT {
+                self.publish_ros_master(&self.deployments[&id]);
+                continue;
+            }
             self.reporter.publish(
                 Topic::Deployment(id),
                 serde_json::to_value(doc).expect("documents serialize"),
@@ -1273,7 +1290,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         }
         // `systemctl status` shows this line; the notifier drops it when it
         // has not changed, and does nothing outside systemd.
-        let summary = crate::notify::summary(self.deployments.values().map(|dep| {
+        let summary = crate::notify::summary(self.deployments.values().filter(|d| d.spec.id != ROS_MASTER_DEPLOYMENT).map(|dep| {
             let restarts = dep
                 .execs
                 .iter()
@@ -1315,6 +1332,40 @@ const NEVER_INTERRUPTED_REASON: &str =
     "interrupted by a reboot or engine restart; restart policy never";
 
 impl Exec {
+    /// A container found without a spec: only ever stopped and removed.
+    fn orphan(key: ExecKey, container_id: String) -> Self {
+        Exec {
+            key,
+            spec: ExecutableSpec {
+                name: String::new(),
+                image: String::new(),
+                pull: PullPolicy::Never,
+                command: None,
+                env: BTreeMap::new(),
+                limits: Default::default(),
+                volumes: Vec::new(),
+                devices: Vec::new(),
+            },
+            env: BTreeMap::new(),
+            hash: String::new(),
+            container_id: Some(container_id),
+            status: Status::Unknown,
+            reason: None,
+            error_code: None,
+            exit_code: None,
+            started_at: None,
+            started_nanos: 0,
+            busy: false,
+            deferred: Vec::new(),
+            due: None,
+            killed_by_other: false,
+            berth_stopping: true,
+            launched: false,
+            container_hash: None,
+            pending_swap: None,
+        }
+    }
+
     fn set(&mut self, status: Status, reason: Option<String>, error_code: Option<ErrorCode>) {
         self.status = status;
         self.reason = reason;
@@ -1836,7 +1887,7 @@ mod tests {
 
         /// Waits until the latest deployment document satisfies `pred`.
         async fn wait_for(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-            let deadline = Instant::now() + Duration::from_secs(5);
+            let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 let latest = self.reporter.latest(&Topic::Deployment("talker".into()));
                 if let Some(doc) = latest.as_ref().filter(|d| pred(d)) {
@@ -2065,36 +2116,39 @@ mod tests {
                 i + 1
             );
         }
-        assert!(
-            waited[0] < INITIAL,
-            "the first restart is immediate: {waited:?}"
-        );
-
-        let reasons: Vec<String> = h
+        // Wall time cannot show "immediate" on a loaded machine; the reasons
+        // do: the first restart never waited out a back-off.
+        let mut backoffs: Vec<(String, Value)> = h
             .docs()
             .iter()
-            .filter(|d| exe(d)["status"] == "Pending")
-            .filter_map(|d| exe(d)["reason"].as_str().map(str::to_string))
-            .filter(|r| r.starts_with("restarting in"))
+            .map(exe)
+            .filter(|e| e["status"] == "Pending")
+            .filter(|e| {
+                e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("restarting in"))
+            })
+            .map(|e| {
+                (
+                    e["reason"].as_str().unwrap().to_string(),
+                    e["error_code"].clone(),
+                )
+            })
             .collect();
+        backoffs.dedup();
         assert_eq!(
-            reasons.iter().collect::<std::collections::BTreeSet<_>>(),
+            backoffs,
             [
-                "restarting in 0.1s after exit code 3 (back-off)".to_string(),
-                "restarting in 0.2s after exit code 3 (back-off)".to_string(),
+                (
+                    "restarting in 0.1s after exit code 3 (back-off)".to_string(),
+                    "DEP_E152".into()
+                ),
+                (
+                    "restarting in 0.2s after exit code 3 (back-off)".to_string(),
+                    "DEP_E152".into()
+                ),
             ]
-            .iter()
-            .collect(),
         );
-        assert!(h
-            .docs()
-            .iter()
-            .filter(|d| exe(d)["status"] == "Pending" && exe(d)["reason"] != Value::Null)
-            .filter(|d| exe(d)["reason"]
-                .as_str()
-                .unwrap()
-                .starts_with("restarting in"))
-            .all(|d| d["error_code"] == "DEP_E152"));
         h.shutdown().await;
     }
 

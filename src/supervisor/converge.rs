@@ -12,7 +12,9 @@ use tracing::{error, info, warn};
 
 use super::{ensure_images, Deployment, Exec, Msg, Supervisor};
 use crate::config::{self, Deployments};
-use crate::model::{container_labels, container_name, labels, ExecKey, Phase, Status};
+use crate::model::{
+    container_labels, container_name, labels, ExecKey, Phase, Status, ROS_MASTER_DEPLOYMENT,
+};
 use crate::report::Reporter;
 use crate::runtime::{ContainerRuntime, RuntimeError};
 
@@ -54,6 +56,15 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 }));
             }
         }
+        if !self.config.deployments_dir.is_dir() {
+            // An unmounted or missing directory must not deprovision everything.
+            error!(dir = %self.config.deployments_dir.display(), "reload: deployments_dir is missing; nothing changed");
+            self.event(serde_json::json!({
+                "event": "error",
+                "reason": format!("deployments_dir {} is missing; nothing changed", self.config.deployments_dir.display()),
+            }));
+            return;
+        }
         let (specs, invalid) = load_files(&self.config.deployments_dir);
         info!(deployments = specs.len(), invalid = invalid.len(), "reload");
         self.converge(specs, invalid);
@@ -86,9 +97,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             }
         }
 
+        // The ROS master is not a file's: `converge_ros` looks after it.
         let ids: BTreeSet<String> = self
             .deployments
             .keys()
+            .filter(|id| *id != ROS_MASTER_DEPLOYMENT)
             .chain(specs.keys())
             .chain(invalid.keys())
             .cloned()
@@ -123,6 +136,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 self.deprovision(&id);
             }
         }
+        self.converge_ros();
     }
 
     /// A deployment whose file cannot be applied: `FailedToStart`; whatever
@@ -439,11 +453,35 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         }));
         self.publish_dirty();
         self.deployments.remove(id);
+        if id == ROS_MASTER_DEPLOYMENT {
+            self.ros_master_removed();
+        } else {
+            self.converge_ros();
+        }
         // A file that came back meanwhile is provisioned afresh.
         let (specs, _) = config::load_deployments_dir(&self.config.deployments_dir);
         if specs.contains_key(id) {
             self.reload();
         }
+    }
+
+    /// A container of a deployment that has no file (removed while berth
+    /// was away): deprovisioned like any removed deployment.
+    pub(super) fn remove_orphan(&mut self, key: ExecKey, info: crate::runtime::ContainerInfo) {
+        info!(container = %info.name, "container of a deployment that has no file; deprovisioning");
+        let id = key.deployment.clone();
+        let dep = self.deployments.entry(id.clone()).or_insert_with(|| {
+            let mut dep = Deployment::failed(&id, self.config.deployments_dir.clone(), String::new());
+            dep.failure = None;
+            dep.phase = Phase::Provisioning;
+            dep.removing = true;
+            dep
+        });
+        let mut exec = Exec::orphan(key.clone(), info.id);
+        exec.status = Status::Pending;
+        dep.retiring.push(exec);
+        dep.dirty = true;
+        self.remove_container(&key);
     }
 
     pub(super) fn retiring_mut(&mut self, key: &ExecKey) -> Option<&mut Exec> {
@@ -458,24 +496,28 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     /// `Error`), if any.
     pub(super) fn unmet_dependency(&self, id: &str) -> Option<String> {
         let dep = self.deployments.get(id)?;
+        let ros = dep.spec.ros.then(|| ROS_MASTER_DEPLOYMENT.to_string());
         dep.spec
             .depends_on
             .iter()
+            .chain(ros.as_ref())
             .find(|d| match self.deployments.get(*d) {
                 Some(other) => other.phase != Phase::Succeeded || other.status() == Status::Error,
                 None => true,
             })
-            .cloned()
+            .map(|d| describe(d))
     }
 
     /// The first dependency of `id` in `Error`, if any (`DEP_E156`).
     pub(super) fn failed_dependency(&self, id: &str) -> Option<String> {
         let dep = self.deployments.get(id)?;
+        let ros = dep.spec.ros.then(|| ROS_MASTER_DEPLOYMENT.to_string());
         dep.spec
             .depends_on
             .iter()
+            .chain(ros.as_ref())
             .find(|d| self.deployments.get(*d).is_some_and(|o| o.status() == Status::Error))
-            .cloned()
+            .map(|d| describe(d))
     }
 
     /// Starts the deployments whose dependencies have come up.
@@ -483,7 +525,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         let waiting: Vec<String> = self
             .deployments
             .values()
-            .filter(|d| d.phase == Phase::InProgress && !d.spec.depends_on.is_empty() && !d.pulling)
+            .filter(|d| {
+                d.phase == Phase::InProgress && (!d.spec.depends_on.is_empty() || d.spec.ros) && !d.pulling
+            })
             .map(|d| d.spec.id.clone())
             .collect();
         for id in waiting {
@@ -494,12 +538,28 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     }
 }
 
+/// How a dependency is named in reasons.
+fn describe(id: &str) -> String {
+    if id == ROS_MASTER_DEPLOYMENT {
+        "the shared ROS master".to_string()
+    } else {
+        format!("dependency {id}")
+    }
+}
+
 /// The deployment files of `dir`: the valid ones, and the error of each
 /// invalid one by id (its file's stem), every error also logged.
 pub fn load_files(dir: &std::path::Path) -> (Deployments, BTreeMap<String, String>) {
     let (specs, broken) = config::load_deployments_dir(dir);
     let mut invalid = BTreeMap::new();
     for (file, errors) in broken {
+        if file == dir {
+            // The directory itself: no deployment to blame.
+            for e in &errors {
+                error!("{e}");
+            }
+            continue;
+        }
         let id = file
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
