@@ -889,6 +889,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             Err(e) => {
                 // A failed start, such as a command missing from `$PATH`.
                 let reason = engine_reason(&e);
+                if let Some(exec) = self.exec_mut(key) {
+                    // The retry follows this failed start, not an earlier exit.
+                    exec.exit_code = None;
+                }
                 warn!(executable = %key, reason, "start failed");
                 let record = self.state.exec_mut(key);
                 record.pending_restart = None;
@@ -1136,6 +1140,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             );
         }
         self.launch(key, true);
+        self.mark_dirty(&key.deployment);
     }
 
     fn fire_timers(&mut self) {

@@ -770,4 +770,29 @@ mod tests {
         assert_eq!(fake.container("c").unwrap().exit_code, Some(3));
         assert_eq!(fake.start_times("c").len(), 1);
     }
+
+    #[tokio::test]
+    async fn rename_keeps_names_unique_and_emits_an_event() {
+        let fake = FakeRuntime::new().with_image("img:1");
+        let a = fake.create(&spec("a", "img:1", "run")).await.unwrap();
+        fake.create(&spec("b", "img:1", "run")).await.unwrap();
+        let err = fake.rename(&a, "b").await.unwrap_err();
+        assert!(err.to_string().contains("Conflict"), "{err}");
+        fake.rename(&a, "a-old").await.unwrap();
+        assert_eq!(fake.container(&a).unwrap().name, "a-old");
+        assert!(fake.container("a").is_none());
+        let event = fake.history().pop().unwrap();
+        assert_eq!(event.action, EventAction::Other("rename".into()));
+        assert_eq!(
+            (
+                event.labels["name"].as_str(),
+                event.labels["oldName"].as_str()
+            ),
+            ("a-old", "/a")
+        );
+        assert_eq!(
+            fake.calls().last(),
+            Some(&Call::Rename(a.clone(), "a-old".into()))
+        );
+    }
 }
