@@ -684,3 +684,32 @@ fn check_config_names_file_line_and_column() {
         String::from_utf8_lossy(&ok.stdout)
     );
 }
+
+/// The broker is down when berth starts: berth provisions anyway, and the
+/// documents reach the broker, retained, once it is up.
+#[test]
+fn broker_down_at_start() {
+    let mut s = setup("nobroker", |c| c);
+    s.broker.stop();
+    s.berth.write_deployment(
+        "early",
+        &deployment("early", "always", TEST_IMAGE, "trap 'exit 0' TERM; while true; do sleep 1; done"),
+    );
+    s.berth.start();
+    let device = s.berth.device_id().to_owned();
+    assert!(
+        wait_until(WAIT, || containers(&device)
+            .first()
+            .is_some_and(|c| c["State"]["Running"] == true)),
+        "berth provisions without a broker"
+    );
+    s.broker.start();
+    let topic = s.berth.topic("deployments/early");
+    s.sub.wait_for(&topic, |d| d["status"] == "Running", WAIT);
+    let late = Subscriber::new(s.broker.port(), &topic);
+    let msg = late.wait_for_message(&topic, |_| true, WAIT);
+    assert!(msg.retained);
+    assert_eq!(msg.payload["status"], "Running");
+    assert_eq!(late_agent(&s)["state"], "online");
+    s.berth.sigterm();
+}
