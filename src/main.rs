@@ -63,10 +63,10 @@ enum Command {
     /// (component/name) indented below it. The first line tells whether the
     /// Docker engine answers; the last one shows the shared ROS master, if
     /// any. Colours only when stdout is a terminal.
-    #[command(
-        after_help = "Exit status: 0 shown; 3 berth is not running (no daemon on the \
-                            control socket); 1 any other failure."
-    )]
+    #[command(after_help = "Exit status:
+  0  shown
+  1  failed: the agent config is unreadable, or the daemon refused the request
+  3  berth is not running: no daemon answers on the control socket")]
     Status {
         /// Print the documents exactly as MQTT carries them:
         /// `{"agent": …, "deployments": [ … ], "ros_master": …}`.
@@ -77,19 +77,20 @@ enum Command {
     ///
     /// The container's stdout goes to stdout and its stderr to stderr. Works
     /// without the daemon: berth asks the Docker engine of the agent config
-    /// directly. EXECUTABLE is `NAME` or `COMPONENT/NAME`, and may be left out
-    /// when the deployment has only one executable.
-    #[command(
-        after_help = "Exit status: 0 done; 1 no such deployment or executable, or the \
-                            engine failed."
-    )]
+    /// directly.
+    #[command(after_help = "Exit status:
+  0  done
+  1  no such deployment or executable, or the Docker engine failed")]
     Logs {
+        /// The deployment's id.
         deployment: String,
+        /// `NAME` or `COMPONENT/NAME`; optional when the deployment has one
+        /// executable only.
         executable: Option<String>,
         /// Keep printing new output until the container stops (or Ctrl-C).
         #[arg(long, short)]
         follow: bool,
-        /// Only the last N lines of each stream (default: all).
+        /// Only the last N lines of the log (default: all of it).
         #[arg(long, short = 'n', value_name = "N")]
         tail: Option<u64>,
         /// Prefix every line with the engine's time stamp.
@@ -101,13 +102,14 @@ enum Command {
     /// With stdin on a terminal the command gets a terminal of its own (try
     /// `berth exec DEPLOYMENT EXECUTABLE -- sh`); keys, Ctrl-C included, go to
     /// the command. Otherwise stdin, stdout and stderr are plain pipes.
-    /// EXECUTABLE is `NAME` or `COMPONENT/NAME`.
-    #[command(
-        after_help = "Exit status: the command's own; 125 when berth cannot run it (no \
-                            such deployment, executable or running container; engine failure)."
-    )]
+    #[command(after_help = "Exit status:
+  N    the command's own exit code
+  125  berth could not run it: no such deployment or executable, the container is
+       not running, or the Docker engine failed")]
     Exec {
+        /// The deployment's id.
         deployment: String,
+        /// `NAME` or `COMPONENT/NAME`.
         executable: String,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "CMD")]
@@ -365,7 +367,12 @@ async fn run(config: AgentConfig) -> Result<(), RunError> {
         notifier: Notifier::from_env(),
         invalid,
     });
-    berth::watch::spawn(&deployments_dir, supervisor.reloader(), shutdown.clone(), &tracker);
+    berth::watch::spawn(
+        &deployments_dir,
+        supervisor.reloader(),
+        shutdown.clone(),
+        &tracker,
+    );
     spawn_reload_on_sighup(supervisor.reloader(), shutdown.clone());
     supervisor.run(shutdown.clone()).await;
     mqtt.shutdown().await;
