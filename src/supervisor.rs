@@ -24,12 +24,11 @@ use crate::config::{AgentConfig, Deployments};
 
 mod converge;
 mod ros;
-pub use converge::load_files;
-use crate::notify::Notifier;
 use crate::model::{
-    key_from_labels, ROS_MASTER_DEPLOYMENT, spec_hash, DeploymentSpec, ErrorCode,
-    ExecKey, ExecutableSpec, Phase, PullPolicy, Status,
+    key_from_labels, spec_hash, DeploymentSpec, ErrorCode, ExecKey, ExecutableSpec, Phase,
+    PullPolicy, Status, ROS_MASTER_DEPLOYMENT,
 };
+use crate::notify::Notifier;
 use crate::policy::{decide, Decision, Happening};
 use crate::report::{timestamp, AgentDoc, DeploymentDoc, ExecutableDoc, Reporter, Topic};
 use crate::runtime::{
@@ -37,10 +36,14 @@ use crate::runtime::{
     RuntimeError,
 };
 use crate::state::{ExecRecord, PendingRestart, State, StateStore};
+pub use converge::load_files;
 
 /// Back-off of reconnections to the engine.
 const ENGINE_RETRY_INITIAL: Duration = Duration::from_millis(250);
 const ENGINE_RETRY_MAX: Duration = Duration::from_secs(10);
+/// How long before its event stream ends an engine's shutdown may stop
+/// containers (dockerd's default shutdown timeout is 15 s).
+const ENGINE_SHUTDOWN_WINDOW: Duration = Duration::from_secs(30);
 /// How often the event position is saved when nothing else is.
 const POSITION_SAVE_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -141,6 +144,9 @@ struct Exec {
     container_hash: Option<String>,
     /// A created container of an update, waiting to replace the current one.
     pending_swap: Option<String>,
+    /// Engine time of the manual stop berth saw for it, if any: an engine
+    /// shutdown's own stops look like manual ones until the engine is back.
+    manual_at: Option<i64>,
 }
 
 /// Live state of one deployment.
@@ -194,6 +200,10 @@ pub struct Supervisor<R, P> {
     since: String,
     position_dirty: bool,
     notifier: Notifier,
+    /// The event position when the engine went away.
+    down_position: Option<i64>,
+    /// Executables an engine restart interrupted, for the next reconcile.
+    interrupted: std::collections::HashSet<ExecKey>,
 }
 
 impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
@@ -238,6 +248,8 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             since: timestamp(SystemTime::now()),
             position_dirty: false,
             notifier,
+            down_position: None,
+            interrupted: Default::default(),
         };
         supervisor.converge(deployments, invalid);
         supervisor
@@ -266,8 +278,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
 
         let mut save_tick = tokio::time::interval(POSITION_SAVE_INTERVAL);
         // The watchdog is fed from this loop, so that a hung loop is caught.
-        let mut watchdog_tick =
-            tokio::time::interval(self.notifier.watchdog_interval().unwrap_or(Duration::from_secs(3600)));
+        let mut watchdog_tick = tokio::time::interval(
+            self.notifier
+                .watchdog_interval()
+                .unwrap_or(Duration::from_secs(3600)),
+        );
         loop {
             let next_due = self.next_due();
             tokio::select! {
@@ -398,6 +413,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     fn on_engine_down(&mut self, error: &str) {
         let was_up = self.engine_up;
         self.engine_up = false;
+        if was_up {
+            self.down_position = self.state.event_position;
+        }
         warn!(error, "docker engine unreachable; retrying with back-off");
         for dep in self.deployments.values_mut() {
             dep.pull_due = None;
@@ -426,6 +444,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             "docker engine connected; reconciling"
         );
         self.publish_agent();
+        self.detect_engine_restart(&replay);
         // The listing is the truth after any reconnect; it is awaited here, in
         // the loop, so that no event is applied between it and the reconcile.
         match self.runtime.list(&self.config.device_id).await {
@@ -439,6 +458,38 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             self.notifier.ready();
         }
         self.reconciled = true;
+    }
+
+    /// The engine keeps its recent events in memory: a replay from the last
+    /// event berth saw holds at least that event, unless the engine restarted.
+    /// Then the stops berth saw just before the stream ended were the engine
+    /// shutting its containers down, not an operator: they follow the
+    /// "interrupted by an engine restart" row instead of the manual-stop row.
+    fn detect_engine_restart(&mut self, replay: &[EngineEvent]) {
+        let Some(down) = self.down_position.take() else {
+            return;
+        };
+        if !replay.is_empty() {
+            return;
+        }
+        let since = down - ENGINE_SHUTDOWN_WINDOW.as_nanos() as i64;
+        let keys: Vec<ExecKey> = self
+            .deployments
+            .values()
+            .flat_map(|d| d.execs.iter())
+            .filter(|e| e.manual_at.is_some_and(|t| t >= since))
+            .map(|e| e.key.clone())
+            .collect();
+        for key in keys {
+            info!(executable = %key, "stopped by the engine's shutdown, not by hand");
+            if let Some(exec) = self.exec_mut(&key) {
+                exec.manual_at = None;
+            }
+            let record = self.state.exec_mut(&key);
+            record.manual_stop = false;
+            record.status = Some(Status::Running);
+            self.interrupted.insert(key);
+        }
     }
 
     // ---- reconcile -----------------------------------------------------------
@@ -503,6 +554,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             self.start_update(&id);
         }
         self.rebooted = false;
+        self.interrupted.clear();
         self.save_state();
     }
 
@@ -589,6 +641,8 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 },
                 _ => Happening::Interrupted,
             })
+        } else if self.interrupted.remove(key) {
+            Some(Happening::Interrupted)
         } else if seen.manual {
             Some(Happening::StoppedByHand)
         } else if info.state == "created" && !info.has_started() {
@@ -626,7 +680,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     /// Shows again what was decided about an executable that has not run
     /// since berth last looked (it exited before, and nothing changed).
     fn restore_recorded(&mut self, key: &ExecKey, record: &ExecRecord, code: i64) {
-        let Some(policy) = self.deployments.get(&key.deployment).map(|d| d.spec.restart) else {
+        let Some(policy) = self
+            .deployments
+            .get(&key.deployment)
+            .map(|d| d.spec.restart)
+        else {
             return;
         };
         let exec = self.exec_mut(key).expect("exec exists");
@@ -670,7 +728,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         if let Some(waiting) = unmet {
             // SPEC 7: nothing starts before its dependencies have.
             dep.phase = Phase::InProgress;
-            for exec in dep.execs.iter_mut().filter(|e| e.container_id.is_none() && !e.busy) {
+            for exec in dep
+                .execs
+                .iter_mut()
+                .filter(|e| e.container_id.is_none() && !e.busy)
+            {
                 exec.set(
                     Status::Pending,
                     Some(format!("waiting for {waiting}")),
@@ -989,6 +1051,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 }
                 let code = exit_code.unwrap_or(0);
                 let happening = if exec.killed_by_other {
+                    exec.manual_at = Some(event.time_nanos);
                     Happening::StoppedByHand
                 } else {
                     Happening::Exited { code }
@@ -1295,14 +1358,19 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         }
         // `systemctl status` shows this line; the notifier drops it when it
         // has not changed, and does nothing outside systemd.
-        let summary = crate::notify::summary(self.deployments.values().filter(|d| d.spec.id != ROS_MASTER_DEPLOYMENT).map(|dep| {
-            let restarts = dep
-                .execs
-                .iter()
-                .map(|e| self.state.exec(&e.key).map_or(0, |r| r.restart_count))
-                .sum();
-            (dep.status(), restarts)
-        }));
+        let summary = crate::notify::summary(
+            self.deployments
+                .values()
+                .filter(|d| d.spec.id != ROS_MASTER_DEPLOYMENT)
+                .map(|dep| {
+                    let restarts = dep
+                        .execs
+                        .iter()
+                        .map(|e| self.state.exec(&e.key).map_or(0, |r| r.restart_count))
+                        .sum();
+                    (dep.status(), restarts)
+                }),
+        );
         self.notifier.status(&summary);
     }
 
@@ -1368,6 +1436,7 @@ impl Exec {
             launched: false,
             container_hash: None,
             pending_swap: None,
+            manual_at: None,
         }
     }
 
@@ -1405,6 +1474,7 @@ impl Deployment {
                     launched: false,
                     container_hash: None,
                     pending_swap: None,
+                    manual_at: None,
                 }
             })
             .collect();
@@ -1473,7 +1543,13 @@ impl Deployment {
 
     /// The first status any executable has, in the order of SPEC 5.
     fn status(&self) -> Status {
-        match self.execs.iter().chain(&self.retiring).map(|e| e.status).min() {
+        match self
+            .execs
+            .iter()
+            .chain(&self.retiring)
+            .map(|e| e.status)
+            .min()
+        {
             Some(status) => status,
             None if self.failure.is_some() => Status::Error,
             None if self.phase == Phase::DeploymentStopped => Status::Stopped,

@@ -23,7 +23,10 @@ struct Engine {
 
 impl Engine {
     fn start() -> Engine {
-        let dir = tempfile::Builder::new().prefix("berth-engine").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("berth-engine")
+            .tempdir()
+            .unwrap();
         let mut engine = Engine { dir, child: None };
         engine.up();
         // The test image, from the machine's engine.
@@ -148,10 +151,31 @@ fn row_interrupted_by_an_engine_restart() {
     let sub = Subscriber::new(broker.port(), &format!("berth/{device}/#"));
     // (deployment, policy, script, before, after the engine restart, restarts)
     let rows = [
-        ("run-always", "always", LONG_RUNNING, "Running", "Running", 1),
-        ("run-onfail", "on-failure", LONG_RUNNING, "Running", "Running", 1),
+        (
+            "run-always",
+            "always",
+            LONG_RUNNING,
+            "Running",
+            "Running",
+            1,
+        ),
+        (
+            "run-onfail",
+            "on-failure",
+            LONG_RUNNING,
+            "Running",
+            "Running",
+            1,
+        ),
         ("run-never", "never", LONG_RUNNING, "Running", "Stopped", 0),
-        ("done-onfail", "on-failure", "exit 0", "Completed", "Completed", 0),
+        (
+            "done-onfail",
+            "on-failure",
+            "exit 0",
+            "Completed",
+            "Completed",
+            0,
+        ),
     ];
     for (id, policy, script, ..) in rows {
         berth.write_deployment(id, &deployment(id, policy, script));
@@ -164,7 +188,11 @@ fn row_interrupted_by_an_engine_restart() {
     }
 
     engine.down();
-    let agent = sub.wait_for(&berth.topic("agent"), |d| d["docker"] == "unreachable", WAIT);
+    let agent = sub.wait_for(
+        &berth.topic("agent"),
+        |d| d["docker"] == "unreachable",
+        WAIT,
+    );
     assert_eq!(agent["state"], "online");
     assert_eq!(agent["error_code"], "DEP_E301");
     for (id, ..) in rows {
@@ -183,7 +211,10 @@ fn row_interrupted_by_an_engine_restart() {
         );
         if after == "Stopped" {
             let reason = doc["executables"][0]["reason"].as_str().unwrap_or_default();
-            assert!(reason.contains("interrupted"), "{id}: not a manual stop: {doc}");
+            assert!(
+                reason.contains("interrupted"),
+                "{id}: not a manual stop: {doc}"
+            );
         }
     }
     std::thread::sleep(Duration::from_secs(1));
