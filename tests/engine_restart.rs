@@ -30,17 +30,18 @@ impl Engine {
         let mut engine = Engine { dir, child: None };
         engine.up();
         // The test image, from the machine's engine.
-        let save = Command::new("docker")
+        let mut save = Command::new("docker")
             .args(["save", TEST_IMAGE])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
         let status = Command::new("docker")
             .args(["-H", &engine.host(), "load"])
-            .stdin(save.stdout.unwrap())
+            .stdin(save.stdout.take().unwrap())
             .stdout(Stdio::null())
             .status()
             .unwrap();
+        assert!(save.wait().unwrap().success(), "docker save {TEST_IMAGE}");
         assert!(status.success(), "load the test image into the test engine");
         engine
     }
