@@ -109,12 +109,39 @@ install_packages() {
     package_installed busybox-static || missing+=(busybox-static)
     command -v htpasswd >/dev/null || missing+=(apache2-utils)
     command -v curl >/dev/null || missing+=(curl)
+    # tests/mqtt_tls.rs makes its CA and certificates with the openssl CLI.
+    command -v openssl >/dev/null || missing+=(openssl)
+    # tests/systemd_unit.rs checks the unit with `systemd-analyze verify`,
+    # which needs no running systemd.
+    command -v systemd-analyze >/dev/null || missing+=(systemd)
+    # cargo-deb works out the package's libc dependency with dpkg-shlibdeps.
+    command -v dpkg-shlibdeps >/dev/null || missing+=(dpkg-dev)
+    # berth-bench compares provisioning with it (Debian's, Compose v1).
+    command -v docker-compose >/dev/null || missing+=(docker-compose)
     ((${#missing[@]} == 0)) && return
     need_root "installing ${missing[*]}"
     say "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     quietly apt-get update -q
     quietly apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+# --- cargo-deb ---------------------------------------------------------------
+
+# cargo-deb builds the Debian package (`cargo deb`, tests/package.rs). It goes
+# to whoever runs cargo: under sudo, the user who called sudo.
+install_cargo_deb() {
+    local as=()
+    if [[ $EUID -eq 0 && -n ${SUDO_USER:-} && $SUDO_USER != root ]]; then
+        as=(sudo -u "$SUDO_USER" -H --)
+    fi
+    "${as[@]}" bash -lc 'cargo deb --version' >/dev/null 2>&1 && return
+    if ! "${as[@]}" bash -lc 'command -v cargo' >/dev/null 2>&1; then
+        say "cargo not found, so cargo-deb is not installed; install Rust, then: cargo install --locked cargo-deb"
+        return
+    fi
+    say "installing cargo-deb from crates.io"
+    quietly "${as[@]}" bash -lc 'cargo install --locked --quiet cargo-deb'
 }
 
 # --- Docker engine -----------------------------------------------------------
@@ -261,6 +288,7 @@ start_broker() {
 }
 
 install_packages
+install_cargo_deb
 start_engine
 build_test_image
 start_registry

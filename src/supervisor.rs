@@ -200,6 +200,8 @@ pub struct Supervisor<R, P> {
     since: String,
     position_dirty: bool,
     notifier: Notifier,
+    /// `READY=1` went out.
+    ready_sent: bool,
     /// The event position when the engine went away.
     down_position: Option<i64>,
     /// Executables an engine restart interrupted, for the next reconcile.
@@ -248,6 +250,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             since: timestamp(SystemTime::now()),
             position_dirty: false,
             notifier,
+            ready_sent: false,
             down_position: None,
             interrupted: Default::default(),
         };
@@ -274,6 +277,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             dep.dirty = true;
         }
         self.publish_dirty();
+        self.publish_summary();
         self.spawn_event_pump(shutdown.clone());
 
         let mut save_tick = tokio::time::interval(POSITION_SAVE_INTERVAL);
@@ -427,6 +431,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             }
             dep.dirty = true;
         }
+        if !self.reconciled {
+            // berth is up and reporting the engine unreachable: ready, so that
+            // systemd does not kill it for an engine that is late.
+            self.notify_ready();
+        }
         if was_up || !self.reconciled {
             self.publish_agent();
             self.event(serde_json::json!({
@@ -454,9 +463,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         if let Some(last) = replay.last() {
             self.note_position(last.time_nanos);
         }
-        if !self.reconciled {
-            self.notifier.ready();
-        }
+        self.notify_ready();
         self.reconciled = true;
     }
 
@@ -489,6 +496,13 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             record.manual_stop = false;
             record.status = Some(Status::Running);
             self.interrupted.insert(key);
+        }
+    }
+
+    fn notify_ready(&mut self) {
+        if !self.ready_sent {
+            self.ready_sent = true;
+            self.notifier.ready();
         }
     }
 
@@ -1196,11 +1210,14 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             "restart_count": count,
         }));
         if let Some(exec) = self.exec_mut(key) {
-            exec.set(
-                Status::Pending,
-                Some(format!("restarting after {exit}")),
-                None,
-            );
+            // A start that keeps failing stays `Error` while it is retried.
+            if exec.status != Status::Error {
+                exec.set(
+                    Status::Pending,
+                    Some(format!("restarting after {exit}")),
+                    None,
+                );
+            }
         }
         self.launch(key, true);
         self.mark_dirty(&key.deployment);
@@ -1343,6 +1360,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         if docs.is_empty() {
             return;
         }
+        self.publish_summary();
         for dep in self.deployments.values_mut() {
             dep.dirty = false;
         }
@@ -1356,8 +1374,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 serde_json::to_value(doc).expect("documents serialize"),
             );
         }
-        // `systemctl status` shows this line; the notifier drops it when it
-        // has not changed, and does nothing outside systemd.
+    }
+
+    /// The `STATUS=` line of `systemctl status`; the notifier drops it when
+    /// it has not changed, and does nothing outside systemd.
+    fn publish_summary(&self) {
         let summary = crate::notify::summary(
             self.deployments
                 .values()

@@ -9,8 +9,7 @@ use common::*;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
-const LONG_RUNNING: &str =
-    "trap 'exit 0' TERM; trap 'exit 5' USR1; while true; do sleep 0.2; done";
+const LONG_RUNNING: &str = "trap 'exit 0' TERM; trap 'exit 5' USR1; while true; do sleep 0.2; done";
 
 struct Setup {
     sub: Subscriber,
@@ -35,8 +34,11 @@ impl Setup {
     }
 
     fn wait(&self, id: &str, predicate: impl Fn(&Value) -> bool) -> Value {
-        self.sub
-            .wait_for(&self.berth.topic(&format!("deployments/{id}")), predicate, WAIT)
+        self.sub.wait_for(
+            &self.berth.topic(&format!("deployments/{id}")),
+            predicate,
+            WAIT,
+        )
     }
 
     fn container(&self, deployment: &str, executable: &str) -> Value {
@@ -111,16 +113,25 @@ fn a_dependency_chain_starts_in_order_with_exports() {
     );
     s.berth.start();
     for id in ["a", "b", "c"] {
-        s.wait(id, |d| d["phase"] == "Succeeded" && d["status"] == "Running");
+        s.wait(id, |d| {
+            d["phase"] == "Succeeded" && d["status"] == "Running"
+        });
     }
     let started = |id: &str| {
-        humantime::parse_rfc3339(s.container(id, "app")["State"]["StartedAt"].as_str().unwrap())
-            .unwrap()
+        humantime::parse_rfc3339(
+            s.container(id, "app")["State"]["StartedAt"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap()
     };
     assert!(started("a") < started("b"), "a starts before b");
     assert!(started("b") < started("c"), "b starts before c");
     let env = env_of(&s.container("c", "app"));
-    assert!(!env.iter().any(|e| e.starts_with("A_URL=")), "c does not depend on a directly: {env:?}");
+    assert!(
+        !env.iter().any(|e| e.starts_with("A_URL=")),
+        "c does not depend on a directly: {env:?}"
+    );
     assert!(env.contains(&"B_TOPIC=/b".to_owned()), "{env:?}");
     let env = env_of(&s.container("b", "app"));
     assert!(env.contains(&"A_URL=http://a:1".to_owned()), "{env:?}");
@@ -144,17 +155,24 @@ fn a_dependency_chain_starts_in_order_with_exports() {
 #[test]
 fn a_failed_dependency_puts_its_dependent_in_error_until_it_recovers() {
     let mut s = Setup::new("depfail");
-    s.berth
-        .write_deployment("base", &deployment("base", r#"restart = "never""#, TEST_IMAGE, LONG_RUNNING));
+    s.berth.write_deployment(
+        "base",
+        &deployment("base", r#"restart = "never""#, TEST_IMAGE, LONG_RUNNING),
+    );
     s.berth.write_deployment(
         "app",
         &deployment("app", r#"depends_on = ["base"]"#, TEST_IMAGE, LONG_RUNNING),
     );
     s.berth.start();
     s.wait("app", |d| d["status"] == "Running");
-    let base = s.container("base", "app")["Id"].as_str().unwrap().to_owned();
+    let base = s.container("base", "app")["Id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     docker(&["exec", &base, "sh", "-c", "kill -USR1 1"]);
-    s.wait("base", |d| d["status"] == "Error" && d["error_code"] == "DEP_E152");
+    s.wait("base", |d| {
+        d["status"] == "Error" && d["error_code"] == "DEP_E152"
+    });
     let doc = s.wait("app", |d| d["status"] == "Error");
     assert_eq!(doc["error_code"], "DEP_E156");
     assert!(doc["reason"].as_str().unwrap().contains("base"), "{doc}");
@@ -170,21 +188,34 @@ fn a_failed_dependency_puts_its_dependent_in_error_until_it_recovers() {
 #[test]
 fn a_cycle_and_an_unknown_dependency_fail_to_start() {
     let mut s = Setup::new("cycle");
+    s.berth.write_deployment(
+        "x",
+        &deployment("x", r#"depends_on = ["y"]"#, TEST_IMAGE, LONG_RUNNING),
+    );
+    s.berth.write_deployment(
+        "y",
+        &deployment("y", r#"depends_on = ["x"]"#, TEST_IMAGE, LONG_RUNNING),
+    );
+    s.berth.write_deployment(
+        "z",
+        &deployment("z", r#"depends_on = ["nope"]"#, TEST_IMAGE, LONG_RUNNING),
+    );
     s.berth
-        .write_deployment("x", &deployment("x", r#"depends_on = ["y"]"#, TEST_IMAGE, LONG_RUNNING));
-    s.berth
-        .write_deployment("y", &deployment("y", r#"depends_on = ["x"]"#, TEST_IMAGE, LONG_RUNNING));
-    s.berth
-        .write_deployment("z", &deployment("z", r#"depends_on = ["nope"]"#, TEST_IMAGE, LONG_RUNNING));
-    s.berth.write_deployment("ok", &deployment("ok", "", TEST_IMAGE, LONG_RUNNING));
+        .write_deployment("ok", &deployment("ok", "", TEST_IMAGE, LONG_RUNNING));
     s.berth.start();
     for id in ["x", "y"] {
         let doc = s.wait(id, |d| d["phase"] == "FailedToStart");
         let reason = doc["reason"].as_str().unwrap();
-        assert!(reason.contains("dependency cycle") && reason.contains("x") && reason.contains("y"), "{doc}");
+        assert!(
+            reason.contains("dependency cycle") && reason.contains("x") && reason.contains("y"),
+            "{doc}"
+        );
     }
     let doc = s.wait("z", |d| d["phase"] == "FailedToStart");
-    assert!(doc["reason"].as_str().unwrap().contains("\"nope\""), "{doc}");
+    assert!(
+        doc["reason"].as_str().unwrap().contains("\"nope\""),
+        "{doc}"
+    );
     s.wait("ok", |d| d["status"] == "Running");
     assert!(containers(s.berth.device_id())
         .iter()
@@ -195,41 +226,64 @@ fn a_cycle_and_an_unknown_dependency_fail_to_start() {
 #[test]
 fn files_added_edited_and_removed_while_berth_runs() {
     let mut s = Setup::new("reload");
-    s.berth.write_deployment("keep", &deployment("keep", "", TEST_IMAGE, LONG_RUNNING));
+    s.berth
+        .write_deployment("keep", &deployment("keep", "", TEST_IMAGE, LONG_RUNNING));
     s.berth.write_deployment(
         "edit",
-        &deployment("edit", r#"env = { VERSION = "1" }"#, TEST_IMAGE, LONG_RUNNING),
+        &deployment(
+            "edit",
+            r#"env = { VERSION = "1" }"#,
+            TEST_IMAGE,
+            LONG_RUNNING,
+        ),
     );
     s.berth.start();
     let keep = exe(&s.wait("keep", |d| d["status"] == "Running"))["container_id"].clone();
     let old = exe(&s.wait("edit", |d| d["status"] == "Running"))["container_id"].clone();
 
     // Watched: no signal needed.
-    s.berth.write_deployment("added", &deployment("added", "", TEST_IMAGE, LONG_RUNNING));
+    s.berth
+        .write_deployment("added", &deployment("added", "", TEST_IMAGE, LONG_RUNNING));
     s.wait("added", |d| d["status"] == "Running");
     s.berth.write_deployment(
         "edit",
-        &deployment("edit", r#"env = { VERSION = "2" }"#, TEST_IMAGE, LONG_RUNNING),
+        &deployment(
+            "edit",
+            r#"env = { VERSION = "2" }"#,
+            TEST_IMAGE,
+            LONG_RUNNING,
+        ),
     );
     let doc = s.wait("edit", |d| {
-        d["status"] == "Running" && exe(d)["container_id"] != old && exe(d)["container_id"].is_string()
+        d["status"] == "Running"
+            && exe(d)["container_id"] != old
+            && exe(d)["container_id"].is_string()
     });
     assert_eq!(doc["phase"], "Succeeded");
     assert!(env_of(&s.container("edit", "app")).contains(&"VERSION=2".to_owned()));
-    assert!(try_docker(&["inspect", old.as_str().unwrap()]).is_err(), "the old container is gone");
+    assert!(
+        try_docker(&["inspect", old.as_str().unwrap()]).is_err(),
+        "the old container is gone"
+    );
 
     // An invalid file affects that deployment alone.
-    s.berth.write_deployment("bad", "id = \"bad\"\npackage = 3\n");
+    s.berth
+        .write_deployment("bad", "id = \"bad\"\npackage = 3\n");
     let doc = s.wait("bad", |d| d["phase"] == "FailedToStart");
-    assert!(doc["reason"].as_str().unwrap().contains("bad.toml:2:"), "{doc}");
+    assert!(
+        doc["reason"].as_str().unwrap().contains("bad.toml:2:"),
+        "{doc}"
+    );
 
     // With SIGHUP too; a removed file is deprovisioned.
     s.berth.remove_deployment("edit");
     s.berth.sighup();
     let doc = s.wait("edit", |d| d["phase"] == "DeploymentStopped");
-    let msg = s
-        .sub
-        .wait_for_message(&s.berth.topic("deployments/edit"), |d| d["phase"] == "DeploymentStopped", WAIT);
+    let msg = s.sub.wait_for_message(
+        &s.berth.topic("deployments/edit"),
+        |d| d["phase"] == "DeploymentStopped",
+        WAIT,
+    );
     assert_eq!(msg.payload, doc);
     assert!(containers(s.berth.device_id())
         .iter()
@@ -240,14 +294,23 @@ fn files_added_edited_and_removed_while_berth_runs() {
 
     // An invalid agent config on reload is rejected; berth carries on.
     let good = std::fs::read_to_string(s.berth.config_path()).unwrap();
-    s.berth.write_raw_config("device_id = \"x\"\nnot_a_key = 1\n");
+    s.berth
+        .write_raw_config("device_id = \"x\"\nnot_a_key = 1\n");
     s.berth.sighup();
     let event = s.sub.wait_for(
         &s.berth.topic("events"),
-        |e| e["event"] == "error" && e["reason"].as_str().is_some_and(|r| r.contains("not_a_key")),
+        |e| {
+            e["event"] == "error"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("not_a_key"))
+        },
         WAIT,
     );
-    assert!(event["reason"].as_str().unwrap().contains("berth.toml:2:"), "{event}");
+    assert!(
+        event["reason"].as_str().unwrap().contains("berth.toml:2:"),
+        "{event}"
+    );
     assert!(s.berth.is_running());
     s.berth.write_raw_config(&good);
 
@@ -261,15 +324,24 @@ fn files_added_edited_and_removed_while_berth_runs() {
 #[test]
 fn a_failed_update_keeps_the_old_container_then_a_good_one_applies() {
     let mut s = Setup::new("update");
-    s.berth.write_deployment("svc", &deployment("svc", "", TEST_IMAGE, LONG_RUNNING));
+    s.berth
+        .write_deployment("svc", &deployment("svc", "", TEST_IMAGE, LONG_RUNNING));
     s.berth.start();
     let old = exe(&s.wait("svc", |d| d["status"] == "Running"))["container_id"].clone();
     s.berth.write_deployment(
         "svc",
-        &deployment("svc", "", "127.0.0.1:5000/berth/no-such-image:9", LONG_RUNNING),
+        &deployment(
+            "svc",
+            "",
+            "127.0.0.1:5000/berth/no-such-image:9",
+            LONG_RUNNING,
+        ),
     );
     let doc = s.wait("svc", |d| d["phase"] == "FailedToUpdate");
-    assert!(doc["reason"].as_str().unwrap().contains("no-such-image"), "{doc}");
+    assert!(
+        doc["reason"].as_str().unwrap().contains("no-such-image"),
+        "{doc}"
+    );
     assert_eq!(exe(&doc)["container_id"], old);
     let c = container_state(old.as_str().unwrap());
     assert_eq!(c["Running"], true, "the previous container keeps running");
@@ -298,18 +370,33 @@ fn an_update_to_a_crash_loop_applies_at_once() {
     // A long back-off: 20 s after the second failure.
     let mut berth = Berth::new(BerthConfig::new(&device, broker.port()).backoff(20_000, 60, 300));
     let sub = Subscriber::new(broker.port(), &format!("berth/{device}/#"));
-    berth.write_deployment("loop", &deployment("loop", "", TEST_IMAGE, "sleep 0.2; exit 1"));
+    berth.write_deployment(
+        "loop",
+        &deployment("loop", "", TEST_IMAGE, "sleep 0.2; exit 1"),
+    );
     berth.start();
     let topic = berth.topic("deployments/loop");
     sub.wait_for(
         &topic,
-        |d| exe(d)["reason"].as_str().is_some_and(|r| r.contains("restarting in 20s")),
+        |d| {
+            exe(d)["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("restarting in 20s"))
+        },
         WAIT,
     );
     let t0 = std::time::Instant::now();
     berth.write_deployment("loop", &deployment("loop", "", TEST_IMAGE, LONG_RUNNING));
-    sub.wait_for(&topic, |d| d["status"] == "Running" && d["phase"] == "Succeeded", WAIT);
-    assert!(t0.elapsed() < Duration::from_secs(10), "applied after {:?}", t0.elapsed());
+    sub.wait_for(
+        &topic,
+        |d| d["status"] == "Running" && d["phase"] == "Succeeded",
+        WAIT,
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "applied after {:?}",
+        t0.elapsed()
+    );
     berth.sigterm();
 }
 
@@ -320,8 +407,10 @@ fn container_state(id: &str) -> Value {
 #[test]
 fn deprovisioning_retries_a_container_the_engine_refuses_to_remove() {
     let mut s = Setup::new("deprov");
-    s.berth.write_deployment("gone", &deployment("gone", "", TEST_IMAGE, LONG_RUNNING));
-    s.berth.write_deployment("stuck", &deployment("stuck", "", TEST_IMAGE, LONG_RUNNING));
+    s.berth
+        .write_deployment("gone", &deployment("gone", "", TEST_IMAGE, LONG_RUNNING));
+    s.berth
+        .write_deployment("stuck", &deployment("stuck", "", TEST_IMAGE, LONG_RUNNING));
     s.berth.start();
     s.wait("gone", |d| d["status"] == "Running");
     let stuck = exe(&s.wait("stuck", |d| d["status"] == "Running"))["container_id"]
@@ -330,12 +419,17 @@ fn deprovisioning_retries_a_container_the_engine_refuses_to_remove() {
         .to_owned();
     // The engine cannot delete an immutable file of the container.
     let pinned = format!("/var/lib/docker/containers/{stuck}/hostname");
-    let status = std::process::Command::new("chattr").args(["+i", &pinned]).status().unwrap();
+    let status = std::process::Command::new("chattr")
+        .args(["+i", &pinned])
+        .status()
+        .unwrap();
     assert!(status.success(), "chattr +i {pinned}");
     struct Unpin(String);
     impl Drop for Unpin {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("chattr").args(["-i", &self.0]).status();
+            let _ = std::process::Command::new("chattr")
+                .args(["-i", &self.0])
+                .status();
         }
     }
     let unpin = Unpin(pinned);
@@ -344,10 +438,19 @@ fn deprovisioning_retries_a_container_the_engine_refuses_to_remove() {
     s.berth.remove_deployment("stuck");
     s.wait("gone", |d| d["phase"] == "DeploymentStopped");
     let doc = s.wait("stuck", |d| d["phase"] == "PartiallyDeprovisioned");
-    assert!(exe(&doc)["reason"].as_str().unwrap().contains("cannot remove"), "{doc}");
+    assert!(
+        exe(&doc)["reason"]
+            .as_str()
+            .unwrap()
+            .contains("cannot remove"),
+        "{doc}"
+    );
     drop(unpin);
     s.wait("stuck", |d| d["phase"] == "DeploymentStopped");
-    assert!(containers(s.berth.device_id()).is_empty(), "every container removed");
+    assert!(
+        containers(s.berth.device_id()).is_empty(),
+        "every container removed"
+    );
     s.berth.sigterm();
 }
 
@@ -398,7 +501,10 @@ command = "until echo ping | nc 127.0.0.1 {port}; do sleep 0.2; done; cat /data/
     assert_eq!(hc["NetworkMode"], "host");
     assert_eq!(hc["NanoCpus"], 500_000_000);
     assert_eq!(hc["Memory"], 64 * 1024 * 1024);
-    assert_eq!(hc["Binds"][0], format!("{}:/data:ro", host_dir.path().display()));
+    assert_eq!(
+        hc["Binds"][0],
+        format!("{}:/data:ro", host_dir.path().display())
+    );
     assert_eq!(hc["Devices"][0]["PathOnHost"], "/dev/zero");
     assert_eq!(hc["RestartPolicy"]["Name"], "no");
     assert_eq!(server["Config"]["Cmd"][0], "sh");
@@ -420,12 +526,20 @@ command = "until echo ping | nc 127.0.0.1 {port}; do sleep 0.2; done; cat /data/
 #[test]
 fn pull_never_with_an_absent_image_is_dep_e161() {
     let mut s = Setup::new("pullnever");
-    let text = deployment("n", "", "berth-test/absent:1", LONG_RUNNING)
-        .replace("image = \"berth-test/absent:1\"", "image = \"berth-test/absent:1\"\npull = \"never\"");
+    let text = deployment("n", "", "berth-test/absent:1", LONG_RUNNING).replace(
+        "image = \"berth-test/absent:1\"",
+        "image = \"berth-test/absent:1\"\npull = \"never\"",
+    );
     s.berth.write_deployment("n", &text);
     s.berth.start();
     let doc = s.wait("n", |d| d["status"] == "Error");
     assert_eq!(doc["error_code"], "DEP_E161");
-    assert!(exe(&doc)["reason"].as_str().unwrap().contains("pull = \"never\""), "{doc}");
+    assert!(
+        exe(&doc)["reason"]
+            .as_str()
+            .unwrap()
+            .contains("pull = \"never\""),
+        "{doc}"
+    );
     s.berth.sigterm();
 }

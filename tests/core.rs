@@ -693,7 +693,12 @@ fn broker_down_at_start() {
     s.broker.stop();
     s.berth.write_deployment(
         "early",
-        &deployment("early", "always", TEST_IMAGE, "trap 'exit 0' TERM; while true; do sleep 1; done"),
+        &deployment(
+            "early",
+            "always",
+            TEST_IMAGE,
+            "trap 'exit 0' TERM; while true; do sleep 1; done",
+        ),
     );
     s.berth.start();
     let device = s.berth.device_id().to_owned();

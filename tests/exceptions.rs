@@ -13,8 +13,7 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(30);
 
 /// Runs until SIGTERM (exit 0); SIGUSR1 makes it exit 5, a crash on demand.
-const LONG_RUNNING: &str =
-    "trap 'exit 0' TERM; trap 'exit 5' USR1; while true; do sleep 0.2; done";
+const LONG_RUNNING: &str = "trap 'exit 0' TERM; trap 'exit 5' USR1; while true; do sleep 0.2; done";
 
 fn deployment(id: &str, policy: &str, script: &str) -> String {
     format!(
@@ -129,7 +128,10 @@ fn assert_stopped_and_left_alone(s: &Setup, id: &str, container: &str) {
         let c = container_state(container);
         assert_eq!(c["Running"], false, "{id}");
     } else {
-        assert!(try_docker(&["inspect", container]).is_err(), "{id}: not recreated");
+        assert!(
+            try_docker(&["inspect", container]).is_err(),
+            "{id}: not recreated"
+        );
         assert!(containers(s.berth.device_id())
             .iter()
             .all(|c| c["Config"]["Labels"]["berth.deployment"] != "by-rm"));
@@ -148,7 +150,10 @@ fn container_state(id: &str) -> Value {
 fn assert_hand_start_resumes_policy(s: &Setup, id: &str, container: &str) {
     docker(&["start", container]);
     let doc = s.wait(id, |d| d["status"] == "Running");
-    assert_eq!(doc["restart_count"], 0, "a hand start is not counted: {doc}");
+    assert_eq!(
+        doc["restart_count"], 0,
+        "a hand start is not counted: {doc}"
+    );
     std::thread::sleep(Duration::from_millis(500));
     docker(&["exec", container, "sh", "-c", "kill -USR1 1"]);
     let doc = s.wait(id, |d| d["restart_count"] == 1 && d["status"] == "Running");
@@ -159,7 +164,8 @@ fn assert_hand_start_resumes_policy(s: &Setup, id: &str, container: &str) {
 fn row_stopped_killed_or_removed_by_hand_while_berth_runs() {
     let mut s = Setup::new("hand");
     for (id, _) in HAND_STOPS {
-        s.berth.write_deployment(id, &deployment(id, "always", LONG_RUNNING));
+        s.berth
+            .write_deployment(id, &deployment(id, "always", LONG_RUNNING));
     }
     s.berth.start();
     let mut ids = BTreeMap::new();
@@ -193,7 +199,8 @@ fn row_stopped_killed_or_removed_by_hand_while_berth_runs() {
 fn row_stopped_killed_or_removed_by_hand_while_berth_is_down() {
     let mut s = Setup::new("handdown");
     for (id, _) in HAND_STOPS {
-        s.berth.write_deployment(id, &deployment(id, "on-failure", LONG_RUNNING));
+        s.berth
+            .write_deployment(id, &deployment(id, "on-failure", LONG_RUNNING));
     }
     s.berth.start();
     let mut ids = BTreeMap::new();
@@ -230,7 +237,8 @@ fn row_stopped_killed_or_removed_by_hand_while_berth_is_down() {
 #[test]
 fn crash_while_berth_is_down_is_restarted() {
     let mut s = Setup::new("crashdown");
-    s.berth.write_deployment("c", &deployment("c", "on-failure", LONG_RUNNING));
+    s.berth
+        .write_deployment("c", &deployment("c", "on-failure", LONG_RUNNING));
     s.berth.start();
     s.wait("c", |d| d["status"] == "Running");
     let container = s.container_id("c");
@@ -252,16 +260,45 @@ fn row_interrupted_by_a_device_reboot_and_row_had_exited_before_the_reboot() {
     let mut s = Setup::new("reboot");
     // (deployment, policy, script, status before, status after, restarts after)
     let rows: [(&str, &str, &str, &str, &str, u64); 7] = [
-        ("run-always", "always", LONG_RUNNING, "Running", "Running", 1),
-        ("run-onfail", "on-failure", LONG_RUNNING, "Running", "Running", 1),
+        (
+            "run-always",
+            "always",
+            LONG_RUNNING,
+            "Running",
+            "Running",
+            1,
+        ),
+        (
+            "run-onfail",
+            "on-failure",
+            LONG_RUNNING,
+            "Running",
+            "Running",
+            1,
+        ),
         ("run-never", "never", LONG_RUNNING, "Running", "Stopped", 0),
-        ("done-onfail", "on-failure", "exit 0", "Completed", "Completed", 0),
+        (
+            "done-onfail",
+            "on-failure",
+            "exit 0",
+            "Completed",
+            "Completed",
+            0,
+        ),
         ("done-never", "never", "exit 0", "Completed", "Completed", 0),
         ("failed-never", "never", "exit 3", "Error", "Error", 0),
-        ("manual-always", "always", LONG_RUNNING, "Stopped", "Running", 1),
+        (
+            "manual-always",
+            "always",
+            LONG_RUNNING,
+            "Stopped",
+            "Running",
+            1,
+        ),
     ];
     for (id, policy, script, ..) in rows {
-        s.berth.write_deployment(id, &deployment(id, policy, script));
+        s.berth
+            .write_deployment(id, &deployment(id, policy, script));
     }
     s.berth.start();
     for (id, _, _, before, ..) in rows {
@@ -283,7 +320,9 @@ fn row_interrupted_by_a_device_reboot_and_row_had_exited_before_the_reboot() {
     s.sub.clear();
     s.berth.start();
     for (id, _, _, _, after, restarts) in rows {
-        let doc = s.wait(id, |d| d["status"] == after && d["restart_count"] == restarts);
+        let doc = s.wait(id, |d| {
+            d["status"] == after && d["restart_count"] == restarts
+        });
         if after == "Stopped" {
             let reason = exe(&doc)["reason"].as_str().unwrap_or_default();
             assert!(reason.contains("interrupted"), "{id}: {doc}");

@@ -97,6 +97,8 @@ fn test_image_has_busybox_applets_and_a_bash_that_runs_commands() {
     let out = docker(&[
         "run",
         "--rm",
+        "--network",
+        "host",
         TEST_IMAGE,
         "sh",
         "-c",
@@ -106,6 +108,8 @@ fn test_image_has_busybox_applets_and_a_bash_that_runs_commands() {
     let out = docker(&[
         "run",
         "--rm",
+        "--network",
+        "host",
         TEST_IMAGE,
         "/bin/bash",
         "-c",
@@ -114,7 +118,7 @@ fn test_image_has_busybox_applets_and_a_bash_that_runs_commands() {
         "b",
     ]);
     assert_eq!(out, "a b\n");
-    let out = docker(&["run", "--rm", TEST_IMAGE, "sleep", "0"]);
+    let out = docker(&["run", "--rm", "--network", "host", TEST_IMAGE, "sleep", "0"]);
     assert_eq!(out, "");
 }
 
@@ -150,7 +154,15 @@ fn registry_without_auth_serves_what_was_pushed() {
         .pull_anonymously(&reference)
         .expect("anonymous pull from an open registry");
     assert_eq!(
-        docker(&["run", "--rm", &reference, "echo", "pulled"]),
+        docker(&[
+            "run",
+            "--rm",
+            "--network",
+            "host",
+            &reference,
+            "echo",
+            "pulled"
+        ]),
         "pulled\n"
     );
 }
@@ -177,7 +189,15 @@ fn registry_with_auth_refuses_anonymous_pulls_and_serves_logged_in_ones() {
     );
     registry.pull(&reference);
     assert_eq!(
-        docker(&["run", "--rm", &reference, "echo", "pulled"]),
+        docker(&[
+            "run",
+            "--rm",
+            "--network",
+            "host",
+            &reference,
+            "echo",
+            "pulled"
+        ]),
         "pulled\n"
     );
 
@@ -201,6 +221,8 @@ fn engine_guard_removes_the_devices_containers_and_only_those() {
         docker(&[
             "run",
             "--detach",
+            "--network",
+            "host",
             "--label",
             &format!("berth.device={device}"),
             "--name",

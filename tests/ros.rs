@@ -41,8 +41,11 @@ impl Setup {
     }
 
     fn wait(&self, id: &str, predicate: impl Fn(&Value) -> bool) -> Value {
-        self.sub
-            .wait_for(&self.berth.topic(&format!("deployments/{id}")), predicate, WAIT)
+        self.sub.wait_for(
+            &self.berth.topic(&format!("deployments/{id}")),
+            predicate,
+            WAIT,
+        )
     }
 
     fn master_container(&self) -> Option<Value> {
@@ -96,14 +99,23 @@ fn the_first_ros_deployment_sets_the_master_policy_in_either_order() {
             .into_iter()
             .find(|c| c["Config"]["Labels"]["berth.deployment"] == first)
             .unwrap();
-        assert!(started_at(&master) < started_at(&node), "the master starts first");
+        assert!(
+            started_at(&master) < started_at(&node),
+            "the master starts first"
+        );
         let env: Vec<String> = serde_json::from_value(node["Config"]["Env"].clone()).unwrap();
-        assert!(env.contains(&"ROS_MASTER_URI=http://localhost:11311".to_owned()), "{env:?}");
+        assert!(
+            env.contains(&"ROS_MASTER_URI=http://localhost:11311".to_owned()),
+            "{env:?}"
+        );
 
         s.add_ros(second, second_policy);
         s.wait(second, |d| d["status"] == "Running");
         let doc = s.master(|d| d["users"].as_array().is_some_and(|u| u.len() == 2));
-        assert_eq!(doc["policy"], first_policy, "later deployments do not change it");
+        assert_eq!(
+            doc["policy"], first_policy,
+            "later deployments do not change it"
+        );
         assert_eq!(doc["owner"], first);
         let masters = containers(s.berth.device_id())
             .into_iter()
@@ -162,10 +174,16 @@ fn a_manual_stop_of_the_master_is_respected() {
     s.add_ros("node", "always");
     s.master(|d| d["status"] == "Running");
     s.wait("node", |d| d["status"] == "Running");
-    let id = s.master_container().unwrap()["Id"].as_str().unwrap().to_owned();
+    let id = s.master_container().unwrap()["Id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     docker(&["stop", "-t", "1", &id]);
     let doc = s.master(|d| d["status"] == "Stopped");
-    assert!(doc["reason"].as_str().unwrap().contains("stopped manually"), "{doc}");
+    assert!(
+        doc["reason"].as_str().unwrap().contains("stopped manually"),
+        "{doc}"
+    );
     std::thread::sleep(Duration::from_secs(2));
     let state = s.master_container().unwrap();
     assert_eq!(state["State"]["Running"], false, "not restarted");

@@ -71,7 +71,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     }
 
     /// Makes the set of deployments match the files.
-    pub(super) fn converge(&mut self, mut specs: Deployments, mut invalid: BTreeMap<String, String>) {
+    pub(super) fn converge(
+        &mut self,
+        mut specs: Deployments,
+        mut invalid: BTreeMap<String, String>,
+    ) {
         // An unknown dependency or a cycle: FailedToStart with the reason. A
         // dependency whose file is broken is not unknown: the dependent waits.
         for problem in config::dependency_problems(&specs) {
@@ -150,8 +154,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 dep.dirty = true;
             }
             None => {
-                self.deployments
-                    .insert(id.to_string(), Deployment::failed(id, source, reason.clone()));
+                self.deployments.insert(
+                    id.to_string(),
+                    Deployment::failed(id, source, reason.clone()),
+                );
             }
         }
         self.event(serde_json::json!({
@@ -164,20 +170,30 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
 
     /// A changed file: the new spec applies to the executables whose spec
     /// hash changed; the others are not touched.
-    fn update(&mut self, id: &str, spec: crate::model::DeploymentSpec, exports: &BTreeMap<String, String>) {
+    fn update(
+        &mut self,
+        id: &str,
+        spec: crate::model::DeploymentSpec,
+        exports: &BTreeMap<String, String>,
+    ) {
         let mut fresh = Deployment::new(&self.config, spec, exports);
         let Some(dep) = self.deployments.get_mut(id) else {
             return;
         };
         let unchanged = dep.spec == fresh.spec
             && dep.execs.len() == fresh.execs.len()
-            && dep.execs.iter().zip(&fresh.execs).all(|(a, b)| a.key == b.key && a.hash == b.hash);
+            && dep
+                .execs
+                .iter()
+                .zip(&fresh.execs)
+                .all(|(a, b)| a.key == b.key && a.hash == b.hash);
         if unchanged && dep.failure.is_none() {
             return;
         }
         info!(deployment = id, "deployment file changed");
         // Carry the live state of each executable that stays over to the new spec.
-        let mut old: BTreeMap<ExecKey, Exec> = dep.execs.drain(..).map(|e| (e.key.clone(), e)).collect();
+        let mut old: BTreeMap<ExecKey, Exec> =
+            dep.execs.drain(..).map(|e| (e.key.clone(), e)).collect();
         for exec in &mut fresh.execs {
             if let Some(mut live) = old.remove(&exec.key) {
                 live.spec = exec.spec.clone();
@@ -195,7 +211,12 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         if dep.phase == Phase::FailedToStart {
             dep.phase = Phase::Provisioning;
         }
-        let retiring: Vec<ExecKey> = dep.retiring.iter().filter(|e| !e.busy).map(|e| e.key.clone()).collect();
+        let retiring: Vec<ExecKey> = dep
+            .retiring
+            .iter()
+            .filter(|e| !e.busy)
+            .map(|e| e.key.clone())
+            .collect();
         for key in retiring {
             self.remove_container(&key);
         }
@@ -212,10 +233,16 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         if dep.updating || dep.removing || !self.engine_up {
             return;
         }
-        let outdated: Vec<(ExecKey, crate::runtime::ContainerSpec, crate::model::PullPolicy)> = dep
+        let outdated: Vec<(
+            ExecKey,
+            crate::runtime::ContainerSpec,
+            crate::model::PullPolicy,
+        )> = dep
             .execs
             .iter()
-            .filter(|e| e.container_id.is_some() && e.container_hash.as_deref() != Some(e.hash.as_str()))
+            .filter(|e| {
+                e.container_id.is_some() && e.container_hash.as_deref() != Some(e.hash.as_str())
+            })
             .map(|e| {
                 let mut spec = container_spec(&device, e);
                 spec.name.push_str(NEXT_SUFFIX);
@@ -234,7 +261,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         let tx = self.tx.clone();
         let deployment = id.to_string();
         self.tracker.spawn(async move {
-            let images: Vec<_> = outdated.iter().map(|(_, s, pull)| (s.image.clone(), *pull)).collect();
+            let images: Vec<_> = outdated
+                .iter()
+                .map(|(_, s, pull)| (s.image.clone(), *pull))
+                .collect();
             let result = async {
                 ensure_images(&*runtime, &images, &registries)
                     .await
@@ -268,7 +298,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         dep.dirty = true;
         match result {
             Err(reason) => {
-                warn!(deployment = id, reason, "update failed; the previous containers keep running");
+                warn!(
+                    deployment = id,
+                    reason, "update failed; the previous containers keep running"
+                );
                 dep.phase = Phase::FailedToUpdate;
                 dep.failure = Some(reason.clone());
                 self.event(serde_json::json!({
@@ -471,7 +504,8 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         info!(container = %info.name, "container of a deployment that has no file; deprovisioning");
         let id = key.deployment.clone();
         let dep = self.deployments.entry(id.clone()).or_insert_with(|| {
-            let mut dep = Deployment::failed(&id, self.config.deployments_dir.clone(), String::new());
+            let mut dep =
+                Deployment::failed(&id, self.config.deployments_dir.clone(), String::new());
             dep.failure = None;
             dep.phase = Phase::Provisioning;
             dep.removing = true;
@@ -516,7 +550,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             .depends_on
             .iter()
             .chain(ros.as_ref())
-            .find(|d| self.deployments.get(*d).is_some_and(|o| o.status() == Status::Error))
+            .find(|d| {
+                self.deployments
+                    .get(*d)
+                    .is_some_and(|o| o.status() == Status::Error)
+            })
             .map(|d| describe(d))
     }
 
@@ -526,7 +564,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             .deployments
             .values()
             .filter(|d| {
-                d.phase == Phase::InProgress && (!d.spec.depends_on.is_empty() || d.spec.ros) && !d.pulling
+                d.phase == Phase::InProgress
+                    && (!d.spec.depends_on.is_empty() || d.spec.ros)
+                    && !d.pulling
             })
             .map(|d| d.spec.id.clone())
             .collect();

@@ -11,7 +11,7 @@ use tracing::info;
 
 use super::{Deployment, Supervisor};
 use crate::model::{
-    ComponentSpec, Command, DeploymentSpec, ExecutableSpec, Limits, PullPolicy, Status,
+    Command, ComponentSpec, DeploymentSpec, ExecutableSpec, Limits, PullPolicy, Status,
     ROS_MASTER_DEPLOYMENT,
 };
 use crate::report::{Reporter, Topic};
@@ -42,9 +42,14 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     },
                 };
                 info!(owner = %record.owner, policy = %record.policy, "starting the shared ROS master");
-                let spec = master_spec(&self.config.ros, record.policy, &self.config.deployments_dir);
+                let spec = master_spec(
+                    &self.config.ros,
+                    record.policy,
+                    &self.config.deployments_dir,
+                );
                 let dep = Deployment::new(&self.config, spec, &BTreeMap::new());
-                self.deployments.insert(ROS_MASTER_DEPLOYMENT.to_string(), dep);
+                self.deployments
+                    .insert(ROS_MASTER_DEPLOYMENT.to_string(), dep);
                 self.state.ros_master = Some(record);
                 self.save_state();
                 self.maybe_provision(ROS_MASTER_DEPLOYMENT);
@@ -76,7 +81,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             master.status()
         };
         let reason = match (master.phase, exec) {
-            (crate::model::Phase::DeploymentStopped, _) => Some("removed: no ROS deployment left".to_string()),
+            (crate::model::Phase::DeploymentStopped, _) => {
+                Some("removed: no ROS deployment left".to_string())
+            }
             (_, Some(e)) => e.reason.clone(),
             _ => None,
         };

@@ -966,6 +966,13 @@ pub struct BerthConfig {
     pub ros_master_uri: String,
     pub log_level: String,
     pub log_format: String,
+    /// `mqtt`, or `mqtts` for TLS; the broker is 127.0.0.1:`mqtt_port`.
+    pub mqtt_scheme: String,
+    pub mqtt_username: Option<String>,
+    pub mqtt_password_file: Option<PathBuf>,
+    pub mqtt_ca_file: Option<PathBuf>,
+    pub mqtt_cert_file: Option<PathBuf>,
+    pub mqtt_key_file: Option<PathBuf>,
 }
 
 impl BerthConfig {
@@ -993,6 +1000,12 @@ impl BerthConfig {
             ros_master_uri: "http://localhost:11311".to_owned(),
             log_level: "debug".to_owned(),
             log_format: "text".to_owned(),
+            mqtt_scheme: "mqtt".to_owned(),
+            mqtt_username: None,
+            mqtt_password_file: None,
+            mqtt_ca_file: None,
+            mqtt_cert_file: None,
+            mqtt_key_file: None,
         }
     }
 
@@ -1049,12 +1062,26 @@ impl BerthConfig {
                 .map(|a| toml::Value::String(a.clone()))
                 .collect(),
         );
+        let mut mqtt_extra = String::new();
+        if let Some(username) = &self.mqtt_username {
+            mqtt_extra += &format!("username = {}\n", s(username));
+        }
+        for (key, path) in [
+            ("password_file", &self.mqtt_password_file),
+            ("ca_file", &self.mqtt_ca_file),
+            ("cert_file", &self.mqtt_cert_file),
+            ("key_file", &self.mqtt_key_file),
+        ] {
+            if let Some(path) = path {
+                mqtt_extra += &format!("{key} = {}\n", p(path.clone()));
+            }
+        }
         text += &format!(
-            "\n[mqtt]\nurl = {}\ntopic_prefix = {}\nkeep_alive_secs = {}\n\
+            "\n[mqtt]\nurl = {}\ntopic_prefix = {}\nkeep_alive_secs = {}\n{mqtt_extra}\
              \n[restart]\nbackoff_initial_ms = {}\nbackoff_max_secs = {}\nbackoff_reset_after_secs = {}\n\
              \n[ros]\nmaster_image = {}\nmaster_command = {command}\nmaster_uri = {}\n\
              \n[log]\nlevel = {}\nformat = {}\n",
-            s(&format!("mqtt://127.0.0.1:{}", self.mqtt_port)),
+            s(&format!("{}://127.0.0.1:{}", self.mqtt_scheme, self.mqtt_port)),
             s(&self.topic_prefix),
             self.keep_alive_secs,
             self.backoff_initial_ms,
@@ -1078,6 +1105,8 @@ pub struct Berth {
     config: BerthConfig,
     boot_id: String,
     child: Option<Child>,
+    /// Extra environment for `berth run` (NOTIFY_SOCKET, say).
+    env: Vec<(String, String)>,
 }
 
 impl Berth {
@@ -1093,6 +1122,7 @@ impl Berth {
             config,
             boot_id: String::new(),
             child: None,
+            env: Vec::new(),
         };
         berth.write_config();
         berth.set_boot_id(&unique_id("boot"));
@@ -1172,6 +1202,12 @@ impl Berth {
         self.boot_id = boot_id.to_owned();
     }
 
+    /// Sets `key=value` in the environment of the next `start()`.
+    pub fn env(&mut self, key: &str, value: &str) -> &mut Berth {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
     /// Starts `berth run`; returns at once.
     pub fn start(&mut self) {
         assert!(!self.is_running(), "start: berth is already running");
@@ -1185,6 +1221,8 @@ impl Berth {
             .env("RUST_BACKTRACE", "1")
             .env_remove("RUST_LOG")
             .env_remove("BERTH_CONFIG")
+            .env_remove("NOTIFY_SOCKET")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

@@ -1,0 +1,375 @@
+//! `berth-bench`: measures berth against the Docker engine's own mechanisms
+//! on this machine and prints one table (see BENCHMARKS.md).
+//!
+//! `cargo run --release --bin berth-bench [-- --quick] [-- --only restart,storm]`
+//!
+//! It builds the release `berth` beside itself, starts its own Mosquitto
+//! brokers on free ports, and names everything it creates after a run id
+//! (`bbench-<pid>-<hex>`): berth device ids, container names, a compose
+//! project, a second `dockerd` in `/tmp/berth-bench-<pid>`. Every container
+//! it made is removed at the end, on failure, on Ctrl-C and on panic; what an
+//! earlier run left behind (its process gone) is removed at the start.
+//!
+//! Each benchmark is a module: `restart` (items 1 and 2 of the issue),
+//! `provision` (3 and 4), `storm` (5), `reboot` (6). The host side lives in
+//! `sys`, the engine in `engine`, the broker in `mqtt`, berth in `berth`, the
+//! figures and the table in `report`.
+
+mod berth;
+mod engine;
+mod mqtt;
+mod provision;
+mod reboot;
+mod report;
+mod restart;
+mod storm;
+mod sys;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+
+use engine::{Engine, Events, IMAGE};
+use report::{Row, Verdict};
+
+/// Container names, device ids and networks of a run start with this.
+pub const RUN_PREFIX: &str = "bbench-";
+/// A run's work directory is `/tmp/<this><pid>`.
+pub const WORK_DIR_PREFIX: &str = "berth-bench-";
+
+/// Measures berth against the Docker engine's own restart policy,
+/// docker-compose and `docker run`, and prints the table of BENCHMARKS.md.
+#[derive(Parser)]
+#[command(about, long_about = None)]
+struct Flags {
+    /// Run only these benchmarks (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<Bench>,
+    /// Smaller counts and shorter windows: a smoke run of a few minutes.
+    #[arg(long)]
+    quick: bool,
+    /// The berth binary to measure [default: `berth` beside this program,
+    /// built first with cargo].
+    #[arg(long)]
+    berth: Option<PathBuf>,
+    /// Keep the work directory (configs, berth's logs, storm.csv) after a run
+    /// without errors; it is always kept after one with errors.
+    #[arg(long)]
+    keep: bool,
+    /// Also write the table (Markdown) to this file.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Bench {
+    /// 1: die → start under berth and under `--restart always`.
+    Restart,
+    /// 2: die → MQTT document (runs with `restart`).
+    Mqtt,
+    /// 3: 50 × 2 executables against docker-compose and `docker run`.
+    Provision,
+    /// 4: memory, idle CPU, binary size (berth managing item 3's containers).
+    Footprint,
+    /// 5: 100 executables crash-looping for 2 minutes.
+    Storm,
+    /// 6: recovery after a reboot, against a dockerd restart.
+    Reboot,
+}
+
+/// What every benchmark gets.
+pub struct Ctx {
+    pub run_id: String,
+    pub dir: PathBuf,
+    pub berth_bin: PathBuf,
+    pub quick: bool,
+    pub engine: Engine,
+    /// The machine engine's events for this run's containers, from the start.
+    pub events: Events,
+}
+
+impl Ctx {
+    /// The label on every container the bench runs itself.
+    pub fn label(&self) -> String {
+        format!("berth-bench.run={}", self.run_id)
+    }
+
+    pub fn subdir(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.dir.join(name);
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(dir)
+    }
+}
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    install_handlers();
+    match run(flags) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(2),
+        Err(e) => {
+            eprintln!("berth-bench: {e:#}");
+            sys::emergency();
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Returns whether every benchmark produced its figures (targets missed are
+/// findings, not errors).
+fn run(flags: Flags) -> Result<bool> {
+    let began = Instant::now();
+    let selected = |b: Bench| flags.only.is_empty() || flags.only.contains(&b);
+    let engine = Engine::local();
+    preflight(&engine, &flags, &selected)?;
+    let tmp = std::env::temp_dir();
+    for line in engine::remove_leftovers(&engine, &tmp)? {
+        println!("berth-bench: {line}");
+    }
+    let berth_bin = match &flags.berth {
+        Some(path) => path.clone(),
+        None => build_berth()?,
+    };
+    if !berth_bin.is_file() {
+        bail!("no berth binary at {}", berth_bin.display());
+    }
+
+    let pid = std::process::id();
+    let run_id = format!(
+        "{RUN_PREFIX}{pid}-{:x}",
+        sys::unix_nanos(SystemTime::now()) / 1_000_000 % 0xff_ffff
+    );
+    let dir = tmp.join(format!("{WORK_DIR_PREFIX}{pid}"));
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let events = Events::watch(
+        &engine,
+        vec![run_id.clone(), format!("berth.{run_id}")],
+        SystemTime::now(),
+        &dir.join("events.log"),
+    )?;
+    let ctx = Ctx {
+        run_id,
+        dir,
+        berth_bin,
+        quick: flags.quick,
+        engine,
+        events,
+    };
+    println!(
+        "berth-bench: run {} ({}), berth {}, work dir {}",
+        ctx.run_id,
+        if ctx.quick { "quick" } else { "full" },
+        ctx.berth_bin.display(),
+        ctx.dir.display()
+    );
+    let machine = machine(&ctx.engine);
+    println!("berth-bench: {machine}");
+
+    let mut rows: Vec<Row> = Vec::new();
+    let mut timings = Vec::new();
+    let mut step = |name: &str, item: u8, f: &dyn Fn(&Ctx) -> Result<Vec<Row>>| {
+        let t = Instant::now();
+        println!("berth-bench: {name} …");
+        let result = f(&ctx);
+        let took = t.elapsed();
+        match result {
+            Ok(r) => rows.extend(r),
+            Err(e) => {
+                eprintln!("berth-bench: {name} failed: {e:#}");
+                rows.push(Row::error(item, name, &e));
+            }
+        }
+        println!("berth-bench: {name} took {:.0} s", took.as_secs_f64());
+        timings.push(format!("{name} {:.0} s", took.as_secs_f64()));
+    };
+    if selected(Bench::Restart) || selected(Bench::Mqtt) {
+        step("restart reaction and exit → MQTT", 1, &restart::run);
+    }
+    let compare = selected(Bench::Provision);
+    let footprint = selected(Bench::Footprint);
+    if compare || footprint {
+        step("provisioning and footprint", 3, &|ctx| {
+            provision::run(ctx, compare, footprint)
+        });
+    }
+    if selected(Bench::Storm) {
+        step("crash-loop storm", 5, &storm::run);
+    }
+    if selected(Bench::Reboot) {
+        step("reboot recovery", 6, &reboot::run);
+    }
+
+    // Belt and braces: nothing of this run may stay.
+    for prefix in [ctx.run_id.clone(), format!("berth.{}", ctx.run_id)] {
+        if let Err(e) = ctx.engine.remove(&prefix) {
+            eprintln!("berth-bench: cannot remove containers {prefix}*: {e:#}");
+        }
+    }
+    let _ = ctx.engine.remove_networks(&ctx.run_id);
+    rows.sort_by_key(|r| r.item);
+
+    let table = report::table(&rows);
+    let total = began.elapsed();
+    let summary = format!(
+        "{machine}\nload average at the end: {}\ntook {:.1} min ({})\n",
+        loadavg(),
+        total.as_secs_f64() / 60.0,
+        timings.join(", ")
+    );
+    println!("\n{table}\n{summary}");
+    if let Some(path) = &flags.markdown {
+        fs::write(path, format!("{table}\n{summary}"))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let errors = rows.iter().filter(|r| r.verdict == Verdict::Error).count();
+    let failed = rows.iter().filter(|r| r.verdict == Verdict::Fail).count();
+    println!("berth-bench: {failed} target(s) missed, {errors} benchmark error(s)");
+    if errors == 0 && !flags.keep {
+        let _ = fs::remove_dir_all(&ctx.dir);
+    } else {
+        println!("berth-bench: logs kept in {}", ctx.dir.display());
+    }
+    Ok(errors == 0)
+}
+
+/// Fails early, with what to do, when a tool or the image is missing.
+fn preflight(engine: &Engine, _flags: &Flags, selected: &dyn Fn(Bench) -> bool) -> Result<()> {
+    engine
+        .version()
+        .context("the Docker engine does not answer: run scripts/setup.sh (as root)")?;
+    engine
+        .docker(&["image", "inspect", "--format", "{{.Id}}", IMAGE])
+        .with_context(|| format!("the test image {IMAGE} is missing: run scripts/setup.sh"))?;
+    let need = |program: &str, why: &str| -> Result<()> {
+        let found = std::env::var_os("PATH")
+            .map(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+            .unwrap_or(false);
+        if !found {
+            bail!("{program} is needed {why} and is not on PATH: run scripts/setup.sh");
+        }
+        Ok(())
+    };
+    need("mosquitto", "(berth reports to it)")?;
+    if selected(Bench::Provision) {
+        need("docker-compose", "for the provisioning comparison")?;
+    }
+    if selected(Bench::Reboot) {
+        need("dockerd", "for the reboot comparison (a second engine)")?;
+        use std::os::unix::fs::MetadataExt;
+        if fs::metadata("/proc/self").map_or(true, |m| m.uid() != 0) {
+            bail!("the reboot comparison starts a second dockerd and needs root");
+        }
+    }
+    Ok(())
+}
+
+/// Builds the `berth` binary beside this one, with the same profile, and
+/// returns its path.
+fn build_berth() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    let bin_dir = exe.parent().context("this program has no directory")?;
+    let target_dir = bin_dir
+        .parent()
+        .context("this program is not in a target dir")?;
+    let release = bin_dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    let mut command = Command::new(cargo);
+    command
+        .args(["build", "--bin", "berth", "--manifest-path"])
+        .arg(&manifest)
+        .env("CARGO_TARGET_DIR", target_dir);
+    if release {
+        command.arg("--release");
+    } else {
+        eprintln!("berth-bench: not a release build: measuring a debug berth (use --release)");
+    }
+    println!("berth-bench: building berth ({})", sys::describe(&command));
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run `{}`", sys::describe(&command)))?;
+    if !status.success() {
+        bail!("building berth failed ({status})");
+    }
+    Ok(bin_dir.join("berth"))
+}
+
+/// One line about the machine: cores, memory, engine, kernel, OS, load.
+fn machine(engine: &Engine) -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_kb: u64 = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0);
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let os = fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_owned())
+        })
+        .unwrap_or_default();
+    format!(
+        "machine: {cores} cores, {:.1} GiB, Docker {}, kernel {}, {os}, load average {}",
+        mem_kb as f64 / 1024.0 / 1024.0,
+        engine
+            .version()
+            .unwrap_or_else(|e| format!("unknown ({e})")),
+        kernel.trim(),
+        loadavg()
+    )
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Ctrl-C, SIGTERM and panics clean up before the process ends: the release
+/// profile aborts on panic, and a signal would end the process without
+/// destructors.
+fn install_handlers() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        sys::emergency();
+    }));
+    std::thread::spawn(|| {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            eprintln!("berth-bench: cannot watch for signals; Ctrl-C will leave containers behind");
+            return;
+        };
+        runtime.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            eprintln!("berth-bench: interrupted");
+            sys::emergency();
+            std::process::exit(130);
+        });
+    });
+    // Give the signal thread a moment to install its handlers.
+    std::thread::sleep(Duration::from_millis(20));
+}
