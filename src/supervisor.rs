@@ -305,10 +305,38 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         info!("berth supervisor stopping; containers keep running");
         self.notifier.stopping();
         self.tracker.close();
-        // Engine calls in flight finish or are abandoned with the process;
-        // the state already records any restart they were committed to.
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
+        // Engine calls in flight finish (or are abandoned with the process:
+        // the state already records any restart they were committed to); the
+        // starts that finish are recorded, nothing new is begun.
+        let deadline = tokio::time::sleep(Duration::from_secs(5));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => break,
+                _ = self.tracker.wait() => break,
+                Some(msg) = self.rx.recv() => self.settle(msg),
+            }
+        }
+        while let Ok(msg) = self.rx.try_recv() {
+            self.settle(msg);
+        }
         self.save_state();
+    }
+
+    /// During shutdown: records a start that completed, and nothing else.
+    fn settle(&mut self, msg: Msg) {
+        if let Msg::Launched {
+            key,
+            result: Ok(info),
+            ..
+        } = msg
+        {
+            let record = self.state.exec_mut(&key);
+            record.pending_restart = None;
+            record.started_at = info.started_at.clone();
+            record.container_id = Some(info.id);
+            record.status = Some(Status::Running);
+        }
     }
 
     // ---- engine connection -------------------------------------------------

@@ -381,11 +381,16 @@ fn kill_9_loop_never_loses_or_doubles_a_count() {
             .unwrap();
         let starts = engine_starts(c["Id"].as_str().unwrap()) as u64;
         let record = &state["executables"][format!("{id}/main/app")];
-        assert_eq!(record["pending_restart"], Value::Null, "{id}: {record}");
+        // A restart berth committed to (and counted) whose start had not
+        // reached the engine when berth stopped: the next berth performs it
+        // without counting it again.
+        let committed_not_started = record["pending_restart"]["prev_started_at"]
+            .as_str()
+            .is_some_and(|prev| c["State"]["StartedAt"] == prev);
         assert_eq!(
             record["restart_count"].as_u64().unwrap(),
-            starts - 1,
-            "{id}: restart_count against the engine's {starts} starts"
+            starts - 1 + u64::from(committed_not_started),
+            "{id}: restart_count against the engine's {starts} starts: {record}"
         );
         assert!(starts > 5, "{id}: the loop ran ({starts} starts)");
     }
