@@ -395,3 +395,39 @@ fn kill_9_loop_never_loses_or_doubles_a_count() {
         assert!(starts > 5, "{id}: the loop ran ({starts} starts)");
     }
 }
+
+/// "started again by hand (docker start) after such a stop": the policy
+/// applies again, for each policy; the hand start itself is not counted.
+#[test]
+fn row_started_again_by_hand() {
+    let mut s = Setup::new("handstart");
+    // (deployment, policy, after a crash: status, restarts)
+    let rows = [
+        ("h-always", "always", "Running", 1),
+        ("h-onfail", "on-failure", "Running", 1),
+        ("h-never", "never", "Error", 0),
+    ];
+    for (id, policy, ..) in rows {
+        s.berth
+            .write_deployment(id, &deployment(id, policy, LONG_RUNNING));
+    }
+    s.berth.start();
+    for (id, _, after, restarts) in rows {
+        s.wait(id, |d| d["status"] == "Running");
+        let container = s.container_id(id);
+        docker(&["stop", "-t", "1", &container]);
+        s.wait(id, |d| d["status"] == "Stopped");
+        docker(&["start", &container]);
+        let doc = s.wait(id, |d| d["status"] == "Running");
+        assert_eq!(doc["restart_count"], 0, "{id}: a hand start is not counted");
+        std::thread::sleep(Duration::from_millis(500));
+        docker(&["exec", &container, "sh", "-c", "kill -USR1 1"]);
+        let doc = s.wait(id, |d| {
+            d["status"] == after && d["restart_count"] == restarts && exe(d)["exit_code"] != 0
+        });
+        if after == "Error" {
+            assert_eq!(doc["error_code"], "DEP_E152", "{id}: {doc}");
+        }
+    }
+    s.berth.sigterm();
+}
