@@ -1060,10 +1060,13 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         let Some(key) = key_from_labels(&event.labels) else {
             return;
         };
-        let policy = match self.deployments.get(&key.deployment) {
-            Some(dep) if !dep.removing => dep.spec.restart,
-            _ => return, // unknown, or being removed by berth
-        };
+        if !self
+            .deployments
+            .get(&key.deployment)
+            .is_some_and(|dep| !dep.removing)
+        {
+            return; // unknown, or being removed by berth
+        }
         let Some(exec) = self.exec_mut(&key) else {
             return;
         };
@@ -1114,7 +1117,6 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 ));
                 exec.exit_code = None;
                 exec.launched = true;
-                let _ = policy;
                 self.apply(&key, Happening::StartedByHand, None, None);
             }
             EventAction::Destroy if !exec.berth_stopping => {

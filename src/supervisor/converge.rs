@@ -343,7 +343,6 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         exec.reason = Some("updating".into());
         exec.error_code = None;
         let old = exec.container_id.clone();
-        let hash = exec.hash.clone();
         let name = container_name(&device, key);
         let runtime = self.runtime.clone();
         let tx = self.tx.clone();
@@ -367,7 +366,6 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 runtime.inspect(&new_id).await
             }
             .await;
-            let _ = hash;
             let _ = tx.send(Msg::Launched {
                 key,
                 container_id: Some(new_id),
@@ -529,32 +527,33 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     /// The first dependency of `id` that is not yet `Succeeded` (or is in
     /// `Error`), if any.
     pub(super) fn unmet_dependency(&self, id: &str) -> Option<String> {
-        let dep = self.deployments.get(id)?;
-        let ros = dep.spec.ros.then(|| ROS_MASTER_DEPLOYMENT.to_string());
-        dep.spec
-            .depends_on
-            .iter()
-            .chain(ros.as_ref())
-            .find(|d| match self.deployments.get(*d) {
-                Some(other) => other.phase != Phase::Succeeded || other.status() == Status::Error,
-                None => true,
-            })
-            .map(|d| describe(d))
+        self.first_dependency(id, |other| match other {
+            Some(o) => o.phase != Phase::Succeeded || o.status() == Status::Error,
+            None => true,
+        })
     }
 
     /// The first dependency of `id` in `Error`, if any (`DEP_E156`).
     pub(super) fn failed_dependency(&self, id: &str) -> Option<String> {
+        self.first_dependency(id, |other| {
+            other.is_some_and(|o| o.status() == Status::Error)
+        })
+    }
+
+    /// The first of `id`'s dependencies (the shared ROS master included, for
+    /// a ROS deployment) that `matches`, named for a reason.
+    fn first_dependency(
+        &self,
+        id: &str,
+        matches: impl Fn(Option<&Deployment>) -> bool,
+    ) -> Option<String> {
         let dep = self.deployments.get(id)?;
         let ros = dep.spec.ros.then(|| ROS_MASTER_DEPLOYMENT.to_string());
         dep.spec
             .depends_on
             .iter()
             .chain(ros.as_ref())
-            .find(|d| {
-                self.deployments
-                    .get(*d)
-                    .is_some_and(|o| o.status() == Status::Error)
-            })
+            .find(|d| matches(self.deployments.get(*d)))
             .map(|d| describe(d))
     }
 
