@@ -19,8 +19,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::model::{
-    Command, ComponentSpec, DeploymentSpec, ExecutableSpec, Limits, PullPolicy, RestartPolicy,
-    Volume,
+    Command, ComponentSpec, DeploymentSpec, ExecutableSpec, Limits, Network, PullPolicy,
+    RestartPolicy, Volume,
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/berth/berth.toml";
@@ -946,6 +946,8 @@ struct RawDeployment {
 #[serde(deny_unknown_fields)]
 struct RawComponent {
     name: Spanned<String>,
+    #[serde(default)]
+    network: Network,
     executables: Option<Spanned<Vec<RawExecutable>>>,
 }
 
@@ -1068,7 +1070,11 @@ fn load_deployment_located(path: &Path) -> Result<Located, Vec<ConfigError>> {
                         format!("duplicate component name \"{name}\""),
                     );
                 }
-                let executables = check_executables(&mut c, &component.name, component.executables);
+                let mut executables =
+                    check_executables(&mut c, &component.name, component.executables);
+                for exe in &mut executables {
+                    exe.network = component.network;
+                }
                 components.push(ComponentSpec { name, executables });
             }
         }
@@ -1200,6 +1206,7 @@ fn check_executables(
             limits,
             volumes,
             devices,
+            network: Network::Host,
         });
     }
     out
@@ -1935,6 +1942,7 @@ devices = ["/dev/ttyUSB0"]
                             read_only: true,
                         }],
                         devices: vec!["/dev/ttyUSB0".into()],
+                        network: Network::Host,
                     }],
                 }],
                 source: path.clone(),

@@ -29,12 +29,29 @@ const EXIT_NOT_RUNNING: u8 = 3;
 /// Exit code of `berth exec` when berth itself fails, as `docker exec` does.
 const EXIT_EXEC_FAILED: u8 = 125;
 
-/// berth runs the deployments of this robot as supervised Docker containers
-/// and reports their state over MQTT.
+/// Runs robot deployments as supervised Docker containers, reports over MQTT
+///
+/// berth runs the deployments of this robot (one TOML file each) as Docker
+/// containers, enforces their restart policies, counts restarts, and
+/// publishes the state of every deployment over MQTT. `berth run` is the
+/// daemon that the systemd unit starts; the other commands are for an
+/// operator on the robot.
+///
+/// Every command reads the agent config: `--config FILE`, else
+/// `$BERTH_CONFIG`, else /etc/berth/berth.toml. It names the deployments
+/// directory (one `*.toml` file per deployment), the state directory (where
+/// the daemon's control socket is), the Docker engine and the MQTT broker;
+/// relative paths in it are resolved against the config file's directory.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(
+    version,
+    after_help = "Each command's --help gives its exit status, e.g. `berth run --help`.
+Every config key and MQTT topic: /usr/share/doc/berth/README.md"
+)]
 struct Cli {
-    /// The agent config file.
+    /// The agent config file
+    ///
+    /// Relative paths inside it are resolved against its directory.
     #[arg(
         long,
         short,
@@ -49,23 +66,67 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the daemon: start, supervise and report every deployment.
+    /// Run the daemon: start, supervise and report every deployment
+    ///
+    /// Reads the agent config, then every `*.toml` file of its
+    /// `deployments_dir`; connects to the Docker engine (`[docker] host`) and
+    /// the MQTT broker (`[mqtt] url`); adopts the containers it already runs
+    /// (label `berth.device=<device_id>`) without restarting them; and
+    /// converges to the files. It stays in the foreground and logs to
+    /// standard output (`[log]`; `RUST_LOG` overrides the level). An engine
+    /// or broker that is away is retried, never fatal.
+    ///
+    /// The agent config must be valid to start; an invalid deployment file
+    /// affects its own deployment only (`FailedToStart`). Under systemd
+    /// (`NOTIFY_SOCKET`) berth reports readiness, a one-line status and
+    /// watchdog pings.
+    #[command(after_help = "Signals:
+  SIGHUP           re-read the agent config and every deployment file, and
+                   converge (`systemctl reload berth`); an invalid agent config
+                   is logged and the running one stays. Changes in
+                   deployments_dir are also picked up without it.
+  SIGTERM, SIGINT  stop berth; every container keeps running, and the next
+                   start adopts it
+
+Exit status:
+  0   stopped by SIGTERM or SIGINT
+  78  the agent config cannot be used at start-up: it is invalid (`berth
+      check-config` says why), or a file it names cannot be read (boot_id_file,
+      a password_file, ca_file, cert_file, key_file); systemd does not restart
+      berth on it
+  1   any other failure, such as a state_dir that cannot be created")]
     Run,
-    /// Check the agent config and every deployment file; print each error as
-    /// `file:line:col: message` and exit 1 if there is any.
+    /// Validate the agent config and every deployment file
+    ///
+    /// Reads the agent config and every `*.toml` file of its `deployments_dir`
+    /// as `berth run` does, and checks the dependencies between deployments
+    /// (unknown ids, cycles). Needs neither the daemon, the engine nor the
+    /// broker, and changes nothing: run it after an edit, before `systemctl
+    /// reload berth`.
+    ///
+    /// Prints each error on standard output as `file:line:col: message`, or
+    /// `<config>: ok` when there is none. It does not open the files the
+    /// config names (passwords, certificates, boot_id_file) nor match the TLS
+    /// files against the url (they need `mqtts://`): `berth run` does that at
+    /// start-up and exits 78 on a problem.
+    #[command(after_help = "Exit status:
+  0  every file is valid
+  1  at least one error, each printed; or the agent config cannot be read")]
     CheckConfig,
     /// Show every deployment and its executables, as the running daemon sees
-    /// them.
+    /// them
     ///
     /// Asks the daemon on its control socket (`<state_dir>/berth.sock`, read
     /// from the agent config) and prints one row per deployment: phase,
     /// status, restart count, error code and reason, with each executable
     /// (component/name) indented below it. The first line tells whether the
     /// Docker engine answers; the last one shows the shared ROS master, if
-    /// any. Colours only when stdout is a terminal.
+    /// any. Colours only when stdout is a terminal. The socket is only
+    /// open to the user berth runs as (root).
     #[command(after_help = "Exit status:
   0  shown
-  1  failed: the agent config is unreadable, or the daemon refused the request
+  1  failed: the agent config is unreadable or invalid, no permission to use
+     the socket, or the daemon did not answer with a status
   3  berth is not running: no daemon answers on the control socket")]
     Status {
         /// Print the documents exactly as MQTT carries them:
@@ -73,14 +134,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print the output of an executable's container.
+    /// Print the output of an executable's container
     ///
     /// The container's stdout goes to stdout and its stderr to stderr. Works
-    /// without the daemon: berth asks the Docker engine of the agent config
-    /// directly.
+    /// without the daemon, and for a container that has stopped: berth finds
+    /// the container by its labels on the Docker engine of the agent config.
+    /// The shared ROS master is `berth logs _ros`.
     #[command(after_help = "Exit status:
   0  done
-  1  no such deployment or executable, or the Docker engine failed")]
+  1  no such deployment or executable (or several, and none named), the agent
+     config is unreadable or invalid, or the Docker engine failed")]
     Logs {
         /// The deployment's id.
         deployment: String,
@@ -97,15 +160,19 @@ enum Command {
         #[arg(long, short)]
         timestamps: bool,
     },
-    /// Run a command inside an executable's running container, for debugging.
+    /// Run a command inside an executable's running container, for debugging
     ///
     /// With stdin on a terminal the command gets a terminal of its own (try
     /// `berth exec DEPLOYMENT EXECUTABLE -- sh`); keys, Ctrl-C included, go to
-    /// the command. Otherwise stdin, stdout and stderr are plain pipes.
+    /// the command. Otherwise stdin, stdout and stderr are plain pipes. Works
+    /// without the daemon, like `berth logs`.
     #[command(after_help = "Exit status:
-  N    the command's own exit code
-  125  berth could not run it: no such deployment or executable, the container is
-       not running, or the Docker engine failed")]
+  N        the command's own exit code; 126 or 127 when the engine could not
+           run it (for example a command not in the container's $PATH)
+  129/143  berth got SIGHUP/SIGTERM and ended the session
+  125      berth could not run it: no such deployment or executable, the
+           container is not running, the agent config is unreadable or
+           invalid, or the Docker engine failed")]
     Exec {
         /// The deployment's id.
         deployment: String,

@@ -137,6 +137,19 @@ pub struct Volume {
     pub read_only: bool,
 }
 
+/// How the executables of a component are networked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Network {
+    /// The host's network: executables reach each other (and the robot's
+    /// other programs) on `localhost`.
+    #[default]
+    Host,
+    /// A bridge network of the component's own: executables reach each other
+    /// by executable name, and nothing else shares their ports.
+    Isolated,
+}
+
 /// One container's worth of spec.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ExecutableSpec {
@@ -148,6 +161,9 @@ pub struct ExecutableSpec {
     pub limits: Limits,
     pub volumes: Vec<Volume>,
     pub devices: Vec<String>,
+    /// The component's `network`, carried here so that it is part of the
+    /// spec hash: changing it recreates the containers.
+    pub network: Network,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -208,6 +224,11 @@ impl fmt::Display for ExecKey {
             self.deployment, self.component, self.executable
         )
     }
+}
+
+/// The bridge network of an isolated component: `berth.<device>.<deployment>.<component>`.
+pub fn network_name(device_id: &str, key: &ExecKey) -> String {
+    format!("berth.{device_id}.{}.{}", key.deployment, key.component)
 }
 
 /// Label keys berth puts on every container it creates.

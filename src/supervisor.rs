@@ -1469,6 +1469,7 @@ impl Exec {
                 limits: Default::default(),
                 volumes: Vec::new(),
                 devices: Vec::new(),
+                network: Default::default(),
             },
             env: BTreeMap::new(),
             hash: String::new(),
@@ -1735,7 +1736,7 @@ async fn launch_container<R: ContainerRuntime>(
 ) -> (Option<String>, Result<ContainerInfo, RuntimeError>) {
     let id = match container_id {
         Some(id) => id,
-        None => match runtime.create(spec).await {
+        None => match converge::create_container(runtime, spec).await {
             Ok(id) => id,
             Err(RuntimeError::Engine { message, .. }) if message.contains("No such image") => {
                 return (
@@ -1942,6 +1943,7 @@ mod tests {
                     },
                     volumes: Vec::new(),
                     devices: Vec::new(),
+                    network: Default::default(),
                 }],
             }],
             source: "/etc/berth/deployments.d/talker.toml".into(),

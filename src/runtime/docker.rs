@@ -6,11 +6,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use bollard::errors::Error as BollardError;
-use bollard::models::{ContainerCreateBody, DeviceMapping, HostConfig};
+use bollard::models::{
+    ContainerCreateBody, DeviceMapping, EndpointSettings, HostConfig, NetworkCreateRequest,
+    NetworkingConfig,
+};
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, EventsOptions, InspectContainerOptions,
-    ListContainersOptions, RemoveContainerOptions, RenameContainerOptions, StartContainerOptions,
-    StopContainerOptions,
+    InspectNetworkOptions, ListContainersOptions, RemoveContainerOptions, RenameContainerOptions,
+    StartContainerOptions, StopContainerOptions,
 };
 use bollard::{ClientVersion, Docker};
 use futures_util::StreamExt;
@@ -34,6 +37,9 @@ pub struct DockerRuntime {
     /// Built lazily: bollard refuses a unix socket that does not exist yet,
     /// and the engine may come up after berth.
     client: Mutex<Option<Docker>>,
+    /// The engine accepts two networks of one name: berth creates them one
+    /// at a time, so the executables of a component starting together share one.
+    network_lock: tokio::sync::Mutex<()>,
 }
 
 impl DockerRuntime {
@@ -41,6 +47,7 @@ impl DockerRuntime {
         DockerRuntime {
             host: host.to_string(),
             client: Mutex::new(None),
+            network_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -232,7 +239,18 @@ impl ContainerRuntime for DockerRuntime {
             devices: (!devices.is_empty()).then_some(devices),
             ..Default::default()
         };
+        // An isolated component's network, with the executable's name as alias.
+        let networking_config = (spec.network_mode != "host").then(|| NetworkingConfig {
+            endpoints_config: Some(HashMap::from([(
+                spec.network_mode.clone(),
+                EndpointSettings {
+                    aliases: Some(spec.network_aliases.clone()),
+                    ..Default::default()
+                },
+            )])),
+        });
         let body = ContainerCreateBody {
+            networking_config,
             image: Some(spec.image.clone()),
             cmd: spec.cmd.clone(),
             env: Some(env),
@@ -291,6 +309,45 @@ impl ContainerRuntime for DockerRuntime {
             .rename_container(id, options)
             .await
             .map_err(|e| engine_error("rename", id, e))
+    }
+
+    async fn ensure_network(&self, name: &str, labels: &BTreeMap<String, String>) -> Result<()> {
+        let docker = self.client()?;
+        let _one_at_a_time = self.network_lock.lock().await;
+        match docker
+            .inspect_network(name, None::<InspectNetworkOptions>)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {}
+            Err(e) => return Err(engine_error("inspect network", name, e)),
+        }
+        let request = NetworkCreateRequest {
+            name: name.to_string(),
+            driver: Some("bridge".into()),
+            labels: Some(labels.clone().into_iter().collect()),
+            ..Default::default()
+        };
+        match docker.create_network(request).await {
+            // 409: created meanwhile.
+            Ok(_)
+            | Err(BollardError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(()),
+            Err(e) => Err(engine_error("create network", name, e)),
+        }
+    }
+
+    async fn remove_network(&self, name: &str) -> Result<()> {
+        match self.client()?.remove_network(name).await {
+            Ok(())
+            | Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(engine_error("remove network", name, e)),
+        }
     }
 
     fn events(

@@ -40,6 +40,8 @@ pub enum Call {
     Remove(String),
     /// The container, and its new name.
     Rename(String, String),
+    EnsureNetwork(String),
+    RemoveNetwork(String),
     Events {
         since: Option<i64>,
         until: Option<i64>,
@@ -558,6 +560,18 @@ impl ContainerRuntime for FakeRuntime {
             .ok_or_else(|| RuntimeError::NotFound(id.to_string()))?;
         inner.remove(&found);
         Ok(())
+    }
+
+    async fn ensure_network(&self, name: &str, _labels: &BTreeMap<String, String>) -> Result<()> {
+        let mut inner = self.lock();
+        inner.calls.push(Call::EnsureNetwork(name.to_string()));
+        inner.check_up()
+    }
+
+    async fn remove_network(&self, name: &str) -> Result<()> {
+        let mut inner = self.lock();
+        inner.calls.push(Call::RemoveNetwork(name.to_string()));
+        inner.check_up()
     }
 
     async fn rename(&self, id: &str, name: &str) -> Result<()> {

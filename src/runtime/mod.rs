@@ -45,9 +45,12 @@ pub struct ContainerSpec {
     /// `host:container[:ro]` binds.
     pub binds: Vec<String>,
     pub devices: Vec<String>,
-    /// Engine network mode; `host` by default so that the executables of a
-    /// component reach each other on localhost.
+    /// Engine network mode: `host` by default, so that the executables of a
+    /// component reach each other on localhost; or the name of an isolated
+    /// component's own network.
     pub network_mode: String,
+    /// Names the container answers to on that network (isolated components).
+    pub network_aliases: Vec<String>,
 }
 
 /// The engine's view of one container.
@@ -135,6 +138,14 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     fn stop(&self, id: &str, grace_secs: i64) -> impl Future<Output = Result<()>> + Send;
     fn remove(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
     fn rename(&self, id: &str, name: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Creates a bridge network with these labels unless it exists.
+    fn ensure_network(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Removes a network; one that does not exist is fine.
+    fn remove_network(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
     /// Container events of this device from `since_nanos` (engine time) on;
     /// with `until_nanos` the stream ends there, without it it stays live.
     fn events(

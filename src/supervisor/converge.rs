@@ -13,7 +13,8 @@ use tracing::{error, info, warn};
 use super::{ensure_images, Deployment, Exec, Msg, Supervisor};
 use crate::config::{self, Deployments};
 use crate::model::{
-    container_labels, container_name, labels, ExecKey, Phase, Status, ROS_MASTER_DEPLOYMENT,
+    container_labels, container_name, labels, network_name, ExecKey, Network, Phase, Status,
+    ROS_MASTER_DEPLOYMENT,
 };
 use crate::report::Reporter;
 use crate::runtime::{ContainerRuntime, RuntimeError};
@@ -273,7 +274,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 for (key, spec, _) in &outdated {
                     // A leftover of an update berth did not finish.
                     let _ = runtime.remove(&spec.name).await;
-                    match runtime.create(spec).await {
+                    match create_container(&*runtime, spec).await {
                         Ok(id) => created.push((key.clone(), id)),
                         Err(e) => {
                             for (_, id) in &created {
@@ -476,6 +477,21 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         }
         dep.phase = Phase::DeploymentStopped;
         dep.dirty = true;
+        // The networks of its isolated components go with it.
+        let networks: BTreeSet<String> = dep
+            .spec
+            .executables()
+            .filter(|(_, e)| e.network == Network::Isolated)
+            .map(|(c, e)| network_name(&self.config.device_id, &ExecKey::new(id, &c.name, &e.name)))
+            .collect();
+        for name in networks {
+            let runtime = self.runtime.clone();
+            self.tracker.spawn(async move {
+                if let Err(e) = runtime.remove_network(&name).await {
+                    warn!(network = name, error = %e, "cannot remove network");
+                }
+            });
+        }
         info!(deployment = id, "deprovisioned");
         self.event(serde_json::json!({
             "event": "phase",
@@ -647,8 +663,28 @@ pub(super) fn container_spec(device_id: &str, exec: &Exec) -> crate::runtime::Co
             })
             .collect(),
         devices: exec.spec.devices.clone(),
-        network_mode: "host".into(),
+        network_mode: match exec.spec.network {
+            Network::Host => "host".into(),
+            Network::Isolated => network_name(device_id, &exec.key),
+        },
+        network_aliases: match exec.spec.network {
+            Network::Host => Vec::new(),
+            Network::Isolated => vec![exec.key.executable.clone()],
+        },
     }
+}
+
+/// Creates a container, and first the network of an isolated component.
+pub(super) async fn create_container<R: ContainerRuntime>(
+    runtime: &R,
+    spec: &crate::runtime::ContainerSpec,
+) -> Result<String, RuntimeError> {
+    if spec.network_mode != "host" {
+        let device = spec.labels.get(labels::DEVICE).cloned().unwrap_or_default();
+        let labels = BTreeMap::from([(labels::DEVICE.to_string(), device)]);
+        runtime.ensure_network(&spec.network_mode, &labels).await?;
+    }
+    runtime.create(spec).await
 }
 
 /// The spec hash a container was created from.

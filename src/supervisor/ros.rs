@@ -130,6 +130,7 @@ fn master_spec(
                 limits: Limits::default(),
                 volumes: Vec::new(),
                 devices: Vec::new(),
+                network: Default::default(),
             }],
         }],
         source: dir.to_path_buf(),

@@ -138,7 +138,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
         rows.push(
             Row::new(
                 5,
-                "restart later than scheduled (die → start − back-off), p50 / p99 / max",
+                "die → start minus the scheduled back-off (berth's timer + the engine's start work), p50 / p99 / max",
             )
             .berth(format!("{} / {} / {}", ms(d.p50), ms(d.p99), ms(d.max))),
         );
