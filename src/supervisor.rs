@@ -1060,10 +1060,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         let Some(key) = key_from_labels(&event.labels) else {
             return;
         };
-        if !self
+        if self
             .deployments
             .get(&key.deployment)
-            .is_some_and(|dep| !dep.removing)
+            .is_none_or(|dep| dep.removing)
         {
             return; // unknown, or being removed by berth
         }
