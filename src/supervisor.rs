@@ -147,6 +147,9 @@ struct Exec {
     /// Engine time of the manual stop berth saw for it, if any: an engine
     /// shutdown's own stops look like manual ones until the engine is back.
     manual_at: Option<i64>,
+    /// The image of the current container (the previous one's while an
+    /// update has not been applied).
+    running_image: Option<String>,
 }
 
 /// Live state of one deployment.
@@ -169,6 +172,8 @@ struct Deployment {
     updating: bool,
     /// Executables an update dropped, being stopped and removed.
     retiring: Vec<Exec>,
+    /// The phase of the last published document: a change is an event.
+    published_phase: Option<Phase>,
 }
 
 /// How the replay says a container ended while berth was away.
@@ -271,8 +276,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             rebooted = self.rebooted,
             "berth supervisor starting"
         );
+        // The agent document goes out with the first answer (or silence) of
+        // the engine, so that it never claims a state berth has not seen.
         self.save_state();
-        self.publish_agent();
         for dep in self.deployments.values_mut() {
             dep.dirty = true;
         }
@@ -636,6 +642,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         };
         exec.container_id = Some(info.id.clone());
         exec.container_hash = converge::container_hash(&info);
+        exec.running_image = Some(info.image.clone());
         exec.started_at = info.started_at.clone().filter(|_| info.has_started());
         exec.started_nanos = exec.started_at.as_deref().map(parse_nanos).unwrap_or(0);
         exec.exit_code = None;
@@ -787,7 +794,13 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         let needs: Vec<&Exec> = dep
             .execs
             .iter()
-            .filter(|e| e.container_id.is_none() && !e.busy && e.status == Status::Pending)
+            .filter(|e| {
+                // Waiting for a container, or for an image to retry.
+                e.container_id.is_none()
+                    && !e.busy
+                    && (e.status == Status::Pending
+                        || e.error_code == Some(ErrorCode::ImageUnavailable))
+            })
             .collect();
         if needs.is_empty() {
             dep.update_phase();
@@ -806,7 +819,12 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             if dep.phase == Phase::InProgress {
                 dep.phase = Phase::Provisioning;
             }
-            for exec in dep.execs.iter_mut().filter(|e| e.container_id.is_none()) {
+            // An image that could not be had stays `Error` while it is retried.
+            for exec in dep
+                .execs
+                .iter_mut()
+                .filter(|e| e.container_id.is_none() && e.status != Status::Error)
+            {
                 exec.set(
                     Status::Pending,
                     Some(format!("pulling image {}", exec.spec.image)),
@@ -950,6 +968,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             Ok(info) => {
                 let exec = self.exec_mut(key).expect("exec exists");
                 exec.launched = true;
+                exec.running_image = Some(info.image.clone());
                 exec.started_at = info.started_at.clone();
                 exec.started_nanos = info.started_at.as_deref().map(parse_nanos).unwrap_or(0);
                 exec.exit_code = None;
@@ -1180,15 +1199,21 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 self.record_status(key, Status::Completed, code);
             }
             Decision::Fail => {
-                let reason = match code {
-                    Some(c) => format!("exited with code {c}; restart policy {policy}"),
-                    None => "failed; restart policy never".into(),
-                };
+                let reason = exit_reason(code.unwrap_or(0), policy);
                 exec.set(
                     Status::Error,
-                    Some(reason),
+                    Some(reason.clone()),
                     Some(ErrorCode::ExecutableFailed),
                 );
+                self.event(serde_json::json!({
+                    "event": "error",
+                    "deployment": key.deployment,
+                    "component": key.component,
+                    "executable": key.executable,
+                    "error_code": ErrorCode::ExecutableFailed,
+                    "exit_code": code,
+                    "reason": reason,
+                }));
                 self.record_status(key, Status::Error, code);
             }
             Decision::SuspendUntilReboot => {
@@ -1284,13 +1309,6 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             self.restart(&key, &exit, code);
         }
         for id in pulls {
-            if let Some(dep) = self.deployments.get_mut(&id) {
-                for exec in dep.execs.iter_mut().filter(|e| e.container_id.is_none()) {
-                    if exec.status == Status::Error {
-                        exec.status = Status::Pending;
-                    }
-                }
-            }
             self.maybe_provision(&id);
         }
     }
@@ -1391,8 +1409,21 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             return;
         }
         self.publish_summary();
+        let mut changes = Vec::new();
         for dep in self.deployments.values_mut() {
+            if dep.dirty && dep.published_phase != Some(dep.phase) {
+                dep.published_phase = Some(dep.phase);
+                changes.push((dep.spec.id.clone(), dep.phase, dep.failure.clone()));
+            }
             dep.dirty = false;
+        }
+        for (id, phase, reason) in changes {
+            self.event(serde_json::json!({
+                "event": "phase",
+                "deployment": id,
+                "phase": phase,
+                "reason": reason,
+            }));
         }
         for (id, doc) in docs {
             if id == ROS_MASTER_DEPLOYMENT {
@@ -1489,6 +1520,7 @@ impl Exec {
             container_hash: None,
             pending_swap: None,
             manual_at: None,
+            running_image: None,
         }
     }
 
@@ -1527,6 +1559,7 @@ impl Deployment {
                     container_hash: None,
                     pending_swap: None,
                     manual_at: None,
+                    running_image: None,
                 }
             })
             .collect();
@@ -1543,6 +1576,7 @@ impl Deployment {
             removing: false,
             updating: false,
             retiring: Vec::new(),
+            published_phase: None,
         }
     }
 
@@ -1580,6 +1614,7 @@ impl Deployment {
             removing: false,
             updating: false,
             retiring: Vec::new(),
+            published_phase: None,
         }
     }
 
@@ -1618,7 +1653,10 @@ impl Deployment {
                 component: e.key.component.clone(),
                 name: e.key.executable.clone(),
                 container_id: e.container_id.clone(),
-                image: e.spec.image.clone(),
+                image: e
+                    .running_image
+                    .clone()
+                    .unwrap_or_else(|| e.spec.image.clone()),
                 status: e.status,
                 reason: e.reason.clone(),
                 error_code: e.error_code,
@@ -1681,7 +1719,16 @@ fn merged_env(
     env.extend(exe.env.clone());
     env.extend(spec.env.clone());
     if spec.ros {
-        env.insert("ROS_MASTER_URI".into(), config.ros.master_uri.clone());
+        let uri = match exe.network {
+            crate::model::Network::Host => config.ros.master_uri.clone(),
+            // The master is on the host network.
+            crate::model::Network::Isolated => config
+                .ros
+                .master_uri
+                .replacen("localhost", converge::HOST_ALIAS, 1)
+                .replacen("127.0.0.1", converge::HOST_ALIAS, 1),
+        };
+        env.insert("ROS_MASTER_URI".into(), uri);
     }
     env
 }

@@ -74,8 +74,6 @@ pub enum MqttError {
     PasswordWithoutUsername,
     #[error("mqtt cert_file and key_file go together; set both for mutual TLS, or neither")]
     HalfClientAuth,
-    #[error("mqtt ca_file, cert_file and key_file need an mqtts:// url")]
-    TlsFilesWithoutTls,
     #[error(
         "no system CA bundle found (looked for {}); set mqtt ca_file",
         SYSTEM_CA_BUNDLES.join(", ")
@@ -703,7 +701,8 @@ fn options(
         || settings.cert_file.is_some()
         || settings.key_file.is_some()
     {
-        return Err(MqttError::TlsFilesWithoutTls);
+        // As in SPEC 3's own example: the files wait for an mqtts:// url.
+        tracing::warn!("mqtt ca_file, cert_file and key_file are ignored: the url is not mqtts://");
     }
     Ok(options)
 }
@@ -1530,10 +1529,12 @@ mod tests {
             })
         ));
 
+        // TLS files with a plain url are ignored (with a warning), as
+        // `check-config` accepts them.
         s.url = "mqtt://broker.example.com".to_owned();
         s.cert_file = None;
         s.key_file = None;
-        assert!(matches!(check(&s), Err(MqttError::TlsFilesWithoutTls)));
+        assert!(check(&s).is_ok());
     }
 
     #[test]

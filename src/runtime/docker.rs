@@ -94,12 +94,9 @@ fn engine_error(operation: &'static str, object: &str, e: BollardError) -> Runti
 
 fn to_info(c: bollard::models::ContainerInspectResponse) -> ContainerInfo {
     let state = c.state.unwrap_or_default();
-    let labels = c
-        .config
-        .and_then(|config| config.labels)
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
+    let config = c.config.unwrap_or_default();
+    let image = config.image.unwrap_or_default();
+    let labels = config.labels.unwrap_or_default().into_iter().collect();
     ContainerInfo {
         id: c.id.unwrap_or_default(),
         name: c
@@ -108,6 +105,7 @@ fn to_info(c: bollard::models::ContainerInspectResponse) -> ContainerInfo {
             .trim_start_matches('/')
             .to_string(),
         labels,
+        image,
         state: state.status.map(|s| s.to_string()).unwrap_or_default(),
         running: state.running.unwrap_or(false),
         exit_code: state.exit_code,
@@ -236,6 +234,7 @@ impl ContainerRuntime for DockerRuntime {
             nano_cpus: spec.nano_cpus,
             memory: spec.memory_bytes,
             binds: (!spec.binds.is_empty()).then(|| spec.binds.clone()),
+            extra_hosts: (!spec.extra_hosts.is_empty()).then(|| spec.extra_hosts.clone()),
             devices: (!devices.is_empty()).then_some(devices),
             ..Default::default()
         };

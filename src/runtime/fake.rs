@@ -66,6 +66,7 @@ impl Container {
             id: self.id.clone(),
             name: self.spec.name.clone(),
             labels: self.spec.labels.clone(),
+            image: self.spec.image.clone(),
             state: self.state.to_string(),
             running: self.state == "running",
             exit_code: Some(self.exit_code),

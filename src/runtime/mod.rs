@@ -51,6 +51,8 @@ pub struct ContainerSpec {
     pub network_mode: String,
     /// Names the container answers to on that network (isolated components).
     pub network_aliases: Vec<String>,
+    /// `host:ip` entries for `/etc/hosts` (`host-gateway` is the host).
+    pub extra_hosts: Vec<String>,
 }
 
 /// The engine's view of one container.
@@ -59,6 +61,8 @@ pub struct ContainerInfo {
     pub id: String,
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// The image it was created from, as given.
+    pub image: String,
     /// `created`, `running`, `exited`, `restarting`, `paused`, `dead`, `removing`.
     pub state: String,
     pub running: bool,

@@ -41,8 +41,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     || new.docker != self.config.docker
                     || new.state_dir != self.config.state_dir
                     || new.deployments_dir != self.config.deployments_dir
+                    || new.boot_id_file != self.config.boot_id_file
+                    || new.ros != self.config.ros
+                    || new.log != self.config.log
                 {
-                    warn!("reload: changes to device_id, [mqtt], [docker], state_dir or deployments_dir take effect when berth restarts");
+                    warn!("reload: changes to device_id, deployments_dir, state_dir, boot_id_file, [docker], [mqtt], [ros] or [log] take effect when berth restarts");
                 }
             }
             Err(errors) => {
@@ -72,11 +75,25 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     }
 
     /// Makes the set of deployments match the files.
-    pub(super) fn converge(
-        &mut self,
-        mut specs: Deployments,
-        mut invalid: BTreeMap<String, String>,
-    ) {
+    pub(super) fn converge(&mut self, mut specs: Deployments, invalid: BTreeMap<String, String>) {
+        // A file whose id could not be read is known by its stem: if a running
+        // deployment came from that file, the error is that deployment's.
+        let mut invalid: BTreeMap<String, String> = invalid
+            .into_iter()
+            .map(|(id, reason)| {
+                if self.deployments.contains_key(&id) {
+                    return (id, reason);
+                }
+                let from_file = self
+                    .deployments
+                    .values()
+                    .find(|d| {
+                        d.spec.source.file_stem().is_some() && file_stem(&d.spec.source) == id
+                    })
+                    .map(|d| d.spec.id.clone());
+                (from_file.unwrap_or(id), reason)
+            })
+            .collect();
         // An unknown dependency or a cycle: FailedToStart with the reason. A
         // dependency whose file is broken is not unknown: the dependent waits.
         for problem in config::dependency_problems(&specs) {
@@ -161,12 +178,6 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 );
             }
         }
-        self.event(serde_json::json!({
-            "event": "phase",
-            "deployment": id,
-            "phase": Phase::FailedToStart,
-            "reason": reason,
-        }));
     }
 
     /// A changed file: the new spec applies to the executables whose spec
@@ -305,12 +316,6 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 );
                 dep.phase = Phase::FailedToUpdate;
                 dep.failure = Some(reason.clone());
-                self.event(serde_json::json!({
-                    "event": "phase",
-                    "deployment": id,
-                    "phase": Phase::FailedToUpdate,
-                    "reason": reason,
-                }));
             }
             Ok(created) => {
                 for (key, new_id) in created {
@@ -493,11 +498,6 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             });
         }
         info!(deployment = id, "deprovisioned");
-        self.event(serde_json::json!({
-            "event": "phase",
-            "deployment": id,
-            "phase": Phase::DeploymentStopped,
-        }));
         self.publish_dirty();
         self.deployments.remove(id);
         if id == ROS_MASTER_DEPLOYMENT {
@@ -603,7 +603,10 @@ fn describe(id: &str) -> String {
 }
 
 /// The deployment files of `dir`: the valid ones, and the error of each
-/// invalid one by id (its file's stem), every error also logged.
+/// invalid one by deployment id, every error also logged. The id of an
+/// invalid file is its `id` when the file is TOML with a string `id`, else
+/// the file's stem (and `converge` maps a stem back to the deployment that
+/// file held).
 pub fn load_files(dir: &std::path::Path) -> (Deployments, BTreeMap<String, String>) {
     let (specs, broken) = config::load_deployments_dir(dir);
     let mut invalid = BTreeMap::new();
@@ -615,10 +618,11 @@ pub fn load_files(dir: &std::path::Path) -> (Deployments, BTreeMap<String, Strin
             }
             continue;
         }
-        let id = file
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| file.display().to_string());
+        let id = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|text| text.parse::<toml::Table>().ok())
+            .and_then(|table| table.get("id")?.as_str().map(str::to_string))
+            .unwrap_or_else(|| file_stem(&file));
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
         for line in &text {
             error!("{line}");
@@ -626,6 +630,12 @@ pub fn load_files(dir: &std::path::Path) -> (Deployments, BTreeMap<String, Strin
         invalid.insert(id, text.join("; "));
     }
     (specs, invalid)
+}
+
+fn file_stem(path: &std::path::Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
 }
 
 /// The exports of the deployments `spec` depends on, in `depends_on` order
@@ -642,6 +652,9 @@ pub(super) fn dependency_exports(
     }
     env
 }
+
+/// The host's name inside an isolated component's containers.
+pub(super) const HOST_ALIAS: &str = "host.docker.internal";
 
 /// What the engine is asked to create for one executable.
 pub(super) fn container_spec(device_id: &str, exec: &Exec) -> crate::runtime::ContainerSpec {
@@ -670,6 +683,12 @@ pub(super) fn container_spec(device_id: &str, exec: &Exec) -> crate::runtime::Co
         network_aliases: match exec.spec.network {
             Network::Host => Vec::new(),
             Network::Isolated => vec![exec.key.executable.clone()],
+        },
+        // From an isolated network, the host (and so the shared ROS master)
+        // is `host.docker.internal`.
+        extra_hosts: match exec.spec.network {
+            Network::Host => Vec::new(),
+            Network::Isolated => vec![format!("{HOST_ALIAS}:host-gateway")],
         },
     }
 }

@@ -283,6 +283,24 @@ fn build_berth() -> Result<PathBuf> {
         .args(["build", "--bin", "berth", "--manifest-path"])
         .arg(&manifest)
         .env("CARGO_TARGET_DIR", target_dir);
+    // `cargo run` hands this program the package's CARGO_MANIFEST_DIR,
+    // CARGO_PKG_*...; build scripts that watch them (ring's) would see a
+    // change and rebuild, here and again in the next plain `cargo build`.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if [
+            "CARGO_MANIFEST_",
+            "CARGO_PKG_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_",
+        ]
+        .iter()
+        .any(|p| key.starts_with(p))
+        {
+            command.env_remove(key.as_ref());
+        }
+    }
     if release {
         command.arg("--release");
     } else {

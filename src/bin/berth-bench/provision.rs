@@ -168,7 +168,12 @@ fn compose_up(ctx: &Ctx, dir: &std::path::Path, total: usize) -> Result<f64> {
         .arg("--file")
         .arg(&file)
         .args(["up", "--detach"])
-        .env("COMPOSE_HTTP_TIMEOUT", "600");
+        .env("COMPOSE_HTTP_TIMEOUT", "600")
+        // Compose v1 runs a task per service and, inside it, one per
+        // container, from one pool of COMPOSE_PARALLEL_LIMIT (64) threads:
+        // with more services than that, the outer tasks hold every thread
+        // and the inner ones never run (docker/compose#5864, #7486, #8161).
+        .env("COMPOSE_PARALLEL_LIMIT", (2 * total + 8).to_string());
     let started = Instant::now();
     let result = sys::run(&mut up, Duration::from_secs(900));
     let t = started.elapsed().as_secs_f64();

@@ -80,7 +80,11 @@ impl Row {
     }
 
     pub fn error(item: u8, what: &str, error: &anyhow::Error) -> Row {
-        let mut row = Row::new(item, what).berth(format!("{error:#}").replace('\n', " "));
+        let mut text = format!("{error:#}").replace('\n', " ");
+        if text.chars().count() > 300 {
+            text = text.chars().take(300).collect::<String>() + " …";
+        }
+        let mut row = Row::new(item, what).berth(text);
         row.verdict = Verdict::Error;
         row
     }
