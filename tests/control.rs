@@ -13,60 +13,24 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-const WAIT: Duration = Duration::from_secs(30);
-
 /// Writes "first" to stdout, "err" to stderr, then "out" to stdout half a
 /// second later (so that it is the last line of the log), and runs until
 /// SIGTERM.
 const SCRIPT: &str = "echo first; echo err >&2; sleep 0.5; echo out; \
                       trap 'exit 0' TERM; while true; do sleep 1; done";
 
-fn deployment(id: &str) -> String {
-    format!(
-        r#"id = "{id}"
-package = "pkg-{id}"
-package_version = "1.0.0"
-restart = "always"
-
-[[components]]
-name = "main"
-
-[[components.executables]]
-name = "app"
-image = "{TEST_IMAGE}"
-command = ["sh", "-c", {script}]
-"#,
-        script = toml::Value::String(SCRIPT.to_owned())
-    )
-}
-
-struct Setup {
-    _broker: Broker,
-    sub: Subscriber,
-    berth: Berth,
-    _guard: EngineGuard,
-}
-
 /// berth running deployment `dep`, its executable `main/app` Running.
-fn setup(prefix: &str) -> Setup {
-    let device = unique_id(prefix);
-    let guard = EngineGuard::new(&device);
-    let broker = Broker::new();
-    let mut berth = Berth::new(BerthConfig::new(&device, broker.port()));
-    let sub = Subscriber::new(broker.port(), &format!("berth/{device}/#"));
-    berth.write_deployment("dep", &deployment("dep"));
-    berth.start();
-    sub.wait_for(
-        &berth.topic("deployments/dep"),
-        |d| d["phase"] == "Succeeded" && d["status"] == "Running",
-        WAIT,
+fn setup(prefix: &str) -> Harness {
+    let mut s = Harness::new(prefix, |c| c);
+    s.berth.write_deployment(
+        "dep",
+        &deployment_toml("dep", &restart_policy("always"), TEST_IMAGE, SCRIPT),
     );
-    Setup {
-        _broker: broker,
-        sub,
-        berth,
-        _guard: guard,
-    }
+    s.berth.start();
+    s.wait("dep", |d| {
+        d["phase"] == "Succeeded" && d["status"] == "Running"
+    });
+    s
 }
 
 fn text(bytes: &[u8]) -> String {

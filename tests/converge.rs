@@ -8,94 +8,16 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-const WAIT: Duration = Duration::from_secs(30);
-const LONG_RUNNING: &str = "trap 'exit 0' TERM; trap 'exit 5' USR1; while true; do sleep 0.2; done";
-
-struct Setup {
-    sub: Subscriber,
-    berth: Berth,
-    _broker: Broker,
-    _guard: EngineGuard,
-}
-
-impl Setup {
-    fn new(prefix: &str) -> Setup {
-        let device = unique_id(prefix);
-        let guard = EngineGuard::new(&device);
-        let broker = Broker::new();
-        let berth = Berth::new(BerthConfig::new(&device, broker.port()).backoff(100, 1, 30));
-        let sub = Subscriber::new(broker.port(), &format!("berth/{device}/#"));
-        Setup {
-            sub,
-            berth,
-            _broker: broker,
-            _guard: guard,
-        }
-    }
-
-    fn wait(&self, id: &str, predicate: impl Fn(&Value) -> bool) -> Value {
-        self.sub.wait_for(
-            &self.berth.topic(&format!("deployments/{id}")),
-            predicate,
-            WAIT,
-        )
-    }
-
-    fn container(&self, deployment: &str, executable: &str) -> Value {
-        containers(self.berth.device_id())
-            .into_iter()
-            .find(|c| {
-                c["Config"]["Labels"]["berth.deployment"] == deployment
-                    && c["Config"]["Labels"]["berth.executable"] == executable
-            })
-            .unwrap_or_else(|| panic!("no container for {deployment}/{executable}"))
-    }
-}
-
-/// A deployment with one executable `app` in component `main`; `extra` is
-/// added to the top-level table (before the components).
-fn deployment(id: &str, extra: &str, image: &str, script: &str) -> String {
-    format!(
-        r#"id = "{id}"
-package = "pkg"
-package_version = "1"
-{extra}
-
-[[components]]
-name = "main"
-
-[[components.executables]]
-name = "app"
-image = "{image}"
-command = ["sh", "-c", {script}]
-"#,
-        script = toml::Value::String(script.to_owned())
-    )
-}
-
-fn exe(doc: &Value) -> &Value {
-    &doc["executables"][0]
-}
-
-fn env_of(container: &Value) -> Vec<String> {
-    container["Config"]["Env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_owned())
-        .collect()
-}
-
 #[test]
 fn a_dependency_chain_starts_in_order_with_exports() {
-    let mut s = Setup::new("chain");
+    let mut s = Harness::new("chain", |c| c.backoff(100, 1, 30));
     s.berth.write_deployment(
         "c",
-        &deployment("c", r#"depends_on = ["b"]"#, TEST_IMAGE, LONG_RUNNING),
+        &deployment_toml("c", r#"depends_on = ["b"]"#, TEST_IMAGE, LONG_RUNNING),
     );
     s.berth.write_deployment(
         "b",
-        &deployment(
+        &deployment_toml(
             "b",
             "depends_on = [\"a\"]\nexports = { B_TOPIC = \"/b\" }",
             TEST_IMAGE,
@@ -104,7 +26,7 @@ fn a_dependency_chain_starts_in_order_with_exports() {
     );
     s.berth.write_deployment(
         "a",
-        &deployment(
+        &deployment_toml(
             "a",
             "exports = { A_URL = \"http://a:1\", SHARED = \"from-a\" }",
             TEST_IMAGE,
@@ -154,14 +76,14 @@ fn a_dependency_chain_starts_in_order_with_exports() {
 
 #[test]
 fn a_failed_dependency_puts_its_dependent_in_error_until_it_recovers() {
-    let mut s = Setup::new("depfail");
+    let mut s = Harness::new("depfail", |c| c.backoff(100, 1, 30));
     s.berth.write_deployment(
         "base",
-        &deployment("base", r#"restart = "never""#, TEST_IMAGE, LONG_RUNNING),
+        &deployment_toml("base", r#"restart = "never""#, TEST_IMAGE, LONG_RUNNING),
     );
     s.berth.write_deployment(
         "app",
-        &deployment("app", r#"depends_on = ["base"]"#, TEST_IMAGE, LONG_RUNNING),
+        &deployment_toml("app", r#"depends_on = ["base"]"#, TEST_IMAGE, LONG_RUNNING),
     );
     s.berth.start();
     s.wait("app", |d| d["status"] == "Running");
@@ -187,21 +109,21 @@ fn a_failed_dependency_puts_its_dependent_in_error_until_it_recovers() {
 
 #[test]
 fn a_cycle_and_an_unknown_dependency_fail_to_start() {
-    let mut s = Setup::new("cycle");
+    let mut s = Harness::new("cycle", |c| c.backoff(100, 1, 30));
     s.berth.write_deployment(
         "x",
-        &deployment("x", r#"depends_on = ["y"]"#, TEST_IMAGE, LONG_RUNNING),
+        &deployment_toml("x", r#"depends_on = ["y"]"#, TEST_IMAGE, LONG_RUNNING),
     );
     s.berth.write_deployment(
         "y",
-        &deployment("y", r#"depends_on = ["x"]"#, TEST_IMAGE, LONG_RUNNING),
+        &deployment_toml("y", r#"depends_on = ["x"]"#, TEST_IMAGE, LONG_RUNNING),
     );
     s.berth.write_deployment(
         "z",
-        &deployment("z", r#"depends_on = ["nope"]"#, TEST_IMAGE, LONG_RUNNING),
+        &deployment_toml("z", r#"depends_on = ["nope"]"#, TEST_IMAGE, LONG_RUNNING),
     );
     s.berth
-        .write_deployment("ok", &deployment("ok", "", TEST_IMAGE, LONG_RUNNING));
+        .write_deployment("ok", &deployment_toml("ok", "", TEST_IMAGE, LONG_RUNNING));
     s.berth.start();
     for id in ["x", "y"] {
         let doc = s.wait(id, |d| d["phase"] == "FailedToStart");
@@ -225,12 +147,14 @@ fn a_cycle_and_an_unknown_dependency_fail_to_start() {
 
 #[test]
 fn files_added_edited_and_removed_while_berth_runs() {
-    let mut s = Setup::new("reload");
-    s.berth
-        .write_deployment("keep", &deployment("keep", "", TEST_IMAGE, LONG_RUNNING));
+    let mut s = Harness::new("reload", |c| c.backoff(100, 1, 30));
+    s.berth.write_deployment(
+        "keep",
+        &deployment_toml("keep", "", TEST_IMAGE, LONG_RUNNING),
+    );
     s.berth.write_deployment(
         "edit",
-        &deployment(
+        &deployment_toml(
             "edit",
             r#"env = { VERSION = "1" }"#,
             TEST_IMAGE,
@@ -242,12 +166,14 @@ fn files_added_edited_and_removed_while_berth_runs() {
     let old = exe(&s.wait("edit", |d| d["status"] == "Running"))["container_id"].clone();
 
     // Watched: no signal needed.
-    s.berth
-        .write_deployment("added", &deployment("added", "", TEST_IMAGE, LONG_RUNNING));
+    s.berth.write_deployment(
+        "added",
+        &deployment_toml("added", "", TEST_IMAGE, LONG_RUNNING),
+    );
     s.wait("added", |d| d["status"] == "Running");
     s.berth.write_deployment(
         "edit",
-        &deployment(
+        &deployment_toml(
             "edit",
             r#"env = { VERSION = "2" }"#,
             TEST_IMAGE,
@@ -288,7 +214,7 @@ fn files_added_edited_and_removed_while_berth_runs() {
     assert!(containers(s.berth.device_id())
         .iter()
         .all(|c| c["Config"]["Labels"]["berth.deployment"] != "edit"));
-    let late = Subscriber::new(s._broker.port(), &s.berth.topic("deployments/edit"));
+    let late = Subscriber::new(s.broker.port(), &s.berth.topic("deployments/edit"));
     let retained = late.wait_for_message(&s.berth.topic("deployments/edit"), |_| true, WAIT);
     assert!(retained.retained && retained.payload["phase"] == "DeploymentStopped");
 
@@ -323,14 +249,14 @@ fn files_added_edited_and_removed_while_berth_runs() {
 
 #[test]
 fn a_failed_update_keeps_the_old_container_then_a_good_one_applies() {
-    let mut s = Setup::new("update");
+    let mut s = Harness::new("update", |c| c.backoff(100, 1, 30));
     s.berth
-        .write_deployment("svc", &deployment("svc", "", TEST_IMAGE, LONG_RUNNING));
+        .write_deployment("svc", &deployment_toml("svc", "", TEST_IMAGE, LONG_RUNNING));
     s.berth.start();
     let old = exe(&s.wait("svc", |d| d["status"] == "Running"))["container_id"].clone();
     s.berth.write_deployment(
         "svc",
-        &deployment(
+        &deployment_toml(
             "svc",
             "",
             "127.0.0.1:5000/berth/no-such-image:9",
@@ -348,7 +274,7 @@ fn a_failed_update_keeps_the_old_container_then_a_good_one_applies() {
 
     s.berth.write_deployment(
         "svc",
-        &deployment("svc", r#"env = { NEW = "yes" }"#, TEST_IMAGE, LONG_RUNNING),
+        &deployment_toml("svc", r#"env = { NEW = "yes" }"#, TEST_IMAGE, LONG_RUNNING),
     );
     let doc = s.wait("svc", |d| {
         d["phase"] == "Succeeded" && d["status"] == "Running" && exe(d)["container_id"] != old
@@ -364,53 +290,45 @@ fn a_failed_update_keeps_the_old_container_then_a_good_one_applies() {
 /// back-off.
 #[test]
 fn an_update_to_a_crash_loop_applies_at_once() {
-    let device = unique_id("crashupd");
-    let _guard = EngineGuard::new(&device);
-    let broker = Broker::new();
     // A long back-off: 20 s after the second failure.
-    let mut berth = Berth::new(BerthConfig::new(&device, broker.port()).backoff(20_000, 60, 300));
-    let sub = Subscriber::new(broker.port(), &format!("berth/{device}/#"));
-    berth.write_deployment(
+    let mut s = Harness::new("crashupd", |c| c.backoff(20_000, 60, 300));
+    s.berth.write_deployment(
         "loop",
-        &deployment("loop", "", TEST_IMAGE, "sleep 0.2; exit 1"),
+        &deployment_toml("loop", "", TEST_IMAGE, "sleep 0.2; exit 1"),
     );
-    berth.start();
-    let topic = berth.topic("deployments/loop");
-    sub.wait_for(
-        &topic,
-        |d| {
-            exe(d)["reason"]
-                .as_str()
-                .is_some_and(|r| r.contains("restarting in 20s"))
-        },
-        WAIT,
-    );
+    s.berth.start();
+    s.wait("loop", |d| {
+        exe(d)["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("restarting in 20s"))
+    });
     let t0 = std::time::Instant::now();
-    berth.write_deployment("loop", &deployment("loop", "", TEST_IMAGE, LONG_RUNNING));
-    sub.wait_for(
-        &topic,
-        |d| d["status"] == "Running" && d["phase"] == "Succeeded",
-        WAIT,
+    s.berth.write_deployment(
+        "loop",
+        &deployment_toml("loop", "", TEST_IMAGE, LONG_RUNNING),
     );
+    s.wait("loop", |d| {
+        d["status"] == "Running" && d["phase"] == "Succeeded"
+    });
     assert!(
         t0.elapsed() < Duration::from_secs(10),
         "applied after {:?}",
         t0.elapsed()
     );
-    berth.sigterm();
-}
-
-fn container_state(id: &str) -> Value {
-    serde_json::from_str(docker(&["inspect", "--format", "{{json .State}}", id]).trim()).unwrap()
+    s.berth.sigterm();
 }
 
 #[test]
 fn deprovisioning_retries_a_container_the_engine_refuses_to_remove() {
-    let mut s = Setup::new("deprov");
-    s.berth
-        .write_deployment("gone", &deployment("gone", "", TEST_IMAGE, LONG_RUNNING));
-    s.berth
-        .write_deployment("stuck", &deployment("stuck", "", TEST_IMAGE, LONG_RUNNING));
+    let mut s = Harness::new("deprov", |c| c.backoff(100, 1, 30));
+    s.berth.write_deployment(
+        "gone",
+        &deployment_toml("gone", "", TEST_IMAGE, LONG_RUNNING),
+    );
+    s.berth.write_deployment(
+        "stuck",
+        &deployment_toml("stuck", "", TEST_IMAGE, LONG_RUNNING),
+    );
     s.berth.start();
     s.wait("gone", |d| d["status"] == "Running");
     let stuck = exe(&s.wait("stuck", |d| d["status"] == "Running"))["container_id"]
@@ -456,7 +374,7 @@ fn deprovisioning_retries_a_container_the_engine_refuses_to_remove() {
 
 #[test]
 fn executable_fields_reach_the_engine() {
-    let mut s = Setup::new("fields");
+    let mut s = Harness::new("fields", |c| c.backoff(100, 1, 30));
     let port = free_port();
     let host_dir = tempfile::tempdir().unwrap();
     std::fs::write(host_dir.path().join("hello.txt"), "from the host").unwrap();
@@ -525,11 +443,13 @@ command = "until echo ping | nc 127.0.0.1 {port}; do sleep 0.2; done; cat /data/
 
 #[test]
 fn pull_never_with_an_absent_image_is_dep_e161() {
-    let mut s = Setup::new("pullnever");
-    let text = deployment("n", "", "berth-test/absent:1", LONG_RUNNING).replace(
-        "image = \"berth-test/absent:1\"",
-        "image = \"berth-test/absent:1\"\npull = \"never\"",
-    );
+    let mut s = Harness::new("pullnever", |c| c.backoff(100, 1, 30));
+    let text = pull_never(&deployment_toml(
+        "n",
+        "",
+        "berth-test/absent:1",
+        LONG_RUNNING,
+    ));
     s.berth.write_deployment("n", &text);
     s.berth.start();
     let doc = s.wait("n", |d| d["status"] == "Error");

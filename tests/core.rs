@@ -4,36 +4,10 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-
-const WAIT: Duration = Duration::from_secs(30);
-
-/// A deployment file with one executable running `script` under `sh -c`.
-fn deployment(id: &str, policy: &str, image: &str, script: &str) -> String {
-    format!(
-        r#"id = "{id}"
-package = "pkg-{id}"
-package_version = "1.2.3"
-restart = "{policy}"
-
-[[components]]
-name = "main"
-
-[[components.executables]]
-name = "app"
-image = "{image}"
-command = ["sh", "-c", {script}]
-"#,
-        script = toml_string(script)
-    )
-}
-
-fn toml_string(s: &str) -> String {
-    toml::Value::String(s.to_owned()).to_string()
-}
 
 /// A script that counts its runs in the container's own filesystem (kept
 /// across restarts of the same container), exits 1 for the first `fail` runs
@@ -51,89 +25,21 @@ fn field<'a>(doc: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("document has no field {name}: {doc}"))
 }
 
-fn exe(doc: &Value) -> &Value {
-    &doc["executables"][0]
-}
-
-fn nanos_now() -> i128 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i128
-}
-
-/// The engine's own history of a container since `since_nanos`: (action, time ns).
-fn engine_history(container_id: &str, since_nanos: i128) -> Vec<(String, i128)> {
-    let since = format!(
-        "{}.{:09}",
-        since_nanos / 1_000_000_000,
-        since_nanos % 1_000_000_000
-    );
-    let until = format!("{}", nanos_now() / 1_000_000_000 + 1);
-    let out = docker(&[
-        "events",
-        "--since",
-        &since,
-        "--until",
-        &until,
-        "--filter",
-        &format!("container={container_id}"),
-        "--format",
-        "{{json .}}",
-    ]);
-    out.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .map(|v| {
-            (
-                v["Action"].as_str().unwrap_or("").to_owned(),
-                v["timeNano"].as_i64().unwrap_or(0) as i128,
-            )
-        })
-        .collect()
-}
-
 fn count(history: &[(String, i128)], action: &str) -> usize {
     history.iter().filter(|(a, _)| a == action).count()
-}
-
-struct Setup {
-    broker: Broker,
-    sub: Subscriber,
-    berth: Berth,
-    _guard: EngineGuard,
-}
-
-fn setup(prefix: &str, configure: impl FnOnce(BerthConfig) -> BerthConfig) -> Setup {
-    let device = unique_id(prefix);
-    let guard = EngineGuard::new(&device);
-    let broker = Broker::new();
-    let config = configure(BerthConfig::new(&device, broker.port()));
-    let berth = Berth::new(config);
-    let sub = Subscriber::new(broker.port(), &format!("berth/{device}/#"));
-    Setup {
-        broker,
-        sub,
-        berth,
-        _guard: guard,
-    }
 }
 
 #[test]
 fn pulls_from_the_registry_and_reports_the_spec_document() {
     let registry = Registry::new();
-    let mut s = setup("pull", |c| c);
+    let mut s = Harness::new("pull", |c| c);
     let repo = format!("berth/{}:1", s.berth.device_id().to_lowercase());
     let image = registry.push(TEST_IMAGE, &repo);
     // The engine must really pull it.
     docker(&["rmi", &image]);
     s.berth.write_deployment(
         "talker",
-        &deployment(
-            "talker",
-            "always",
-            &image,
-            "trap 'exit 0' TERM; while true; do sleep 1; done",
-        ),
+        &deployment_toml("talker", &restart_policy("always"), &image, UNTIL_SIGTERM),
     );
     s.berth.start();
 
@@ -241,7 +147,7 @@ fn pulls_from_the_registry_and_reports_the_spec_document() {
     s.berth.sigterm();
 }
 
-fn late_agent(s: &Setup) -> Value {
+fn late_agent(s: &Harness) -> Value {
     let topic = s.berth.topic("agent");
     let sub = Subscriber::new(s.broker.port(), &topic);
     let msg = sub.wait_for_message(&topic, |_| true, WAIT);
@@ -252,7 +158,7 @@ fn late_agent(s: &Setup) -> Value {
 /// SPEC 6, first two rows, for each policy: what exit 0 and exit 3 lead to.
 #[test]
 fn exit_codes_under_each_policy() {
-    let mut s = setup("policy", |c| c.backoff(100, 1, 30));
+    let mut s = Harness::new("policy", |c| c.backoff(100, 1, 30));
     // (deployment, policy, exit code, restarts?, final status, error code)
     let rows = [
         ("always-0", "always", 0, true, "", Value::Null),
@@ -272,7 +178,12 @@ fn exit_codes_under_each_policy() {
     for (id, policy, code, ..) in &rows {
         s.berth.write_deployment(
             id,
-            &deployment(id, policy, TEST_IMAGE, &format!("sleep 0.3; exit {code}")),
+            &deployment_toml(
+                id,
+                &restart_policy(policy),
+                TEST_IMAGE,
+                &format!("sleep 0.3; exit {code}"),
+            ),
         );
     }
     s.berth.start();
@@ -297,16 +208,12 @@ fn exit_codes_under_each_policy() {
     }
     // A restart of exit 3 while waiting out its back-off: Pending, the exit
     // code and DEP_E152, and a reason that says when.
-    let doc = s.sub.wait_for(
-        &s.berth.topic("deployments/always-3"),
-        |d| {
-            exe(d)["status"] == "Pending"
-                && exe(d)["reason"]
-                    .as_str()
-                    .is_some_and(|r| r.contains("back-off"))
-        },
-        WAIT,
-    );
+    let doc = s.wait("always-3", |d| {
+        exe(d)["status"] == "Pending"
+            && exe(d)["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("back-off"))
+    });
     let reason = exe(&doc)["reason"].as_str().unwrap();
     assert!(
         reason.starts_with("restarting in ") && reason.contains("after exit code 3"),
@@ -331,9 +238,7 @@ fn exit_codes_under_each_policy() {
         } else {
             assert_eq!(starts, 1, "{id}: never restarted");
             assert_eq!(c["State"]["ExitCode"], *code);
-            let doc = s
-                .sub
-                .wait_for(&s.berth.topic(&format!("deployments/{id}")), |_| true, WAIT);
+            let doc = s.wait(id, |_| true);
             assert_eq!(doc["status"], *status);
             assert_eq!(doc["restart_count"], 0);
         }
@@ -360,13 +265,15 @@ fn exit_codes_under_each_policy() {
 #[test]
 fn backoff_delays_grow_and_reset() {
     // initial 1 s, max 2 s, reset after 3 s.
-    let mut s = setup("backoff", |c| c.backoff(1000, 2, 3));
+    let mut s = Harness::new("backoff", |c| c.backoff(1000, 2, 3));
     let script = "n=$(cat /runs 2>/dev/null || echo 0); n=$((n+1)); echo $n > /runs; \
                   if [ $n -eq 5 ]; then sleep 4; fi; \
                   if [ $n -ge 7 ]; then trap 'exit 0' TERM; while true; do sleep 1; done; fi; \
                   sleep 0.1; exit 1";
-    s.berth
-        .write_deployment("loop", &deployment("loop", "always", TEST_IMAGE, script));
+    s.berth.write_deployment(
+        "loop",
+        &deployment_toml("loop", &restart_policy("always"), TEST_IMAGE, script),
+    );
     let t0 = nanos_now();
     s.berth.start();
     let topic = s.berth.topic("deployments/loop");
@@ -407,11 +314,11 @@ fn backoff_delays_grow_and_reset() {
 #[test]
 fn missing_image_and_missing_command_are_errors() {
     let registry = Registry::new();
-    let mut s = setup("errors", |c| c);
+    let mut s = Harness::new("errors", |c| c);
     let missing = format!("{}/berth/missing:1", registry.server());
     s.berth.write_deployment(
         "noimage",
-        &deployment("noimage", "always", &missing, "sleep 100"),
+        &deployment_toml("noimage", &restart_policy("always"), &missing, "sleep 100"),
     );
     s.berth.write_deployment(
         "nocmd",
@@ -431,11 +338,7 @@ command = ["no-such-binary", "--flag"]
         ),
     );
     s.berth.start();
-    let doc = s.sub.wait_for(
-        &s.berth.topic("deployments/noimage"),
-        |d| d["status"] == "Error",
-        WAIT,
-    );
+    let doc = s.wait("noimage", |d| d["status"] == "Error");
     assert_eq!(doc["error_code"], "DEP_E161", "{doc}");
     assert_eq!(exe(&doc)["error_code"], "DEP_E161", "{doc}");
     assert!(
@@ -449,11 +352,7 @@ command = ["no-such-binary", "--flag"]
         .iter()
         .all(|c| c["Config"]["Labels"]["berth.deployment"] != "noimage"));
 
-    let doc = s.sub.wait_for(
-        &s.berth.topic("deployments/nocmd"),
-        |d| d["status"] == "Error",
-        WAIT,
-    );
+    let doc = s.wait("nocmd", |d| d["status"] == "Error");
     assert_eq!(doc["error_code"], "DEP_E152", "{doc}");
     let reason = exe(&doc)["reason"].as_str().unwrap();
     assert!(
@@ -461,11 +360,7 @@ command = ["no-such-binary", "--flag"]
         "{reason}"
     );
     // Retried with back-off, never given up.
-    let doc = s.sub.wait_for(
-        &s.berth.topic("deployments/nocmd"),
-        |d| d["restart_count"].as_u64() >= Some(2),
-        WAIT,
-    );
+    let doc = s.wait("nocmd", |d| d["restart_count"].as_u64() >= Some(2));
     assert_eq!(doc["status"], "Error");
     s.berth.sigterm();
 }
@@ -490,22 +385,15 @@ fn private_registry_with_credentials() {
     );
 
     let login = registry.login().unwrap();
-    let mut s = setup("creds", |c| c.registry(login));
+    let mut s = Harness::new("creds", |c| c.registry(login));
     s.berth.write_deployment(
         "private",
-        &deployment(
-            "private",
-            "always",
-            &image,
-            "trap 'exit 0' TERM; while true; do sleep 1; done",
-        ),
+        &deployment_toml("private", &restart_policy("always"), &image, UNTIL_SIGTERM),
     );
     s.berth.start();
-    let doc = s.sub.wait_for(
-        &s.berth.topic("deployments/private"),
-        |d| d["status"] == "Running" || d["status"] == "Error",
-        WAIT,
-    );
+    let doc = s.wait("private", |d| {
+        d["status"] == "Running" || d["status"] == "Error"
+    });
     assert_eq!(doc["status"], "Running", "{doc}\n{}", s.berth.log());
     assert!(
         !s.berth.log().contains(password),
@@ -519,23 +407,24 @@ fn private_registry_with_credentials() {
 /// carry the latest truth with every restart counted.
 #[test]
 fn broker_outage_during_a_crash_loop() {
-    let mut s = setup("outage", |c| c.backoff(100, 1, 30));
+    let mut s = Harness::new("outage", |c| c.backoff(100, 1, 30));
     s.berth.write_deployment(
         "crashy",
-        &deployment("crashy", "always", TEST_IMAGE, &fail_then_run(6)),
+        &deployment_toml(
+            "crashy",
+            &restart_policy("always"),
+            TEST_IMAGE,
+            &fail_then_run(6),
+        ),
     );
     s.berth.start();
-    s.sub.wait_for(
-        &s.berth.topic("deployments/crashy"),
-        |d| d["executables"][0]["container_id"].is_string(),
-        WAIT,
-    );
+    s.wait("crashy", |d| {
+        d["executables"][0]["container_id"].is_string()
+    });
     s.broker.stop();
     // Six failures at up to 1 s back-off each, all while the broker is away.
     std::thread::sleep(Duration::from_secs(6));
-    let id = exe(&s
-        .sub
-        .wait_for(&s.berth.topic("deployments/crashy"), |_| true, WAIT))["container_id"]
+    let id = exe(&s.wait("crashy", |_| true))["container_id"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -547,11 +436,9 @@ fn broker_outage_during_a_crash_loop() {
     );
 
     s.broker.start();
-    s.sub.wait_for(
-        &s.berth.topic("deployments/crashy"),
-        |d| d["restart_count"] == 6 && d["status"] == "Running",
-        WAIT,
-    );
+    s.wait("crashy", |d| {
+        d["restart_count"] == 6 && d["status"] == "Running"
+    });
     // Republished retained: a subscriber that comes now gets it from the broker.
     let late = Subscriber::new(s.broker.port(), &s.berth.topic("deployments/crashy"));
     let msg = late.wait_for_message(&s.berth.topic("deployments/crashy"), |_| true, WAIT);
@@ -568,10 +455,15 @@ fn broker_outage_during_a_crash_loop() {
 /// label without restarting them, and the counts are unchanged.
 #[test]
 fn sigterm_then_restart_adopts_the_containers() {
-    let mut s = setup("adopt", |c| c.backoff(100, 1, 30));
+    let mut s = Harness::new("adopt", |c| c.backoff(100, 1, 30));
     s.berth.write_deployment(
         "steady",
-        &deployment("steady", "on-failure", TEST_IMAGE, &fail_then_run(2)),
+        &deployment_toml(
+            "steady",
+            &restart_policy("on-failure"),
+            TEST_IMAGE,
+            &fail_then_run(2),
+        ),
     );
     s.berth.start();
     let topic = s.berth.topic("deployments/steady");
@@ -689,15 +581,15 @@ fn check_config_names_file_line_and_column() {
 /// documents reach the broker, retained, once it is up.
 #[test]
 fn broker_down_at_start() {
-    let mut s = setup("nobroker", |c| c);
+    let mut s = Harness::new("nobroker", |c| c);
     s.broker.stop();
     s.berth.write_deployment(
         "early",
-        &deployment(
+        &deployment_toml(
             "early",
-            "always",
+            &restart_policy("always"),
             TEST_IMAGE,
-            "trap 'exit 0' TERM; while true; do sleep 1; done",
+            UNTIL_SIGTERM,
         ),
     );
     s.berth.start();

@@ -12,8 +12,8 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
+/// Longer than `common::WAIT`: an engine takes a while to stop and start.
 const WAIT: Duration = Duration::from_secs(60);
-const LONG_RUNNING: &str = "trap 'exit 0' TERM; while true; do sleep 0.2; done";
 
 /// A dockerd of the test's own.
 struct Engine {
@@ -122,25 +122,6 @@ impl Drop for Engine {
     }
 }
 
-fn deployment(id: &str, policy: &str, script: &str) -> String {
-    format!(
-        r#"id = "{id}"
-package = "pkg"
-package_version = "1"
-restart = "{policy}"
-
-[[components]]
-name = "main"
-
-[[components.executables]]
-name = "app"
-image = "{TEST_IMAGE}"
-command = ["sh", "-c", {script}]
-"#,
-        script = toml::Value::String(script.to_owned())
-    )
-}
-
 #[test]
 fn row_interrupted_by_an_engine_restart() {
     let mut engine = Engine::start();
@@ -179,7 +160,10 @@ fn row_interrupted_by_an_engine_restart() {
         ),
     ];
     for (id, policy, script, ..) in rows {
-        berth.write_deployment(id, &deployment(id, policy, script));
+        berth.write_deployment(
+            id,
+            &deployment_toml(id, &restart_policy(policy), TEST_IMAGE, script),
+        );
     }
     berth.start();
     let prefix = berth.topic("deployments/");

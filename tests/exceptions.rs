@@ -5,108 +5,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
-
-const WAIT: Duration = Duration::from_secs(30);
-
-/// Runs until SIGTERM (exit 0); SIGUSR1 makes it exit 5, a crash on demand.
-const LONG_RUNNING: &str = "trap 'exit 0' TERM; trap 'exit 5' USR1; while true; do sleep 0.2; done";
-
-fn deployment(id: &str, policy: &str, script: &str) -> String {
-    format!(
-        r#"id = "{id}"
-package = "pkg"
-package_version = "1"
-restart = "{policy}"
-
-[[components]]
-name = "main"
-
-[[components.executables]]
-name = "app"
-image = "{TEST_IMAGE}"
-command = ["sh", "-c", {script}]
-"#,
-        script = toml::Value::String(script.to_owned())
-    )
-}
-
-fn exe(doc: &Value) -> &Value {
-    &doc["executables"][0]
-}
-
-fn nanos_now() -> i128 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i128
-}
-
-/// `start` events of a container in the engine's own history.
-fn engine_starts(container_id: &str) -> usize {
-    let until = format!("{}", nanos_now() / 1_000_000_000 + 1);
-    docker(&[
-        "events",
-        "--since",
-        "0",
-        "--until",
-        &until,
-        "--filter",
-        &format!("container={container_id}"),
-        "--filter",
-        "event=start",
-        "--format",
-        "{{.Action}}",
-    ])
-    .lines()
-    .count()
-}
-
-struct Setup {
-    sub: Subscriber,
-    berth: Berth,
-    _broker: Broker,
-    _guard: EngineGuard,
-}
-
-impl Setup {
-    fn new(prefix: &str) -> Setup {
-        let device = unique_id(prefix);
-        let guard = EngineGuard::new(&device);
-        let broker = Broker::new();
-        let berth = Berth::new(BerthConfig::new(&device, broker.port()).backoff(100, 1, 30));
-        let sub = Subscriber::new(broker.port(), &format!("berth/{device}/#"));
-        Setup {
-            sub,
-            berth,
-            _broker: broker,
-            _guard: guard,
-        }
-    }
-
-    fn topic(&self, id: &str) -> String {
-        self.berth.topic(&format!("deployments/{id}"))
-    }
-
-    fn wait(&self, id: &str, predicate: impl Fn(&Value) -> bool) -> Value {
-        self.sub.wait_for(&self.topic(id), predicate, WAIT)
-    }
-
-    fn container_id(&self, id: &str) -> String {
-        exe(&self.wait(id, |d| exe(d)["container_id"].is_string()))["container_id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    }
-
-    fn state(&self) -> Value {
-        let text = std::fs::read_to_string(self.berth.state_dir().join("state.json")).unwrap();
-        serde_json::from_str(&text).unwrap()
-    }
-}
 
 const MANUAL: &str = "stopped manually";
 
@@ -117,7 +18,7 @@ const HAND_STOPS: [(&str, &[&str]); 3] = [
     ("by-rm", &["rm", "-f"]),
 ];
 
-fn assert_stopped_and_left_alone(s: &Setup, id: &str, container: &str) {
+fn assert_stopped_and_left_alone(s: &Harness, id: &str, container: &str) {
     let doc = s.wait(id, |d| d["status"] == "Stopped");
     let reason = exe(&doc)["reason"].as_str().unwrap_or_default();
     assert!(reason.contains(MANUAL), "{id}: {doc}");
@@ -140,14 +41,9 @@ fn assert_stopped_and_left_alone(s: &Setup, id: &str, container: &str) {
     assert_eq!(latest["status"], "Stopped", "{id} stays stopped: {latest}");
 }
 
-fn container_state(id: &str) -> Value {
-    let out = docker(&["inspect", "--format", "{{json .State}}", id]);
-    serde_json::from_str(out.trim()).unwrap()
-}
-
 /// A hand `docker start` after a manual stop: Running again, not counted, and
 /// the policy applies again (a crash is restarted and counted).
-fn assert_hand_start_resumes_policy(s: &Setup, id: &str, container: &str) {
+fn assert_hand_start_resumes_policy(s: &Harness, id: &str, container: &str) {
     docker(&["start", container]);
     let doc = s.wait(id, |d| d["status"] == "Running");
     assert_eq!(
@@ -162,10 +58,12 @@ fn assert_hand_start_resumes_policy(s: &Setup, id: &str, container: &str) {
 
 #[test]
 fn row_stopped_killed_or_removed_by_hand_while_berth_runs() {
-    let mut s = Setup::new("hand");
+    let mut s = Harness::new("hand", |c| c.backoff(100, 1, 30));
     for (id, _) in HAND_STOPS {
-        s.berth
-            .write_deployment(id, &deployment(id, "always", LONG_RUNNING));
+        s.berth.write_deployment(
+            id,
+            &deployment_toml(id, &restart_policy("always"), TEST_IMAGE, LONG_RUNNING),
+        );
     }
     s.berth.start();
     let mut ids = BTreeMap::new();
@@ -197,10 +95,12 @@ fn row_stopped_killed_or_removed_by_hand_while_berth_runs() {
 
 #[test]
 fn row_stopped_killed_or_removed_by_hand_while_berth_is_down() {
-    let mut s = Setup::new("handdown");
+    let mut s = Harness::new("handdown", |c| c.backoff(100, 1, 30));
     for (id, _) in HAND_STOPS {
-        s.berth
-            .write_deployment(id, &deployment(id, "on-failure", LONG_RUNNING));
+        s.berth.write_deployment(
+            id,
+            &deployment_toml(id, &restart_policy("on-failure"), TEST_IMAGE, LONG_RUNNING),
+        );
     }
     s.berth.start();
     let mut ids = BTreeMap::new();
@@ -236,9 +136,11 @@ fn row_stopped_killed_or_removed_by_hand_while_berth_is_down() {
 /// at berth's next start and counted.
 #[test]
 fn crash_while_berth_is_down_is_restarted() {
-    let mut s = Setup::new("crashdown");
-    s.berth
-        .write_deployment("c", &deployment("c", "on-failure", LONG_RUNNING));
+    let mut s = Harness::new("crashdown", |c| c.backoff(100, 1, 30));
+    s.berth.write_deployment(
+        "c",
+        &deployment_toml("c", &restart_policy("on-failure"), TEST_IMAGE, LONG_RUNNING),
+    );
     s.berth.start();
     s.wait("c", |d| d["status"] == "Running");
     let container = s.container_id("c");
@@ -257,7 +159,7 @@ fn crash_while_berth_is_down_is_restarted() {
 /// a power loss would, a new boot id, berth started.
 #[test]
 fn row_interrupted_by_a_device_reboot_and_row_had_exited_before_the_reboot() {
-    let mut s = Setup::new("reboot");
+    let mut s = Harness::new("reboot", |c| c.backoff(100, 1, 30));
     // (deployment, policy, script, status before, status after, restarts after)
     let rows: [(&str, &str, &str, &str, &str, u64); 7] = [
         (
@@ -297,8 +199,10 @@ fn row_interrupted_by_a_device_reboot_and_row_had_exited_before_the_reboot() {
         ),
     ];
     for (id, policy, script, ..) in rows {
-        s.berth
-            .write_deployment(id, &deployment(id, policy, script));
+        s.berth.write_deployment(
+            id,
+            &deployment_toml(id, &restart_policy(policy), TEST_IMAGE, script),
+        );
     }
     s.berth.start();
     for (id, _, _, before, ..) in rows {
@@ -334,7 +238,7 @@ fn row_interrupted_by_a_device_reboot_and_row_had_exited_before_the_reboot() {
         assert_eq!(doc["status"], after, "{id}: {doc}");
         assert_eq!(doc["restart_count"], restarts, "{id}: {doc}");
     }
-    let state = s.state();
+    let state = s.saved_state();
     for record in state["executables"].as_object().unwrap().values() {
         assert_eq!(record["manual_stop"], false, "a reboot clears manual stops");
     }
@@ -345,11 +249,18 @@ fn row_interrupted_by_a_device_reboot_and_row_had_exited_before_the_reboot() {
 /// restart is lost or counted twice, and no container is duplicated.
 #[test]
 fn kill_9_loop_never_loses_or_doubles_a_count() {
-    let mut s = Setup::new("kill9");
+    let mut s = Harness::new("kill9", |c| c.backoff(100, 1, 30));
     let loops = ["loop-a", "loop-b"];
     for id in loops {
-        s.berth
-            .write_deployment(id, &deployment(id, "always", "sleep 0.3; exit 1"));
+        s.berth.write_deployment(
+            id,
+            &deployment_toml(
+                id,
+                &restart_policy("always"),
+                TEST_IMAGE,
+                "sleep 0.3; exit 1",
+            ),
+        );
     }
     let mut seed = nanos_now() as u64 | 1;
     let mut random_ms = |lo: u64, hi: u64| {
@@ -373,7 +284,7 @@ fn kill_9_loop_never_loses_or_doubles_a_count() {
 
     let cs = containers(s.berth.device_id());
     assert_eq!(cs.len(), loops.len(), "one container per executable");
-    let state = s.state();
+    let state = s.saved_state();
     for id in loops {
         let c = cs
             .iter()
@@ -400,7 +311,7 @@ fn kill_9_loop_never_loses_or_doubles_a_count() {
 /// applies again, for each policy; the hand start itself is not counted.
 #[test]
 fn row_started_again_by_hand() {
-    let mut s = Setup::new("handstart");
+    let mut s = Harness::new("handstart", |c| c.backoff(100, 1, 30));
     // (deployment, policy, after a crash: status, restarts)
     let rows = [
         ("h-always", "always", "Running", 1),
@@ -408,8 +319,10 @@ fn row_started_again_by_hand() {
         ("h-never", "never", "Error", 0),
     ];
     for (id, policy, ..) in rows {
-        s.berth
-            .write_deployment(id, &deployment(id, policy, LONG_RUNNING));
+        s.berth.write_deployment(
+            id,
+            &deployment_toml(id, &restart_policy(policy), TEST_IMAGE, LONG_RUNNING),
+        );
     }
     s.berth.start();
     for (id, _, after, restarts) in rows {

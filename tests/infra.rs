@@ -333,3 +333,41 @@ fn berth_helper_writes_a_spec_shaped_config_and_files() {
     berth.remove_deployment("talker");
     assert!(!berth.deployment_path("talker").exists());
 }
+
+#[test]
+fn deployment_helpers_write_files_berth_accepts() {
+    let script = "echo \"hi\"; sleep 1";
+    let text = deployment_toml("talker", &restart_policy("never"), TEST_IMAGE, script);
+    let parsed: toml::Table = text.parse().expect("a deployment file is TOML");
+    assert_eq!(parsed["id"].as_str(), Some("talker"));
+    assert_eq!(parsed["package"].as_str(), Some("pkg-talker"));
+    assert_eq!(parsed["restart"].as_str(), Some("never"));
+    let app = &parsed["components"][0]["executables"][0];
+    assert_eq!(app["name"].as_str(), Some("app"));
+    assert_eq!(app["image"].as_str(), Some(TEST_IMAGE));
+    assert_eq!(
+        app["command"],
+        toml::Value::Array(["sh", "-c", script].map(toml::Value::from).to_vec())
+    );
+    assert!(app.get("pull").is_none());
+
+    let never = pull_never(&text);
+    let parsed_never: toml::Table = never.parse().expect("still TOML");
+    let app_never = &parsed_never["components"][0]["executables"][0];
+    assert_eq!(app_never["pull"].as_str(), Some("never"));
+    assert_eq!(app_never["command"], app["command"]);
+
+    let berth = Berth::new(BerthConfig::new(&unique_id("infra"), 1883));
+    berth.write_deployment("talker", &text);
+    berth.write_deployment(
+        "never",
+        &pull_never(&deployment_toml("never", "", TEST_IMAGE, script)),
+    );
+    let out = berth.command(&["check-config"]);
+    assert!(
+        out.status.success(),
+        "berth check-config: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

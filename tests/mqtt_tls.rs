@@ -21,7 +21,6 @@ use common::*;
 use serde_json::Value;
 use tempfile::TempDir;
 
-const WAIT: Duration = Duration::from_secs(30);
 const BERTH_USER: &str = "robot";
 const BERTH_PASSWORD: &str = "pw-Berth-7f3a9c-secret";
 const OBSERVER_USER: &str = "observer";

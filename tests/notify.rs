@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const WAIT: Duration = Duration::from_secs(30);
 /// `WatchdogSec=2`, as systemd passes it.
 const WATCHDOG_USEC: &str = "2000000";
 const WATCHDOG: Duration = Duration::from_secs(2);
@@ -81,25 +80,6 @@ impl Received {
     }
 }
 
-fn deployment(id: &str) -> String {
-    format!(
-        r#"id = "{id}"
-package = "pkg-{id}"
-package_version = "1.0.0"
-restart = "always"
-
-[[components]]
-name = "main"
-
-[[components.executables]]
-name = "app"
-image = "{TEST_IMAGE}"
-pull = "never"
-command = ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"]
-"#
-    )
-}
-
 fn running(guard: &EngineGuard) -> bool {
     guard
         .containers()
@@ -113,7 +93,15 @@ fn ready_status_watchdog_and_stopping_reach_systemd() {
     let device = unique_id("notify");
     let guard = EngineGuard::new(&device);
     let mut berth = Berth::new(BerthConfig::new(&device, broker.port()));
-    berth.write_deployment("app", &deployment("app"));
+    berth.write_deployment(
+        "app",
+        &pull_never(&deployment_toml(
+            "app",
+            &restart_policy("always"),
+            TEST_IMAGE,
+            UNTIL_SIGTERM,
+        )),
+    );
 
     let socket_path = berth.dir().join("notify.sock");
     let received = Received::collect(UnixDatagram::bind(&socket_path).expect("bind notify socket"));

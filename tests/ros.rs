@@ -10,42 +10,11 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-const WAIT: Duration = Duration::from_secs(30);
-const LONG_RUNNING: &str = "trap 'exit 0' TERM; while true; do sleep 0.2; done";
-
-struct Setup {
-    sub: Subscriber,
-    berth: Berth,
-    broker: Broker,
-    _guard: EngineGuard,
-}
-
-impl Setup {
-    fn new(prefix: &str) -> Setup {
-        let device = unique_id(prefix);
-        let guard = EngineGuard::new(&device);
-        let broker = Broker::new();
-        let berth = Berth::new(BerthConfig::new(&device, broker.port()).backoff(100, 1, 30));
-        let sub = Subscriber::new(broker.port(), &format!("berth/{device}/#"));
-        Setup {
-            sub,
-            berth,
-            broker,
-            _guard: guard,
-        }
-    }
-
+/// The ROS side of the harness: the shared master and ROS deployments.
+impl Harness {
     fn master(&self, predicate: impl Fn(&Value) -> bool) -> Value {
         self.sub
             .wait_for(&self.berth.topic("shared/ros-master"), predicate, WAIT)
-    }
-
-    fn wait(&self, id: &str, predicate: impl Fn(&Value) -> bool) -> Value {
-        self.sub.wait_for(
-            &self.berth.topic(&format!("deployments/{id}")),
-            predicate,
-            WAIT,
-        )
     }
 
     fn master_container(&self) -> Option<Value> {
@@ -55,22 +24,11 @@ impl Setup {
     fn add_ros(&self, id: &str, policy: &str) {
         self.berth.write_deployment(
             id,
-            &format!(
-                r#"id = "{id}"
-package = "ros-pkg"
-package_version = "1"
-restart = "{policy}"
-ros = true
-
-[[components]]
-name = "node"
-
-[[components.executables]]
-name = "app"
-image = "{TEST_IMAGE}"
-command = ["sh", "-c", {script}]
-"#,
-                script = toml::Value::String(LONG_RUNNING.to_owned())
+            &deployment_toml(
+                id,
+                &format!("{}\nros = true", restart_policy(policy)),
+                TEST_IMAGE,
+                LONG_RUNNING,
             ),
         );
     }
@@ -87,7 +45,7 @@ fn the_first_ros_deployment_sets_the_master_policy_in_either_order() {
         ("talker", "always", "listener", "never"),
         ("listener", "never", "talker", "always"),
     ] {
-        let mut s = Setup::new("rosorder");
+        let mut s = Harness::new("rosorder", |c| c.backoff(100, 1, 30));
         s.berth.start();
         s.add_ros(first, first_policy);
         let doc = s.master(|d| d["status"] == "Running");
@@ -103,7 +61,7 @@ fn the_first_ros_deployment_sets_the_master_policy_in_either_order() {
             started_at(&master) < started_at(&node),
             "the master starts first"
         );
-        let env: Vec<String> = serde_json::from_value(node["Config"]["Env"].clone()).unwrap();
+        let env = env_of(&node);
         assert!(
             env.contains(&"ROS_MASTER_URI=http://localhost:11311".to_owned()),
             "{env:?}"
@@ -128,7 +86,7 @@ fn the_first_ros_deployment_sets_the_master_policy_in_either_order() {
 
 #[test]
 fn the_master_stays_until_the_last_ros_deployment_goes() {
-    let mut s = Setup::new("roslife");
+    let mut s = Harness::new("roslife", |c| c.backoff(100, 1, 30));
     s.berth.start();
     s.add_ros("first", "on-failure");
     s.master(|d| d["status"] == "Running");
@@ -163,13 +121,12 @@ fn the_master_stays_until_the_last_ros_deployment_goes() {
     let doc = s.master(|d| d["status"] == "Running" && d["owner"] == "third");
     assert_eq!(doc["policy"], "always");
     assert_ne!(s.master_container().unwrap()["Id"], master_id);
-    let _ = &s.broker;
     s.berth.sigterm();
 }
 
 #[test]
 fn a_manual_stop_of_the_master_is_respected() {
-    let mut s = Setup::new("rosstop");
+    let mut s = Harness::new("rosstop", |c| c.backoff(100, 1, 30));
     s.berth.start();
     s.add_ros("node", "always");
     s.master(|d| d["status"] == "Running");

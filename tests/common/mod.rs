@@ -3,6 +3,9 @@
 //! handle is dropped: a Mosquitto broker, an MQTT subscriber, a registry, the
 //! containers of one device in the Docker engine, and berth itself.
 //!
+//! On top of them: deployment files to give berth ([`deployment_toml`]) and
+//! [`Harness`], one device's broker, subscriber and berth together.
+//!
 //! A service that cannot be started fails the test with a hint to run
 //! `scripts/setup.sh`; nothing here skips a test.
 //!
@@ -33,6 +36,20 @@ pub const TEST_IMAGE: &str = "berth-test/busybox:1";
 /// The same image in the development registry that `scripts/setup.sh` runs
 /// on 127.0.0.1:5000.
 pub const REGISTRY_IMAGE: &str = "127.0.0.1:5000/berth/busybox:1";
+
+/// How long a test waits for berth to publish what it expects, unless the
+/// test says otherwise.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A script that runs until SIGTERM, then exits 0; SIGUSR1 makes it exit 5,
+/// a crash on demand (`docker exec <container> sh -c 'kill -USR1 1'`).
+/// It checks for signals five times a second.
+pub const LONG_RUNNING: &str =
+    "trap 'exit 0' TERM; trap 'exit 5' USR1; while true; do sleep 0.2; done";
+
+/// A script that runs until SIGTERM, then exits 0, checking once a second.
+/// The trap matters: PID 1 ignores the signals it has no handler for.
+pub const UNTIL_SIGTERM: &str = "trap 'exit 0' TERM; while true; do sleep 1; done";
 
 const SETUP_HINT: &str = "run scripts/setup.sh";
 
@@ -72,6 +89,14 @@ pub fn unique_id(prefix: &str) -> String {
         std::process::id(),
         nanos % (1 << 40)
     )
+}
+
+/// Nanoseconds since the Unix epoch, the unit of the engine's event times.
+pub fn nanos_now() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos() as i128
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
@@ -917,6 +942,73 @@ pub fn remove_containers(device_id: &str) {
     let _ = try_docker(&args);
 }
 
+/// The `State` of `docker inspect` of one container, by id or name.
+pub fn container_state(container: &str) -> Value {
+    let out = docker(&["inspect", "--format", "{{json .State}}", container]);
+    serde_json::from_str(out.trim()).expect("docker inspect prints JSON")
+}
+
+/// The environment (`KEY=value`) of a container, from its `docker inspect`.
+pub fn env_of(container: &Value) -> Vec<String> {
+    container["Config"]["Env"]
+        .as_array()
+        .expect("Config.Env of docker inspect")
+        .iter()
+        .map(|v| v.as_str().expect("an Env entry is a string").to_owned())
+        .collect()
+}
+
+/// The engine's own history of a container since `since_nanos` (see
+/// [`nanos_now`]; 0 for all of it): (action, time in ns), oldest first.
+pub fn engine_history(container_id: &str, since_nanos: i128) -> Vec<(String, i128)> {
+    let since = format!(
+        "{}.{:09}",
+        since_nanos / 1_000_000_000,
+        since_nanos % 1_000_000_000
+    );
+    let until = format!("{}", nanos_now() / 1_000_000_000 + 1);
+    let out = docker(&[
+        "events",
+        "--since",
+        &since,
+        "--until",
+        &until,
+        "--filter",
+        &format!("container={container_id}"),
+        "--format",
+        "{{json .}}",
+    ]);
+    out.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| {
+            (
+                v["Action"].as_str().unwrap_or("").to_owned(),
+                v["timeNano"].as_i64().unwrap_or(0) as i128,
+            )
+        })
+        .collect()
+}
+
+/// How many times the engine has started a container, from its own history.
+pub fn engine_starts(container_id: &str) -> usize {
+    let until = format!("{}", nanos_now() / 1_000_000_000 + 1);
+    docker(&[
+        "events",
+        "--since",
+        "0",
+        "--until",
+        &until,
+        "--filter",
+        &format!("container={container_id}"),
+        "--filter",
+        "event=start",
+        "--format",
+        "{{.Action}}",
+    ])
+    .lines()
+    .count()
+}
+
 /// Removes every container labelled `berth.device=<device_id>` when dropped,
 /// also when the test panics. Create it before anything starts containers.
 pub struct EngineGuard(pub String);
@@ -990,13 +1082,7 @@ impl BerthConfig {
             ros_master_image: TEST_IMAGE.to_owned(),
             // Stands in for roscore: runs until stopped, and stops at once
             // on SIGTERM (PID 1 ignores signals it has no handler for).
-            ros_master_command: [
-                "sh",
-                "-c",
-                "trap 'exit 0' TERM; while true; do sleep 1; done",
-            ]
-            .map(str::to_owned)
-            .to_vec(),
+            ros_master_command: ["sh", "-c", UNTIL_SIGTERM].map(str::to_owned).to_vec(),
             ros_master_uri: "http://localhost:11311".to_owned(),
             log_level: "debug".to_owned(),
             log_format: "text".to_owned(),
@@ -1362,4 +1448,134 @@ pub fn write_atomically(path: &Path, text: &str) {
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     fs::write(&tmp, text).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
     fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename to {}: {e}", path.display()));
+}
+
+// --- deployments -----------------------------------------------------------------
+
+/// A deployment file (SPEC 4) with the id `id`, package `pkg-<id>` version
+/// `1.2.3`, and one component `main` whose one executable `app` runs
+/// `script` under `sh -c` in `image`. `extra` goes into the top-level table
+/// before the components, a setting a line: `restart_policy("never")`,
+/// `depends_on = ["a"]`, `env = { K = "v" }`, or "" for none.
+pub fn deployment_toml(id: &str, extra: &str, image: &str, script: &str) -> String {
+    format!(
+        r#"id = "{id}"
+package = "pkg-{id}"
+package_version = "1.2.3"
+{extra}
+
+[[components]]
+name = "main"
+
+[[components.executables]]
+name = "app"
+image = "{image}"
+command = ["sh", "-c", {script}]
+"#,
+        script = toml::Value::String(script.to_owned())
+    )
+}
+
+/// `restart = "<policy>"`: the `extra` of [`deployment_toml`] for a
+/// deployment with that restart policy.
+pub fn restart_policy(policy: &str) -> String {
+    format!(r#"restart = "{policy}""#)
+}
+
+/// A deployment file from [`deployment_toml`] with `pull = "never"` for its
+/// executable: berth must find the image in the engine.
+pub fn pull_never(deployment: &str) -> String {
+    let mut out = String::with_capacity(deployment.len() + 16);
+    for line in deployment.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if line.starts_with("image = ") {
+            out.push_str("pull = \"never\"\n");
+        }
+    }
+    assert!(out.contains("pull = "), "no image line in:\n{deployment}");
+    out
+}
+
+/// The first executable of a deployment document (`executables[0]`), the
+/// only one of a deployment from [`deployment_toml`].
+pub fn exe(doc: &Value) -> &Value {
+    &doc["executables"][0]
+}
+
+// --- one device's harness --------------------------------------------------------
+
+/// What most end-to-end tests start from: a device id of their own, an
+/// `EngineGuard` for it, a broker, berth configured for both (not started)
+/// and a subscriber to every topic of the device, subscribed before berth
+/// publishes anything.
+///
+/// Dropping it stops the subscriber, kills berth, stops the broker and then
+/// removes the device's containers, also when the test panics.
+pub struct Harness {
+    /// Subscribed to `<topic_prefix>/<device_id>/#`.
+    pub sub: Subscriber,
+    pub berth: Berth,
+    pub broker: Broker,
+    _guard: EngineGuard,
+}
+
+impl Harness {
+    /// A device id made from `prefix` (see [`unique_id`]), and berth's
+    /// config as `configure` makes it from [`BerthConfig::new`]'s defaults:
+    /// `|c| c` keeps them, `|c| c.backoff(100, 1, 30)` shortens the back-off.
+    pub fn new(prefix: &str, configure: impl FnOnce(BerthConfig) -> BerthConfig) -> Harness {
+        let device = unique_id(prefix);
+        let guard = EngineGuard::new(&device);
+        let broker = Broker::new();
+        let berth = Berth::new(configure(BerthConfig::new(&device, broker.port())));
+        let sub = Subscriber::new(broker.port(), &berth.topic("#"));
+        Harness {
+            sub,
+            berth,
+            broker,
+            _guard: guard,
+        }
+    }
+
+    /// The topic of deployment `id`'s document: `<prefix>/<device>/deployments/<id>`.
+    pub fn deployment_topic(&self, id: &str) -> String {
+        self.berth.topic(&format!("deployments/{id}"))
+    }
+
+    /// The latest document of deployment `id` that satisfies `predicate`,
+    /// waiting up to [`WAIT`] for one (see [`Subscriber::wait_for`]).
+    pub fn wait(&self, id: &str, predicate: impl Fn(&Value) -> bool) -> Value {
+        self.sub
+            .wait_for(&self.deployment_topic(id), predicate, WAIT)
+    }
+
+    /// The container id of deployment `id`'s first executable, waiting for a
+    /// document that names one.
+    pub fn container_id(&self, id: &str) -> String {
+        exe(&self.wait(id, |d| exe(d)["container_id"].is_string()))["container_id"]
+            .as_str()
+            .expect("container_id is a string")
+            .to_owned()
+    }
+
+    /// `docker inspect` of the container of `executable` in `deployment`;
+    /// panics if there is none.
+    pub fn container(&self, deployment: &str, executable: &str) -> Value {
+        containers(self.berth.device_id())
+            .into_iter()
+            .find(|c| {
+                c["Config"]["Labels"]["berth.deployment"] == deployment
+                    && c["Config"]["Labels"]["berth.executable"] == executable
+            })
+            .unwrap_or_else(|| panic!("no container for {deployment}/{executable}"))
+    }
+
+    /// berth's saved state, `state.json` in its state dir, parsed.
+    pub fn saved_state(&self) -> Value {
+        let path = self.berth.state_dir().join("state.json");
+        let text =
+            fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        serde_json::from_str(&text).expect("state.json is JSON")
+    }
 }
