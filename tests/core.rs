@@ -231,7 +231,7 @@ fn exit_codes_under_each_policy() {
             .collect();
         assert_eq!(cs.len(), 1, "{id}: one container");
         let c = &cs[0];
-        let history = engine_history(c["Id"].as_str().unwrap(), 0);
+        let history = s.events.history(c["Id"].as_str().unwrap(), 0);
         let starts = count(&history, "start");
         if *restarts {
             assert!(starts >= 4, "{id}: {starts} starts");
@@ -283,7 +283,7 @@ fn backoff_delays_grow_and_reset() {
         Duration::from_secs(60),
     );
     let id = exe(&doc)["container_id"].as_str().unwrap().to_owned();
-    let history = engine_history(&id, t0);
+    let history = s.events.history(&id, t0);
     let mut gaps = Vec::new();
     let mut last_die = None;
     for (action, t) in &history {
@@ -428,7 +428,7 @@ fn broker_outage_during_a_crash_loop() {
         .as_str()
         .unwrap()
         .to_owned();
-    let history = engine_history(&id, 0);
+    let history = s.events.history(&id, 0);
     assert_eq!(
         count(&history, "start"),
         7,
@@ -500,7 +500,7 @@ fn sigterm_then_restart_adopts_the_containers() {
     assert_eq!(exe(&after)["restart_count"], 2);
     std::thread::sleep(Duration::from_secs(1));
     let id = exe(&after)["container_id"].as_str().unwrap();
-    let history = engine_history(id, t_restart);
+    let history = s.events.history(id, t_restart);
     assert_eq!(
         count(&history, "start"),
         0,

@@ -25,7 +25,7 @@ fn assert_stopped_and_left_alone(s: &Harness, id: &str, container: &str) {
     assert_eq!(doc["restart_count"], 0, "{id}: {doc}");
     std::thread::sleep(Duration::from_secs(2));
     if id != "by-rm" {
-        assert_eq!(engine_starts(container), 1, "{id}: not restarted");
+        assert_eq!(s.events.starts(container), 1, "{id}: not restarted");
         let c = container_state(container);
         assert_eq!(c["Running"], false, "{id}");
     } else {
@@ -151,7 +151,7 @@ fn crash_while_berth_is_down_is_restarted() {
     s.berth.start();
     let doc = s.wait("c", |d| d["restart_count"] == 1 && d["status"] == "Running");
     assert_eq!(exe(&doc)["container_id"], container.as_str());
-    assert_eq!(engine_starts(&container), 2);
+    assert_eq!(s.events.starts(&container), 2);
     s.berth.sigterm();
 }
 
@@ -290,7 +290,7 @@ fn kill_9_loop_never_loses_or_doubles_a_count() {
             .iter()
             .find(|c| c["Config"]["Labels"]["berth.deployment"] == id)
             .unwrap();
-        let starts = engine_starts(c["Id"].as_str().unwrap()) as u64;
+        let starts = s.events.starts(c["Id"].as_str().unwrap()) as u64;
         let record = &state["executables"][format!("{id}/main/app")];
         // A restart berth committed to (and counted) whose start had not
         // reached the engine when berth stopped: the next berth performs it

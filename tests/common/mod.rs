@@ -958,55 +958,72 @@ pub fn env_of(container: &Value) -> Vec<String> {
         .collect()
 }
 
-/// The engine's own history of a container since `since_nanos` (see
-/// [`nanos_now`]; 0 for all of it): (action, time in ns), oldest first.
-pub fn engine_history(container_id: &str, since_nanos: i128) -> Vec<(String, i128)> {
-    let since = format!(
-        "{}.{:09}",
-        since_nanos / 1_000_000_000,
-        since_nanos % 1_000_000_000
-    );
-    let until = format!("{}", nanos_now() / 1_000_000_000 + 1);
-    let out = docker(&[
-        "events",
-        "--since",
-        &since,
-        "--until",
-        &until,
-        "--filter",
-        &format!("container={container_id}"),
-        "--format",
-        "{{json .}}",
-    ]);
-    out.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .map(|v| {
-            (
-                v["Action"].as_str().unwrap_or("").to_owned(),
-                v["timeNano"].as_i64().unwrap_or(0) as i128,
-            )
-        })
-        .collect()
+/// The engine's own event stream for one device, recorded to a file from the
+/// moment it is made. The engine keeps only its 256 most recent events for a
+/// later `docker events --since`, which tests running side by side overflow;
+/// a stream opened before berth starts sees every event.
+pub struct EventLog {
+    child: Child,
+    path: PathBuf,
+    _dir: TempDir,
 }
 
-/// How many times the engine has started a container, from its own history.
-pub fn engine_starts(container_id: &str) -> usize {
-    let until = format!("{}", nanos_now() / 1_000_000_000 + 1);
-    docker(&[
-        "events",
-        "--since",
-        "0",
-        "--until",
-        &until,
-        "--filter",
-        &format!("container={container_id}"),
-        "--filter",
-        "event=start",
-        "--format",
-        "{{.Action}}",
-    ])
-    .lines()
-    .count()
+impl EventLog {
+    pub fn start(device_id: &str) -> EventLog {
+        let dir = tempfile::tempdir().expect("temp dir for the event log");
+        let path = dir.path().join("events.jsonl");
+        let file = File::create(&path).expect("create the event log");
+        let since = format!("{:.9}", nanos_now() as f64 / 1e9);
+        let child = Command::new("docker")
+            .args(["events", "--since", &since, "--format", "{{json .}}"])
+            .arg("--filter")
+            .arg(format!("label=berth.device={device_id}"))
+            .args(["--filter", "type=container"])
+            .stdout(file)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("docker events: {e} ({SETUP_HINT})"));
+        // `--since` covers the moment the stream takes to open.
+        EventLog {
+            child,
+            path,
+            _dir: dir,
+        }
+    }
+
+    /// (action, engine time in ns) of a container's events since `since_nanos`.
+    pub fn history(&self, container_id: &str, since_nanos: i128) -> Vec<(String, i128)> {
+        // Let the stream catch up with what just happened.
+        thread::sleep(Duration::from_millis(300));
+        fs::read_to_string(&self.path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["id"] == container_id || v["Actor"]["ID"] == container_id)
+            .map(|v| {
+                (
+                    v["Action"].as_str().unwrap_or("").to_owned(),
+                    v["timeNano"].as_i64().unwrap_or(0) as i128,
+                )
+            })
+            .filter(|(_, t)| *t >= since_nanos)
+            .collect()
+    }
+
+    /// How many times the engine has started a container.
+    pub fn starts(&self, container_id: &str) -> usize {
+        self.history(container_id, 0)
+            .iter()
+            .filter(|(a, _)| a == "start")
+            .count()
+    }
+}
+
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Removes every container labelled `berth.device=<device_id>` when dropped,
@@ -1517,6 +1534,8 @@ pub struct Harness {
     pub sub: Subscriber,
     pub berth: Berth,
     pub broker: Broker,
+    /// The engine's events for the device, from before berth starts.
+    pub events: EventLog,
     _guard: EngineGuard,
 }
 
@@ -1527,6 +1546,7 @@ impl Harness {
     pub fn new(prefix: &str, configure: impl FnOnce(BerthConfig) -> BerthConfig) -> Harness {
         let device = unique_id(prefix);
         let guard = EngineGuard::new(&device);
+        let events = EventLog::start(&device);
         let broker = Broker::new();
         let berth = Berth::new(configure(BerthConfig::new(&device, broker.port())));
         let sub = Subscriber::new(broker.port(), &berth.topic("#"));
@@ -1534,6 +1554,7 @@ impl Harness {
             sub,
             berth,
             broker,
+            events,
             _guard: guard,
         }
     }
