@@ -463,3 +463,54 @@ fn pull_never_with_an_absent_image_is_dep_e161() {
     );
     s.berth.sigterm();
 }
+
+/// A file named other than its deployment's id, broken by an edit: the error
+/// belongs to that deployment, which keeps running; no other appears.
+#[test]
+fn a_broken_edit_of_a_file_named_otherwise_keeps_its_deployment() {
+    let mut s = Harness::new("fname", |c| c);
+    let file = s.berth.deployments_dir().join("robot-app.toml");
+    let write = |text: &str| {
+        std::fs::write(file.with_extension("tmp"), text).unwrap();
+        std::fs::rename(file.with_extension("tmp"), &file).unwrap();
+    };
+    write(&deployment_toml("bar", "", TEST_IMAGE, LONG_RUNNING));
+    s.berth.start();
+    let running = exe(&s.wait("bar", |d| d["status"] == "Running"))["container_id"].clone();
+    for broken in [
+        // A value that fails validation: the id is still readable.
+        deployment_toml("bar", "restart = \"sometimes\"", TEST_IMAGE, LONG_RUNNING),
+        // Not even TOML: known by the file it came from.
+        "id = \"bar\"\npackage = \n".to_string(),
+    ] {
+        write(&broken);
+        let doc = s.wait("bar", |d| d["phase"] == "FailedToStart");
+        assert!(
+            doc["reason"].as_str().unwrap().contains("robot-app.toml:"),
+            "{doc}"
+        );
+        assert_eq!(
+            exe(&doc)["container_id"],
+            running,
+            "the container is untouched"
+        );
+        assert_eq!(container_state(running.as_str().unwrap())["Running"], true);
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let topics: Vec<String> = s
+        .sub
+        .messages()
+        .iter()
+        .map(|m| m.topic.clone())
+        .filter(|t| t.contains("/deployments/"))
+        .collect();
+    assert!(
+        topics.iter().all(|t| t.ends_with("/deployments/bar")),
+        "no deployment named after the file: {topics:?}"
+    );
+    // Mended: applied again, same container (nothing changed in its spec).
+    write(&deployment_toml("bar", "", TEST_IMAGE, LONG_RUNNING));
+    let doc = s.wait("bar", |d| d["phase"] == "Succeeded");
+    assert_eq!(exe(&doc)["container_id"], running);
+    s.berth.sigterm();
+}
