@@ -220,8 +220,10 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing(&config);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+            // One thread: berth's work is a loop of short reactions, and every
+            // further worker thread costs resident memory (its stack and its
+            // own malloc arena) on a device where memory is scarce.
+            let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {

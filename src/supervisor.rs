@@ -41,10 +41,12 @@ pub use converge::load_files;
 /// Back-off of reconnections to the engine.
 const ENGINE_RETRY_INITIAL: Duration = Duration::from_millis(250);
 const ENGINE_RETRY_MAX: Duration = Duration::from_secs(10);
+/// Engine calls (pull, create, start) in flight at once.
+const ENGINE_CALLS: usize = 4;
 /// How long before its event stream ends an engine's shutdown may stop
 /// containers (dockerd's default shutdown timeout is 15 s).
 const ENGINE_SHUTDOWN_WINDOW: Duration = Duration::from_secs(30);
-/// How often the event position is saved when nothing else is.
+/// How often changes to the state that need not be durable at once are saved.
 const POSITION_SAVE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Everything the loop needs from outside, so tests can hand in their own.
@@ -203,8 +205,10 @@ pub struct Supervisor<R, P> {
     rx: mpsc::UnboundedReceiver<Msg>,
     tracker: TaskTracker,
     since: String,
-    position_dirty: bool,
+    state_dirty: bool,
     notifier: Notifier,
+    /// Limits the engine calls in flight (see `spawn_engine_call`).
+    engine_slots: Arc<tokio::sync::Semaphore>,
     /// `READY=1` went out.
     ready_sent: bool,
     /// The event position when the engine went away.
@@ -253,8 +257,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             rx,
             tracker: TaskTracker::new(),
             since: timestamp(SystemTime::now()),
-            position_dirty: false,
+            state_dirty: false,
             notifier,
+            engine_slots: Arc::new(tokio::sync::Semaphore::new(ENGINE_CALLS)),
             ready_sent: false,
             down_position: None,
             interrupted: Default::default(),
@@ -301,7 +306,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 Some(msg) = self.rx.recv() => self.handle(msg).await,
                 _ = sleep_until_opt(next_due) => self.fire_timers(),
                 _ = save_tick.tick() => {
-                    if self.position_dirty {
+                    if self.state_dirty {
                         self.save_state();
                     }
                 }
@@ -424,6 +429,17 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
+        });
+    }
+
+    /// Runs pulls, creates and starts as tracked tasks, a few at a time: the
+    /// engine does not go faster with more, and each one in flight holds
+    /// buffers (memory berth keeps once the burst is over).
+    fn spawn_engine_call(&self, call: impl std::future::Future<Output = ()> + Send + 'static) {
+        let slots = self.engine_slots.clone();
+        self.tracker.spawn(async move {
+            let _permit = slots.acquire_owned().await;
+            call.await;
         });
     }
 
@@ -836,7 +852,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             let tx = self.tx.clone();
             let registries = self.registries.clone();
             let deployment = id.to_string();
-            self.tracker.spawn(async move {
+            self.spawn_engine_call(async move {
                 let result = ensure_images(&*runtime, &images, &registries).await;
                 let _ = tx.send(Msg::Pulled { deployment, result });
             });
@@ -924,7 +940,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         let runtime = self.runtime.clone();
         let tx = self.tx.clone();
         let key = key.clone();
-        self.tracker.spawn(async move {
+        self.spawn_engine_call(async move {
             let (container_id, result) = launch_container(&*runtime, container_id, &spec).await;
             let _ = tx.send(Msg::Launched {
                 key,
@@ -979,7 +995,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 record.container_id = Some(info.id.clone());
                 record.status = Some(Status::Running);
                 record.exit_code = None;
-                self.save_state();
+                self.mark_state_dirty();
                 info!(executable = %key, container = %short(&info.id), restart_count, "started");
                 if was_restart {
                     self.event(serde_json::json!({
@@ -1007,7 +1023,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     dep.images_ready = false;
                 }
                 self.state.exec_mut(key).pending_restart = None;
-                self.save_state();
+                self.mark_state_dirty();
             }
             Err(e) => {
                 // A failed start, such as a command missing from `$PATH`.
@@ -1033,7 +1049,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                         let settings = self.config.restart;
                         let record = self.state.exec_mut(key);
                         let delay = record.backoff.next_delay(&settings, None);
-                        self.save_state();
+                        self.mark_state_dirty();
                         let exec = self.exec_mut(key).expect("exec exists");
                         exec.set(
                             Status::Error,
@@ -1049,7 +1065,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                             Some(reason),
                             Some(ErrorCode::ExecutableFailed),
                         );
-                        self.save_state();
+                        self.mark_state_dirty();
                     }
                 }
             }
@@ -1180,7 +1196,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 if delay.is_zero() {
                     self.restart(key, &exit, code);
                 } else {
-                    self.save_state();
+                    self.mark_state_dirty();
                     let exec = self.exec_mut(key).expect("exec exists");
                     exec.set(
                         Status::Pending,
@@ -1221,6 +1237,8 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 exec.due = None;
                 self.state.exec_mut(key).manual_stop = true;
                 self.record_status(key, Status::Stopped, code);
+                // Rare, and what an operator did by hand: on disk at once.
+                self.save_state();
                 info!(executable = %key, "stopped manually; restart policy suspended until reboot");
                 self.event(serde_json::json!({
                     "event": "manual_stop",
@@ -1241,6 +1259,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 let record = self.state.exec_mut(key);
                 record.manual_stop = false;
                 self.record_status(key, Status::Running, None);
+                self.save_state();
             }
             Decision::Unchanged => {
                 let record = self.state.exec(key).cloned().unwrap_or_default();
@@ -1340,14 +1359,22 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         let record = self.state.exec_mut(key);
         record.status = Some(status);
         record.exit_code = code;
-        self.save_state();
+        self.mark_state_dirty();
     }
 
     fn note_position(&mut self, nanos: i64) {
         if self.state.event_position.is_none_or(|p| nanos > p) {
             self.state.event_position = Some(nanos);
-            self.position_dirty = true;
+            self.state_dirty = true;
         }
+    }
+
+    /// A change the next periodic save (or any durable one) writes. Only the
+    /// commitment to a restart must be on disk before berth acts on it; the
+    /// rest (statuses, start times, the event position, manual stops) can be
+    /// rebuilt from the engine after a crash, so it is written in batches.
+    fn mark_state_dirty(&mut self) {
+        self.state_dirty = true;
     }
 
     fn save_state(&mut self) {
@@ -1360,7 +1387,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 "reason": e.to_string(),
             }));
         } else {
-            self.position_dirty = false;
+            self.state_dirty = false;
         }
     }
 
@@ -2184,11 +2211,13 @@ mod tests {
                 && exe(d)["reason"] == format!("pulling image {IMAGE}").as_str()),
             "a Pending document while pulling"
         );
-        let record = h.store.load().unwrap().exec(&key()).cloned().unwrap();
+        // Statuses and start times are saved in batches; shutdown writes them.
+        let store = h.store.clone();
+        h.shutdown().await;
+        let record = store.load().unwrap().exec(&key()).cloned().unwrap();
         assert_eq!(record.status, Some(Status::Running));
         assert_eq!(record.restart_count, 0);
         assert_eq!(record.container_id.as_deref(), Some(info.id.as_str()));
-        h.shutdown().await;
     }
 
     /// SPEC 6, the first two rows of the table, one row per policy.

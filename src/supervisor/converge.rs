@@ -272,7 +272,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         let registries = self.registries.clone();
         let tx = self.tx.clone();
         let deployment = id.to_string();
-        self.tracker.spawn(async move {
+        self.spawn_engine_call(async move {
             let images: Vec<_> = outdated
                 .iter()
                 .map(|(_, s, pull)| (s.image.clone(), *pull))
@@ -468,7 +468,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             dep.dirty = true;
         }
         self.state.remove_exec(key);
-        self.save_state();
+        self.mark_state_dirty();
     }
 
     /// Once every container of a removed deployment is gone: its final

@@ -24,6 +24,8 @@ pub struct Options {
     pub backoff_initial_ms: u64,
     pub backoff_max_secs: u64,
     pub backoff_reset_after_secs: u64,
+    /// Extra environment for `berth run`.
+    pub env: Vec<(String, String)>,
 }
 
 impl Options {
@@ -36,6 +38,7 @@ impl Options {
             backoff_initial_ms: 1000,
             backoff_max_secs: 300,
             backoff_reset_after_secs: 60,
+            env: Vec::new(),
         }
     }
 }
@@ -165,7 +168,8 @@ impl Berth {
             .arg(self.dir.join("berth.toml"))
             .env("RUST_LOG", "berth=debug")
             .env_remove("BERTH_CONFIG")
-            .env_remove("NOTIFY_SOCKET");
+            .env_remove("NOTIFY_SOCKET")
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)));
         let at = SystemTime::now();
         self.child = Some(sys::spawn_logged(&mut command, &self.log_path(), false)?);
         Ok(at)

@@ -246,6 +246,9 @@ impl Containers {
 
 impl Drop for Containers {
     fn drop(&mut self) {
+        if sys::interrupted() {
+            return; // the emergency clean-up removes them
+        }
         if let Err(e) = self.engine.remove(&self.prefix) {
             eprintln!(
                 "berth-bench: cannot remove containers {}*: {e:#}",

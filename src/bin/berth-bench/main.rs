@@ -63,6 +63,17 @@ struct Flags {
     /// Also write the table (Markdown) to this file.
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Extra environment for every berth the bench starts, KEY=VALUE
+    /// (repeatable), e.g. MALLOC_ARENA_MAX=2 to compare allocator settings.
+    #[arg(long, value_parser = parse_env)]
+    berth_env: Vec<(String, String)>,
+}
+
+fn parse_env(text: &str) -> std::result::Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -86,6 +97,8 @@ pub struct Ctx {
     pub run_id: String,
     pub dir: PathBuf,
     pub berth_bin: PathBuf,
+    /// Extra environment for berth (`--berth-env`).
+    pub berth_env: Vec<(String, String)>,
     pub quick: bool,
     pub engine: Engine,
     /// The machine engine's events for this run's containers, from the start.
@@ -98,6 +111,18 @@ impl Ctx {
         format!("berth-bench.run={}", self.run_id)
     }
 
+    /// berth's options for this run: SPEC defaults and `--berth-env`.
+    pub fn berth_options(
+        &self,
+        device_id: &str,
+        mqtt_port: u16,
+        docker_host: &str,
+    ) -> berth::Options {
+        let mut options = berth::Options::new(device_id, mqtt_port, docker_host);
+        options.env = self.berth_env.clone();
+        options
+    }
+
     pub fn subdir(&self, name: &str) -> Result<PathBuf> {
         let dir = self.dir.join(name);
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -108,15 +133,17 @@ impl Ctx {
 fn main() -> ExitCode {
     let flags = Flags::parse();
     install_handlers();
-    match run(flags) {
+    let code = match run(flags) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(2),
         Err(e) => {
             eprintln!("berth-bench: {e:#}");
             sys::emergency();
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
-    }
+    };
+    sys::finish();
+    code
 }
 
 /// Returns whether every benchmark produced its figures (targets missed are
@@ -155,15 +182,20 @@ fn run(flags: Flags) -> Result<bool> {
         run_id,
         dir,
         berth_bin,
+        berth_env: flags.berth_env.clone(),
         quick: flags.quick,
         engine,
         events,
     };
     println!(
-        "berth-bench: run {} ({}), berth {}, work dir {}",
+        "berth-bench: run {} ({}), berth {}{}, work dir {}",
         ctx.run_id,
         if ctx.quick { "quick" } else { "full" },
         ctx.berth_bin.display(),
+        ctx.berth_env
+            .iter()
+            .map(|(k, v)| format!(" {k}={v}"))
+            .collect::<String>(),
         ctx.dir.display()
     );
     let machine = machine(&ctx.engine);
@@ -205,6 +237,9 @@ fn run(flags: Flags) -> Result<bool> {
 
     // Belt and braces: nothing of this run may stay.
     for prefix in [ctx.run_id.clone(), format!("berth.{}", ctx.run_id)] {
+        if sys::interrupted() {
+            break; // the emergency clean-up removes them
+        }
         if let Err(e) = ctx.engine.remove(&prefix) {
             eprintln!("berth-bench: cannot remove containers {prefix}*: {e:#}");
         }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::berth::{deployment, Berth, Options};
+use crate::berth::{deployment, Berth};
 use crate::engine::{all_started, Containers, IMAGE, LONG_RUNNING};
 use crate::mqtt::{Broker, Message, Subscriber};
 use crate::report::{mb, secs, Row};
@@ -32,7 +32,7 @@ pub fn run(ctx: &Ctx, compare: bool, footprint: bool) -> Result<Vec<Row>> {
     let mut berth = Berth::new(
         &ctx.berth_bin,
         &dir,
-        Options::new(&device, broker.port(), &ctx.engine.url()),
+        ctx.berth_options(&device, broker.port(), &ctx.engine.url()),
     )?;
     let _berth_containers = Containers::guard(&ctx.engine, &berth.container_prefix());
     let sub = Subscriber::connect(broker.port(), &berth.topics())?;
@@ -212,6 +212,11 @@ fn measure_footprint(ctx: &Ctx, berth: &mut Berth, total: usize) -> Result<Vec<R
     let ticks = last.cpu_ticks - first.cpu_ticks;
     let window_s = last.at.duration_since(first.at).as_secs_f64();
 
+    let breakdown = sys::rss_breakdown(pid)?
+        .iter()
+        .map(|(what, kb)| format!("{what} {}", mb(*kb)))
+        .collect::<Vec<_>>()
+        .join(", ");
     let bin = &ctx.berth_bin;
     let bytes = fs::read(bin).with_context(|| format!("cannot read {}", bin.display()))?;
     let stripped = !bytes.windows(8).any(|w| w == b".symtab\0");
@@ -222,6 +227,7 @@ fn measure_footprint(ctx: &Ctx, berth: &mut Berth, total: usize) -> Result<Vec<R
         )
         .berth(format!("{} / {}", mb(median), mb(max)))
         .target("≤ 8 MB", max <= 8 * 1024),
+        Row::new(4, "… where it is (/proc/PID/smaps) at the end of the window").berth(breakdown),
         Row::new(4, "peak resident memory since start (VmHWM, includes provisioning)")
             .berth(mb(last.hwm_kb)),
         Row::new(4, format!("idle CPU over {window_s:.0} s (utime + stime)"))

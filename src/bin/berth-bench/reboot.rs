@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Result};
 
-use crate::berth::{deployment, Berth, Options};
+use crate::berth::{deployment, Berth};
 use crate::engine::{all_started, Containers, Dockerd, Engine, Events, IMAGE, LONG_RUNNING};
 use crate::mqtt::Broker;
 use crate::report::{secs, Row};
@@ -44,7 +44,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     let mut berth = Berth::new(
         &ctx.berth_bin,
         &dir,
-        Options::new(&device, broker.port(), &dockerd.host()),
+        ctx.berth_options(&device, broker.port(), &dockerd.host()),
     )?;
     let berth_containers = Containers::guard(&engine, &berth.container_prefix());
     let mut names = BTreeSet::new();

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use crate::berth::{deployment, Berth, Options};
+use crate::berth::{deployment, Berth};
 use crate::engine::{first_after, Containers, LONG_RUNNING};
 use crate::mqtt::{Broker, Subscriber};
 use crate::report::{dist, p50_p99, Row};
@@ -60,7 +60,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     let mut berth = Berth::new(
         &ctx.berth_bin,
         &dir,
-        Options::new(&device, broker.port(), &ctx.engine.url()),
+        ctx.berth_options(&device, broker.port(), &ctx.engine.url()),
     )?;
     let _berth_containers = Containers::guard(&ctx.engine, &berth.container_prefix());
     let sub = Subscriber::connect(broker.port(), &berth.topics())?;
@@ -220,7 +220,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
                 )
                 .berth(p50_p99(&b))
                 .other(format!("{} (engine `--restart always`)", p50_p99(&e)))
-                .ratio(format!("{r50:.2} / {r99:.2}"))
+                .ratio(format!("{r50:.3} / {r99:.3}"))
                 .target("≤ 0.75", r50 <= 0.75 && r99 <= 0.75),
             );
         }

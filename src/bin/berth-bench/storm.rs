@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::berth::{deployment, Berth, Options};
+use crate::berth::{deployment, Berth};
 use crate::engine::{times, Containers};
 use crate::mqtt::Broker;
 use crate::report::{dist, mb, ms, Row};
@@ -39,7 +39,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     let mut berth = Berth::new(
         &ctx.berth_bin,
         &dir,
-        Options::new(&device, broker.port(), &ctx.engine.url()),
+        ctx.berth_options(&device, broker.port(), &ctx.engine.url()),
     )?;
     let _containers = Containers::guard(&ctx.engine, &berth.container_prefix());
     for i in 0..n {

@@ -262,6 +262,46 @@ pub fn sample(pid: u32) -> Result<ProcSample> {
     })
 }
 
+/// Where a process's resident memory is, from `/proc/PID/smaps`: its own
+/// binary's pages, the brk heap, other anonymous mappings (thread malloc
+/// arenas, stacks), shared libraries; in kB, largest first.
+pub fn rss_breakdown(pid: u32) -> Result<Vec<(&'static str, u64)>> {
+    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    let exe = fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let mut sums = [
+        ("binary", 0u64),
+        ("heap", 0),
+        ("other anonymous", 0),
+        ("libraries", 0),
+    ];
+    let mut group = 2;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping header: range perms offset dev inode [path].
+            let path = line.split_whitespace().nth(5).unwrap_or("");
+            group = if path == exe {
+                0
+            } else if path == "[heap]" {
+                1
+            } else if path.starts_with('/') {
+                3
+            } else {
+                2
+            };
+        } else if first == "Rss:" {
+            sums[group].1 += words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+    }
+    let mut out: Vec<(&'static str, u64)> = sums.to_vec();
+    out.sort_by_key(|(_, kb)| std::cmp::Reverse(*kb));
+    Ok(out)
+}
+
 /// CPU use between two samples, in percent of one core.
 pub fn cpu_percent(from: &ProcSample, to: &ProcSample) -> f64 {
     let secs = to.at.duration_since(from.at).as_secs_f64();
@@ -326,6 +366,9 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     prefixes: Vec::new(),
 });
 static ABORTING: AtomicBool = AtomicBool::new(false);
+/// Held for the whole emergency clean-up, so that the main thread, ending
+/// meanwhile, waits for it instead of ending the process under it.
+static CLEANUP: Mutex<()> = Mutex::new(());
 
 thread_local! {
     /// Set on the thread that runs the emergency clean-up, whose own docker
@@ -340,6 +383,12 @@ fn registry() -> std::sync::MutexGuard<'static, Registry> {
 /// True once an interruption began: new commands are refused.
 pub fn aborting() -> bool {
     ABORTING.load(Ordering::Relaxed) && !CLEANING.with(Cell::get)
+}
+
+/// True once an interruption began, on any thread: the emergency clean-up
+/// owns the removals then.
+pub fn interrupted() -> bool {
+    ABORTING.load(Ordering::Relaxed)
 }
 
 pub fn track_pid(pid: u32, graceful: bool) {
@@ -370,6 +419,7 @@ pub fn untrack_prefix(host: &Option<String>, prefix: &str) {
 /// Kills every child the bench started and removes every container it made;
 /// for a panic or a signal, when destructors will not run.
 pub fn emergency() {
+    let _cleaning = CLEANUP.lock().unwrap_or_else(PoisonError::into_inner);
     ABORTING.store(true, Ordering::Relaxed);
     CLEANING.with(|c| c.set(true));
     let (kill_pids, term_pids, prefixes) = {
@@ -381,13 +431,20 @@ pub fn emergency() {
     for pid in &kill_pids {
         signal(*pid, Signal::SIGKILL);
     }
-    for (host, prefix) in &prefixes {
-        let engine = match host {
-            Some(h) => Engine::at(h),
-            None => Engine::local(),
-        };
-        if let Err(e) = engine.remove(prefix) {
-            eprintln!("berth-bench: cannot remove containers {prefix}*: {e:#}");
+    // Twice: a `docker run` already under way when the first list was
+    // taken may finish after it.
+    for round in 0..2 {
+        if round > 0 {
+            thread::sleep(Duration::from_secs(2));
+        }
+        for (host, prefix) in &prefixes {
+            let engine = match host {
+                Some(h) => Engine::at(h),
+                None => Engine::local(),
+            };
+            if let Err(e) = engine.remove(prefix) {
+                eprintln!("berth-bench: cannot remove containers {prefix}*: {e:#}");
+            }
         }
     }
     for pid in &term_pids {
@@ -396,5 +453,14 @@ pub fn emergency() {
     let deadline = Instant::now() + Duration::from_secs(30);
     while term_pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Called by the main thread before it ends: if an interruption is being
+/// cleaned up, waits for that and ends the process as interrupted.
+pub fn finish() {
+    let _done = CLEANUP.lock().unwrap_or_else(PoisonError::into_inner);
+    if ABORTING.load(Ordering::Relaxed) {
+        std::process::exit(130);
     }
 }
