@@ -355,17 +355,37 @@ fn tool_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// `[log] level` for berth's own lines; `RUST_LOG` (`berth=debug`,
+/// `info,berth=trace`, ...) overrides it. `Targets` rather than `EnvFilter`:
+/// the same syntax without span filters, and without a regex engine in a
+/// binary that must stay small.
 fn init_tracing(config: &AgentConfig) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("berth={}", config.log.level)));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let default = || {
+        format!("berth={}", config.log.level)
+            .parse::<Targets>()
+            .expect("validated level")
+    };
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => spec.parse::<Targets>().unwrap_or_else(|e| {
+            eprintln!("berth: ignoring RUST_LOG={spec:?}: {e}");
+            default()
+        }),
+        _ => default(),
+    };
+    // Logs go to stderr (the journal under systemd), coloured only on a terminal.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .with_target(false);
+    let registry = tracing_subscriber::registry().with(filter);
     if config.log.json {
-        builder.json().init();
+        registry.with(layer.json()).init();
     } else {
-        builder.init();
+        registry.with(layer).init();
     }
 }
 
