@@ -207,6 +207,8 @@ pub struct Supervisor<R, P> {
     since: String,
     state_dirty: bool,
     notifier: Notifier,
+    /// Starts decided during a reconcile, spawned after its one state write.
+    held_launches: Option<Vec<(ExecKey, Option<String>, ContainerSpec)>>,
     /// Limits the engine calls in flight (see `spawn_engine_call`).
     engine_slots: Arc<tokio::sync::Semaphore>,
     /// `READY=1` went out.
@@ -259,6 +261,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             since: timestamp(SystemTime::now()),
             state_dirty: false,
             notifier,
+            held_launches: None,
             engine_slots: Arc::new(tokio::sync::Semaphore::new(ENGINE_CALLS)),
             ready_sent: false,
             down_position: None,
@@ -561,6 +564,8 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     /// Brings every executable in line with the engine's listing, using the
     /// replayed history to tell manual stops from crashes.
     fn reconcile(&mut self, containers: Vec<ContainerInfo>, replay: &[EngineEvent]) {
+        // Starts decided here wait for the one durable write at the end.
+        self.held_launches = Some(Vec::new());
         let mut by_key: HashMap<ExecKey, ContainerInfo> = HashMap::new();
         let mut orphans = Vec::new();
         for info in containers {
@@ -620,6 +625,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         self.rebooted = false;
         self.interrupted.clear();
         self.save_state();
+        for call in self.held_launches.take().unwrap_or_default() {
+            self.spawn_launch(call);
+        }
     }
 
     fn reconcile_exec(
@@ -933,13 +941,23 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 record.pending_restart = Some(PendingRestart {
                     prev_started_at: record.started_at.clone(),
                 });
-                // The count and the commitment to start are one durable write.
-                self.save_state();
+                // The count and the commitment to start are one durable
+                // write; a reconcile makes one write for all its restarts.
+                if self.held_launches.is_none() {
+                    self.save_state();
+                }
             }
         }
+        let call = (key.clone(), container_id, spec);
+        match self.held_launches.as_mut() {
+            Some(held) => held.push(call),
+            None => self.spawn_launch(call),
+        }
+    }
+
+    fn spawn_launch(&self, (key, container_id, spec): (ExecKey, Option<String>, ContainerSpec)) {
         let runtime = self.runtime.clone();
         let tx = self.tx.clone();
-        let key = key.clone();
         self.spawn_engine_call(async move {
             let (container_id, result) = launch_container(&*runtime, container_id, &spec).await;
             let _ = tx.send(Msg::Launched {

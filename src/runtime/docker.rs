@@ -192,10 +192,17 @@ impl ContainerRuntime for DockerRuntime {
             }))
             .await
             .map_err(|e| engine_error("list", "containers", e))?;
-        let mut out = Vec::with_capacity(summaries.len());
-        for summary in summaries {
-            let Some(id) = summary.id else { continue };
-            match self.inspect(&id).await {
+        // A few inspections at a time: a robot with a hundred containers
+        // reconciles in a fraction of the time of one after the other.
+        let inspected: Vec<Result<ContainerInfo>> =
+            futures_util::stream::iter(summaries.into_iter().filter_map(|s| s.id))
+                .map(|id| async move { self.inspect(&id).await })
+                .buffered(8)
+                .collect()
+                .await;
+        let mut out = Vec::with_capacity(inspected.len());
+        for result in inspected {
+            match result {
                 Ok(info) => out.push(info),
                 // Removed between the listing and the inspection.
                 Err(RuntimeError::NotFound(_)) => {}
