@@ -565,8 +565,9 @@ pub fn bench_alive(pid: u32) -> bool {
         && fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "berth-bench")
 }
 
-/// Removes the containers, networks, second dockerds and work directories
+/// Removes the containers, networks and second dockerds (with their data)
 /// of earlier runs whose bench is no longer running; returns what it did.
+/// Their work directories, logs and all, stay.
 pub fn remove_leftovers(engine: &Engine, tmp: &Path) -> Result<Vec<String>> {
     let mut done = Vec::new();
     let stale: Vec<Container> = engine
@@ -622,9 +623,14 @@ pub fn remove_leftovers(engine: &Engine, tmp: &Path) -> Result<Vec<String>> {
                 done.push(format!("stopped the dockerd of an earlier run (pid {d})"));
             }
         }
+        // Its data goes; the logs stay (a run with --keep or with errors
+        // kept them on purpose).
         unmount_under(&dir);
-        if fs::remove_dir_all(&dir).is_ok() {
-            done.push(format!("removed {}", dir.display()));
+        for data in ["root", "exec"] {
+            let path = dir.join("dockerd").join(data);
+            if path.exists() && fs::remove_dir_all(&path).is_ok() {
+                done.push(format!("removed {}", path.display()));
+            }
         }
     }
     Ok(done)
