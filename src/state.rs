@@ -182,7 +182,7 @@ impl StateStore {
                 source,
             }
         };
-        let json = serde_json::to_vec_pretty(state).expect("state serializes");
+        let json = serde_json::to_vec(state).expect("state serializes");
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)

@@ -211,6 +211,8 @@ pub struct Supervisor<R, P> {
     held_launches: Option<Vec<(ExecKey, Option<String>, ContainerSpec)>>,
     /// Limits the engine calls in flight (see `spawn_engine_call`).
     engine_slots: Arc<tokio::sync::Semaphore>,
+    /// Limits the starts of crash-looping executables (see `spawn_launch`).
+    crash_lane: Arc<tokio::sync::Semaphore>,
     /// `READY=1` went out.
     ready_sent: bool,
     /// The event position when the engine went away.
@@ -263,6 +265,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             notifier,
             held_launches: None,
             engine_slots: Arc::new(tokio::sync::Semaphore::new(ENGINE_CALLS)),
+            crash_lane: Arc::new(tokio::sync::Semaphore::new(ENGINE_CALLS / 2)),
             ready_sent: false,
             down_position: None,
             interrupted: Default::default(),
@@ -958,7 +961,21 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     fn spawn_launch(&self, (key, container_id, spec): (ExecKey, Option<String>, ContainerSpec)) {
         let runtime = self.runtime.clone();
         let tx = self.tx.clone();
-        self.spawn_engine_call(async move {
+        // Executables in a crash loop (two or more restarts in a row) share
+        // a lane of their own before an engine slot, so that a storm of them
+        // never makes a healthy executable wait behind it.
+        let crash_lane = self
+            .state
+            .exec(&key)
+            .is_some_and(|r| r.backoff.consecutive >= 2)
+            .then(|| self.crash_lane.clone());
+        let slots = self.engine_slots.clone();
+        self.tracker.spawn(async move {
+            let _lane = match crash_lane {
+                Some(lane) => Some(lane.acquire_owned().await),
+                None => None,
+            };
+            let _slot = slots.acquire_owned().await;
             let (container_id, result) = launch_container(&*runtime, container_id, &spec).await;
             let _ = tx.send(Msg::Launched {
                 key,
