@@ -1,4 +1,30 @@
 //! berth: deployments from TOML run as supervised containers, reported over MQTT.
+//!
+//! ```text
+//!  config ──► supervisor ◄── runtime (ContainerRuntime: docker | fake)
+//!               │   │
+//!   policy, backoff   state (state.json, atomic)
+//!               │
+//!               ▼
+//!   report (Reporter) ──► control (snapshot, berth status) ──► report::mqtt
+//! ```
+//!
+//! - [`config`] turns `berth.toml` and the deployment files into validated
+//!   settings and specs ([`model`]), every error with file, line and column.
+//! - [`supervisor`] is the loop: engine events, timers and the results of
+//!   engine calls in; restart decisions ([`policy`], [`backoff`]) and status
+//!   documents out. It is generic over [`runtime::ContainerRuntime`] and
+//!   [`report::Reporter`], so it runs against the real Docker engine and
+//!   broker or against fakes.
+//! - [`state`] is what survives berth: restart counts (written before each
+//!   restart, exactly once), manual stops, the boot id, the engine event
+//!   position, the ROS master's owner.
+//! - [`control`] serves the latest documents on a local socket; [`notify`]
+//!   speaks systemd's notify protocol; [`watch`] turns changes in the
+//!   deployments directory into reloads.
+//!
+//! `src/main.rs` wires the real adapters and maps errors to exit codes;
+//! `docs/DESIGN.md` explains the choices.
 
 pub mod backoff;
 pub mod config;
