@@ -133,15 +133,12 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     Some(reason.clone()),
                     Some(ErrorCode::ExecutableFailed),
                 );
-                self.event(serde_json::json!({
-                    "event": "error",
-                    "deployment": key.deployment,
-                    "component": key.component,
-                    "executable": key.executable,
-                    "error_code": ErrorCode::ExecutableFailed,
-                    "exit_code": code,
-                    "reason": reason,
-                }));
+                self.event(Event::exec_error(
+                    key,
+                    ErrorCode::ExecutableFailed,
+                    code,
+                    reason.clone(),
+                ));
                 self.record_status(key, Status::Error, code);
             }
             Decision::SuspendUntilReboot => {
@@ -152,14 +149,13 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 // Rare, and what an operator did by hand: on disk at once.
                 self.save_state();
                 info!(executable = %key, "stopped manually; restart policy suspended until reboot");
-                self.event(serde_json::json!({
-                    "event": "manual_stop",
-                    "deployment": key.deployment,
-                    "component": key.component,
-                    "executable": key.executable,
-                    "exit_code": code,
-                    "reason": MANUAL_STOP_REASON,
-                }));
+                self.event(Event::ManualStop {
+                    deployment: key.deployment.clone(),
+                    component: key.component.clone(),
+                    executable: key.executable.clone(),
+                    exit_code: code,
+                    reason: MANUAL_STOP_REASON.into(),
+                });
             }
             Decision::LeaveStopped => {
                 exec.set(Status::Stopped, Some(NEVER_INTERRUPTED_REASON.into()), None);
@@ -186,15 +182,15 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     pub(super) fn restart(&mut self, key: &ExecKey, exit: &str, code: Option<i64>) {
         let count = self.state.exec(key).map_or(0, |r| r.restart_count) + 1;
         info!(executable = %key, exit_code = code, restart_count = count, "restarting");
-        self.event(serde_json::json!({
-            "event": "restart",
-            "deployment": key.deployment,
-            "component": key.component,
-            "executable": key.executable,
-            "exit_code": code,
-            "reason": format!("restarting after {exit}"),
-            "restart_count": count,
-        }));
+        self.event(Event::Restart {
+            deployment: key.deployment.clone(),
+            component: key.component.clone(),
+            executable: key.executable.clone(),
+            exit_code: code,
+            reason: format!("restarting after {exit}"),
+            restart_count: count,
+            by: None,
+        });
         if let Some(exec) = self.exec_mut(key) {
             // A start that keeps failing stays `Error` while it is retried.
             if exec.status != Status::Error {

@@ -128,12 +128,14 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     }
                 }
                 dep.dirty = true;
-                self.event(serde_json::json!({
-                    "event": "error",
-                    "deployment": id,
-                    "error_code": ErrorCode::ImageUnavailable,
-                    "reason": e.to_string(),
-                }));
+                self.event(Event::Error {
+                    deployment: Some(id.to_string()),
+                    component: None,
+                    executable: None,
+                    error_code: Some(ErrorCode::ImageUnavailable),
+                    exit_code: None,
+                    reason: e.to_string(),
+                });
             }
         }
     }
@@ -251,13 +253,12 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 self.mark_state_dirty();
                 info!(executable = %key, container = %short(&info.id), restart_count, "started");
                 if was_restart {
-                    self.event(serde_json::json!({
-                        "event": "restarted",
-                        "deployment": key.deployment,
-                        "component": key.component,
-                        "executable": key.executable,
-                        "restart_count": restart_count,
-                    }));
+                    self.event(Event::Restarted {
+                        deployment: key.deployment.clone(),
+                        component: key.component.clone(),
+                        executable: key.executable.clone(),
+                        restart_count,
+                    });
                 }
             }
             Err(RuntimeError::Unreachable(e)) => {
@@ -289,14 +290,12 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 let record = self.state.exec_mut(key);
                 record.pending_restart = None;
                 record.status = Some(Status::Error);
-                self.event(serde_json::json!({
-                    "event": "error",
-                    "deployment": key.deployment,
-                    "component": key.component,
-                    "executable": key.executable,
-                    "error_code": ErrorCode::ExecutableFailed,
-                    "reason": reason,
-                }));
+                self.event(Event::exec_error(
+                    key,
+                    ErrorCode::ExecutableFailed,
+                    None,
+                    reason.clone(),
+                ));
                 match decide(policy, &Happening::StartFailed) {
                     Decision::Restart => {
                         let settings = self.config.restart;

@@ -253,6 +253,7 @@ impl Deployment {
                 exit_code: e.exit_code,
                 restart_count: state.exec(&e.key).map_or(0, |r| r.restart_count),
                 started_at: e.started_at.as_deref().map(normalize_time),
+                health: None,
             })
             .collect();
         let worst = executables.iter().min_by_key(|e| e.status);
@@ -285,6 +286,7 @@ impl Deployment {
             restart_policy: self.spec.restart,
             restart_count: executables.iter().map(|e| e.restart_count).sum(),
             executables,
+            update: None,
             updated_at: timestamp(SystemTime::now()),
         };
         (self.spec.id.clone(), doc)

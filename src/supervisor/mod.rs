@@ -36,7 +36,9 @@ use crate::model::{
 };
 use crate::notify::Notifier;
 use crate::policy::{decide, Decision, Happening};
-use crate::report::{timestamp, AgentDoc, DeploymentDoc, ExecutableDoc, Reporter, Topic};
+use crate::report::{
+    timestamp, AgentDoc, DeploymentDoc, Event, EventDoc, ExecutableDoc, Reporter, Topic,
+};
 use crate::runtime::{
     ContainerInfo, ContainerRuntime, ContainerSpec, EngineEvent, EventAction, RegistryAuth,
     RuntimeError,

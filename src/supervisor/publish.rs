@@ -38,11 +38,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         // Restart counts live in the state alone; mirror them for the docs.
         if let Err(e) = self.store.save(&self.state) {
             warn!(error = %e, "cannot save state");
-            self.event(serde_json::json!({
-                "event": "error",
-                "error_code": ErrorCode::StateStore,
-                "reason": e.to_string(),
-            }));
+            self.event(Event::device_error(
+                Some(ErrorCode::StateStore),
+                e.to_string(),
+            ));
         } else {
             self.state_dirty = false;
         }
@@ -102,12 +101,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             dep.dirty = false;
         }
         for (id, phase, reason) in changes {
-            self.event(serde_json::json!({
-                "event": "phase",
-                "deployment": id,
-                "phase": phase,
-                "reason": reason,
-            }));
+            self.event(Event::Phase {
+                deployment: id,
+                phase,
+                reason,
+            });
         }
         for (id, doc) in docs {
             if id == ROS_MASTER_DEPLOYMENT {
@@ -142,14 +140,15 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
 
     pub(super) fn publish_agent(&self) {
         let doc = AgentDoc {
-            state: "online",
-            version: env!("CARGO_PKG_VERSION"),
+            state: "online".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
             boot_id: self.boot_id.clone(),
             docker: if self.engine_up {
                 "connected"
             } else {
                 "unreachable"
-            },
+            }
+            .into(),
             since: self.since.clone(),
             error_code: (!self.engine_up).then_some(ErrorCode::EngineUnreachable),
         };
@@ -159,9 +158,15 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         );
     }
 
-    pub(super) fn event(&self, mut payload: serde_json::Value) {
-        payload["device_id"] = self.config.device_id.clone().into();
-        payload["time"] = timestamp(SystemTime::now()).into();
-        self.reporter.publish(Topic::Events, payload);
+    pub(super) fn event(&self, event: Event) {
+        let doc = EventDoc {
+            device_id: self.config.device_id.clone(),
+            time: timestamp(SystemTime::now()),
+            event,
+        };
+        self.reporter.publish(
+            Topic::Events,
+            serde_json::to_value(doc).expect("documents serialize"),
+        );
     }
 }

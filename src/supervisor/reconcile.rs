@@ -37,11 +37,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         }
         if was_up || !self.reconciled {
             self.publish_agent();
-            self.event(serde_json::json!({
-                "event": "error",
-                "error_code": ErrorCode::EngineUnreachable,
-                "reason": format!("docker engine unreachable: {error}"),
-            }));
+            self.event(Event::device_error(
+                Some(ErrorCode::EngineUnreachable),
+                format!("docker engine unreachable: {error}"),
+            ));
         }
     }
 
