@@ -1090,6 +1090,7 @@ fn load_deployment_located(path: &Path) -> Result<Located, Vec<ConfigError>> {
         env,
         exports,
         components,
+        update: Default::default(),
         source: path.to_path_buf(),
     };
     let located = Located {
@@ -1945,6 +1946,7 @@ devices = ["/dev/ttyUSB0"]
                         network: Network::Host,
                     }],
                 }],
+                update: Default::default(),
                 source: path.clone(),
             }
         );

@@ -6,6 +6,7 @@ use std::path::Path;
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
+use super::lifecycle::NEVER_INTERRUPTED_REASON;
 use super::*;
 use crate::config::{DockerSettings, LogSettings, MqttSettings, RestartSettings, RosSettings};
 use crate::model::{labels, Command, ComponentSpec, Limits, RestartPolicy};
@@ -89,6 +90,7 @@ fn deployment(restart: RestartPolicy, pull: PullPolicy, program: &str) -> Deploy
                 network: Default::default(),
             }],
         }],
+        update: Default::default(),
         source: "/etc/berth/deployments.d/talker.toml".into(),
     }
 }
