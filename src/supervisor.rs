@@ -2000,7 +2000,7 @@ mod tests {
                 registries: Vec::new(),
             },
             mqtt: MqttSettings {
-                url: "mqtt://127.0.0.1:1883".into(),
+                endpoint: "mqtt://127.0.0.1:1883".parse().unwrap(),
                 client_id: format!("berth-{DEVICE}"),
                 topic_prefix: "berth".into(),
                 username: None,

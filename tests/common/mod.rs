@@ -1075,8 +1075,10 @@ pub struct BerthConfig {
     pub ros_master_uri: String,
     pub log_level: String,
     pub log_format: String,
-    /// `mqtt`, or `mqtts` for TLS; the broker is 127.0.0.1:`mqtt_port`.
+    /// `mqtt`, or `mqtts` for TLS; the broker is `mqtt_host`:`mqtt_port`.
     pub mqtt_scheme: String,
+    /// The host of the broker's url: `127.0.0.1`, or `[::1]` for IPv6.
+    pub mqtt_host: String,
     pub mqtt_username: Option<String>,
     pub mqtt_password_file: Option<PathBuf>,
     pub mqtt_ca_file: Option<PathBuf>,
@@ -1104,6 +1106,7 @@ impl BerthConfig {
             log_level: "debug".to_owned(),
             log_format: "text".to_owned(),
             mqtt_scheme: "mqtt".to_owned(),
+            mqtt_host: "127.0.0.1".to_owned(),
             mqtt_username: None,
             mqtt_password_file: None,
             mqtt_ca_file: None,
@@ -1184,7 +1187,10 @@ impl BerthConfig {
              \n[restart]\nbackoff_initial_ms = {}\nbackoff_max_secs = {}\nbackoff_reset_after_secs = {}\n\
              \n[ros]\nmaster_image = {}\nmaster_command = {command}\nmaster_uri = {}\n\
              \n[log]\nlevel = {}\nformat = {}\n",
-            s(&format!("{}://127.0.0.1:{}", self.mqtt_scheme, self.mqtt_port)),
+            s(&format!(
+                "{}://{}:{}",
+                self.mqtt_scheme, self.mqtt_host, self.mqtt_port
+            )),
             s(&self.topic_prefix),
             self.keep_alive_secs,
             self.backoff_initial_ms,
