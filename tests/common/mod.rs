@@ -181,7 +181,7 @@ fn spawn_logged(program: &str, args: &[&str], log: &Path) -> Child {
 }
 
 /// Waits for `child` to exit, for at most `timeout`.
-fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let mut status = None;
     wait_until(timeout, || {
         status = child.try_wait().expect("wait for child");
@@ -196,7 +196,7 @@ fn send_signal(child: &Child, signal: Signal) {
 }
 
 /// SIGTERM, then SIGKILL if the child has not exited within `grace`.
-fn terminate(child: &mut Child, grace: Duration) -> ExitStatus {
+pub fn terminate(child: &mut Child, grace: Duration) -> ExitStatus {
     if let Some(status) = child.try_wait().expect("wait for child") {
         return status;
     }
