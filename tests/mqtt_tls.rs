@@ -25,7 +25,7 @@ const BERTH_USER: &str = "robot";
 const BERTH_PASSWORD: &str = "pw-Berth-7f3a9c-secret";
 const OBSERVER_USER: &str = "observer";
 const OBSERVER_PASSWORD: &str = "pw-observer-51d2e0";
-const SETUP_HINT: &str = "run scripts/setup.sh";
+const SETUP_HINT: &str = "run scripts/setup.sh --tests";
 
 // --- certificates -------------------------------------------------------------
 

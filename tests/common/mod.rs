@@ -51,7 +51,7 @@ pub const LONG_RUNNING: &str =
 /// The trap matters: PID 1 ignores the signals it has no handler for.
 pub const UNTIL_SIGTERM: &str = "trap 'exit 0' TERM; while true; do sleep 1; done";
 
-const SETUP_HINT: &str = "run scripts/setup.sh";
+const SETUP_HINT: &str = "run scripts/setup.sh --tests";
 
 /// How long a service gets to start answering.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
