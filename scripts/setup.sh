@@ -343,11 +343,12 @@ start_broker() {
 }
 
 install_packages
-if $FOR_TESTS; then
-    install_cargo_tools
-fi
 start_engine
 build_test_image
 start_registry
 push_registry_image
 start_broker
+# Last: every step that may run the script again under sudo is done.
+if $FOR_TESTS; then
+    install_cargo_tools
+fi
