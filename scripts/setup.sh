@@ -84,7 +84,11 @@ need_root() {
     command -v sudo >/dev/null ||
         die "$1 needs root, and sudo is not installed: run scripts/setup.sh as root"
     say "$1 needs root: running again with sudo"
-    exec sudo -- "$SCRIPT" "${ARGS[@]}"
+    # The caller's cargo environment, for the cargo tools (sudo resets it).
+    exec sudo -- env "SETUP_CALLER_PATH=$PATH" \
+        "SETUP_CALLER_CARGO_HOME=${CARGO_HOME:-}" \
+        "SETUP_CALLER_RUSTUP_HOME=${RUSTUP_HOME:-}" \
+        "$SCRIPT" "${ARGS[@]}"
 }
 
 have_systemd() { [[ -d /run/systemd/system ]]; }
@@ -166,13 +170,19 @@ install_packages() {
 
 # --- cargo tools (--tests) ------------------------------------------------------
 
-# Runs a command as the user who runs cargo: under sudo, the user who called
-# sudo; in a login shell, so that their ~/.cargo/bin is on PATH.
+# Runs a command as the user who runs cargo, with their cargo: under sudo,
+# the user who called sudo, with the environment they ran this script in
+# (or, under a sudo typed by hand, that of their login shell).
 as_cargo_user() {
-    if [[ $EUID -eq 0 && -n ${SUDO_USER:-} && $SUDO_USER != root ]]; then
-        sudo -u "$SUDO_USER" -H -- bash -lc "$1"
+    if [[ $EUID -ne 0 || -z ${SUDO_USER:-} || $SUDO_USER == root ]]; then
+        bash -c "$1"
+    elif [[ -n ${SETUP_CALLER_PATH:-} ]]; then
+        local env=("PATH=$SETUP_CALLER_PATH")
+        [[ -n ${SETUP_CALLER_CARGO_HOME:-} ]] && env+=("CARGO_HOME=$SETUP_CALLER_CARGO_HOME")
+        [[ -n ${SETUP_CALLER_RUSTUP_HOME:-} ]] && env+=("RUSTUP_HOME=$SETUP_CALLER_RUSTUP_HOME")
+        sudo -u "$SUDO_USER" -H -- env "${env[@]}" bash -c "$1"
     else
-        bash -lc "$1"
+        sudo -u "$SUDO_USER" -H -- bash -lc "$1"
     fi
 }
 

@@ -21,8 +21,9 @@ if [[ $EUID -ne 0 ]]; then
     host="$(rustc -vV | sed -n 's/^host: //p')"
     runner_var="CARGO_TARGET_$(tr 'a-z-' 'A-Z_' <<<"$host")_RUNNER"
     # sudo's secure_path would replace PATH, and the tests call cargo (cargo
-    # deb) and the tools on this user's PATH: `env` puts it back.
-    export "$runner_var=sudo --preserve-env -- env PATH=$PATH"
+    # deb) on this user's PATH: `env` puts it back, with root's sbin
+    # directories (dockerd, mosquitto) after it.
+    export "$runner_var=sudo --preserve-env -- env PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin"
     # Ask for a password once, before nextest starts tests side by side.
     sudo -v
 fi
