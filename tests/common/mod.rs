@@ -42,10 +42,16 @@ pub const REGISTRY_IMAGE: &str = "127.0.0.1:5000/berth/busybox:1";
 pub const WAIT: Duration = Duration::from_secs(30);
 
 /// A script that runs until SIGTERM, then exits 0; SIGUSR1 makes it exit 5,
-/// a crash on demand (`docker exec <container> sh -c 'kill -USR1 1'`).
-/// It checks for signals five times a second.
-pub const LONG_RUNNING: &str =
-    "trap 'exit 0' TERM; trap 'exit 5' USR1; while true; do sleep 0.2; done";
+/// a crash on demand ([`crash`]). It checks for signals five times a second.
+/// Once its traps are set it writes its own start time (field 22 of
+/// `/proc/1/stat`) to [`READY_FILE`]: a signal sent before that would be
+/// ignored (PID 1 ignores signals it has no handler for), and the start time
+/// tells this run's file from one an earlier run of the container left.
+pub const LONG_RUNNING: &str = "trap 'exit 0' TERM; trap 'exit 5' USR1; \
+     cut -d' ' -f22 /proc/1/stat > /tmp/ready; while true; do sleep 0.2; done";
+
+/// Where [`LONG_RUNNING`] says it is ready, in its container.
+pub const READY_FILE: &str = "/tmp/ready";
 
 /// A script that runs until SIGTERM, then exits 0, checking once a second.
 /// The trap matters: PID 1 ignores the signals it has no handler for.
@@ -886,6 +892,29 @@ pub fn docker(args: &[&str]) -> String {
     })
 }
 
+/// Whether the [`LONG_RUNNING`] script of this run of `container` has set
+/// its traps.
+pub fn long_running_ready(container: &str) -> bool {
+    let check = format!("test \"$(cat {READY_FILE})\" = \"$(cut -d' ' -f22 /proc/1/stat)\"");
+    try_docker(&["exec", container, "sh", "-c", &check]).is_ok()
+}
+
+/// Crashes the [`LONG_RUNNING`] script of `container` (exit 5), once it is
+/// ready to take the signal.
+pub fn crash(container: &str) {
+    assert!(
+        wait_until(WAIT, || long_running_ready(container)),
+        "{container}: the script did not write {READY_FILE} within {WAIT:?}"
+    );
+    docker(&["exec", container, "sh", "-c", "kill -USR1 1"]);
+}
+
+/// The engine's data root (`DockerRootDir`): `/var/lib/docker` unless the
+/// engine was told otherwise.
+pub fn engine_root_dir() -> PathBuf {
+    PathBuf::from(docker(&["info", "--format", "{{.DockerRootDir}}"]).trim())
+}
+
 /// The ids of every container, running or not, labelled `berth.device=<device_id>`.
 pub fn container_ids(device_id: &str) -> Vec<String> {
     docker(&[
@@ -965,8 +994,15 @@ pub fn env_of(container: &Value) -> Vec<String> {
 pub struct EventLog {
     child: Child,
     path: PathBuf,
+    device_id: String,
     _dir: TempDir,
 }
+
+/// Label of the marker containers with which an [`EventLog`] knows that its
+/// stream has caught up. They carry the device's `berth.device` too (the
+/// engine ANDs label filters), but no deployment, component or executable
+/// label, so berth ignores their events and never lists them as its own.
+const EVENT_LOG_MARKER: &str = "berth-test.event-log-marker";
 
 impl EventLog {
     pub fn start(device_id: &str) -> EventLog {
@@ -987,18 +1023,53 @@ impl EventLog {
         EventLog {
             child,
             path,
+            device_id: device_id.to_owned(),
             _dir: dir,
         }
     }
 
-    /// (action, engine time in ns) of a container's events since `since_nanos`.
-    pub fn history(&self, container_id: &str, since_nanos: i128) -> Vec<(String, i128)> {
-        // Let the stream catch up with what just happened.
-        thread::sleep(Duration::from_millis(300));
+    fn events(&self) -> Vec<Value> {
         fs::read_to_string(&self.path)
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect()
+    }
+
+    /// Returns once the log holds every event the engine had emitted when
+    /// it was called: the engine sends its events in order, so once the
+    /// `destroy` of a marker container made now is in the file, so is
+    /// everything before it.
+    pub fn catch_up(&self) {
+        let device = format!("berth.device={}", self.device_id);
+        let marker = docker(&[
+            "create",
+            "--label",
+            &device,
+            "--label",
+            EVENT_LOG_MARKER,
+            TEST_IMAGE,
+            "true",
+        ])
+        .trim()
+        .to_owned();
+        docker(&["rm", &marker]);
+        let is_marker = |v: &Value| {
+            (v["id"] == marker.as_str() || v["Actor"]["ID"] == marker.as_str())
+                && v["Action"] == "destroy"
+        };
+        assert!(
+            wait_until(WAIT, || self.events().iter().any(is_marker)),
+            "the engine's event stream did not deliver the destroy of marker {marker} within {WAIT:?}"
+        );
+    }
+
+    /// (action, engine time in ns) of a container's events since
+    /// `since_nanos`, up to the moment of the call.
+    pub fn history(&self, container_id: &str, since_nanos: i128) -> Vec<(String, i128)> {
+        self.catch_up();
+        self.events()
+            .into_iter()
             .filter(|v| v["id"] == container_id || v["Actor"]["ID"] == container_id)
             .map(|v| {
                 (
@@ -1596,6 +1667,27 @@ impl Harness {
                     && c["Config"]["Labels"]["berth.executable"] == executable
             })
             .unwrap_or_else(|| panic!("no container for {deployment}/{executable}"))
+    }
+
+    /// Waits until berth's saved state (`state.json`, written atomically)
+    /// satisfies `predicate`; returns it.
+    pub fn wait_saved(&self, what: &str, predicate: impl Fn(&Value) -> bool) -> Value {
+        let path = self.berth.state_dir().join("state.json");
+        let read = || {
+            fs::read_to_string(&path)
+                .ok()
+                .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        };
+        let mut last = None;
+        let held = wait_until(WAIT, || {
+            last = read();
+            last.as_ref().is_some_and(&predicate)
+        });
+        assert!(
+            held,
+            "berth did not save {what} within {WAIT:?}; state.json: {last:?}"
+        );
+        last.expect("checked above")
     }
 
     /// berth's saved state, `state.json` in its state dir, parsed.
