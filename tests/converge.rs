@@ -91,7 +91,7 @@ fn a_failed_dependency_puts_its_dependent_in_error_until_it_recovers() {
         .as_str()
         .unwrap()
         .to_owned();
-    docker(&["exec", &base, "sh", "-c", "kill -USR1 1"]);
+    crash(&base);
     s.wait("base", |d| {
         d["status"] == "Error" && d["error_code"] == "DEP_E152"
     });
@@ -340,7 +340,12 @@ fn deprovisioning_retries_a_container_the_engine_refuses_to_remove() {
         .unwrap()
         .to_owned();
     // The engine cannot delete an immutable file of the container.
-    let pinned = format!("/var/lib/docker/containers/{stuck}/hostname");
+    let pinned = engine_root_dir()
+        .join("containers")
+        .join(&stuck)
+        .join("hostname")
+        .display()
+        .to_string();
     let status = std::process::Command::new("chattr")
         .args(["+i", &pinned])
         .status()
@@ -506,6 +511,8 @@ fn a_broken_edit_of_a_file_named_otherwise_keeps_its_deployment() {
         );
         assert_eq!(container_state(running.as_str().unwrap())["Running"], true);
     }
+    // Not a wait for an outcome: a window in which a document named after
+    // the file would show.
     std::thread::sleep(std::time::Duration::from_secs(1));
     let topics: Vec<String> = s
         .sub

@@ -516,6 +516,8 @@ fn sigterm_then_restart_adopts_the_containers() {
     assert_eq!(exe(&after)["started_at"], exe(&before)["started_at"]);
     assert_eq!(after["restart_count"], 2);
     assert_eq!(exe(&after)["restart_count"], 2);
+    // Not a wait for an outcome: a window in which a wrong restart would
+    // show.
     std::thread::sleep(Duration::from_secs(1));
     let id = exe(&after)["container_id"].as_str().unwrap();
     let history = s.events.history(id, t_restart);

@@ -35,7 +35,7 @@ fn config(state_dir: &Path) -> AgentConfig {
             registries: Vec::new(),
         },
         mqtt: MqttSettings {
-            url: "mqtt://127.0.0.1:1883".into(),
+            endpoint: "mqtt://127.0.0.1:1883".parse().unwrap(),
             client_id: format!("berth-{DEVICE}"),
             topic_prefix: "berth".into(),
             username: None,
