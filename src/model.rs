@@ -84,6 +84,17 @@ pub enum ErrorCode {
     /// berth's state store could not be read or written.
     #[serde(rename = "DEP_E302")]
     StateStore,
+    /// The deployment file is invalid: syntax, a value, a duplicate id, an
+    /// unknown or cyclic dependency, unsafe file permissions, or a remote
+    /// deployment outside the `[remote]` limits.
+    #[serde(rename = "DEP_E303")]
+    InvalidDeployment,
+    /// A container could not be stopped or removed (`PartiallyDeprovisioned`).
+    #[serde(rename = "DEP_E304")]
+    ContainerNotRemoved,
+    /// Not enough disk space to pull an image, even after garbage collection.
+    #[serde(rename = "DEP_E305")]
+    DiskFull,
 }
 
 impl ErrorCode {
@@ -95,6 +106,9 @@ impl ErrorCode {
             ErrorCode::ImageUnavailable => "DEP_E161",
             ErrorCode::EngineUnreachable => "DEP_E301",
             ErrorCode::StateStore => "DEP_E302",
+            ErrorCode::InvalidDeployment => "DEP_E303",
+            ErrorCode::ContainerNotRemoved => "DEP_E304",
+            ErrorCode::DiskFull => "DEP_E305",
         }
     }
 }
@@ -337,6 +351,9 @@ mod tests {
             ErrorCode::ImageUnavailable,
             ErrorCode::EngineUnreachable,
             ErrorCode::StateStore,
+            ErrorCode::InvalidDeployment,
+            ErrorCode::ContainerNotRemoved,
+            ErrorCode::DiskFull,
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }
