@@ -124,7 +124,10 @@ type Json = serde_json::Map<String, serde_json::Value>;
 
 /// `MIGRATIONS[i]` rewrites format `i + 1` into format `i + 2`: one entry per
 /// format change, never edited once released.
-const MIGRATIONS: [fn(&mut Json) -> Result<(), String>; FORMAT_VERSION as usize - 1] = [];
+const MIGRATIONS: [Migration; FORMAT_VERSION as usize - 1] = [];
+
+/// One format step: rewrites the object in place, or says why it cannot.
+type Migration = fn(&mut Json) -> Result<(), String>;
 
 /// Brings a state file of any earlier format to the current one: one step
 /// per format version, applied in order, each a rewrite of the JSON. The
