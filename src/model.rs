@@ -63,6 +63,15 @@ pub enum Status {
     Completed,
 }
 
+impl Status {
+    /// A deployment's status from its executables': the first of SPEC 5's
+    /// order that any of them has (`Error` before `Pending` before …).
+    /// `None` for no executables.
+    pub fn worst(statuses: impl IntoIterator<Item = Status>) -> Option<Status> {
+        statuses.into_iter().min()
+    }
+}
+
 /// The error codes of SPEC 5, written once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ErrorCode {
