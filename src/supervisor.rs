@@ -454,6 +454,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             Msg::EngineUp { replay } => self.on_engine_up(replay).await,
             Msg::EngineDown { error } => self.on_engine_down(&error),
             Msg::Event(event) => {
+                crate::trace::die_received(&event);
                 self.note_position(event.time_nanos);
                 self.on_event(event);
             }
@@ -1869,6 +1870,7 @@ async fn launch_container<R: ContainerRuntime>(
         },
     };
     debug!(container = %spec.name, "start request");
+    crate::trace::start_request(&spec.labels, &id);
     if let Err(e) = runtime.start(&id).await {
         return (Some(id), Err(e));
     }
