@@ -250,7 +250,7 @@ fn run(flags: Flags) -> Result<Outcome> {
         ctx.dir.display()
     );
     let machine = machine(&ctx.engine);
-    println!("berth-bench: {machine}");
+    println!("berth-bench: machine: {machine}");
 
     let (mut rows, mut timings) = run_lanes(&ctx, &selected);
     if flags.load && !sys::interrupted() {
@@ -512,7 +512,7 @@ fn machine(engine: &Engine) -> String {
         })
         .unwrap_or_default();
     format!(
-        "machine: {cores} cores, {:.1} GiB, Docker {}, kernel {}, {os}, load average {}",
+        "{cores} cores, {:.1} GiB, Docker {}, kernel {}, {os}, load average {}",
         mem_kb as f64 / 1024.0 / 1024.0,
         engine
             .version()
