@@ -91,7 +91,11 @@ fn the_trace_shows_die_received_and_start_requests_on_the_engines_clock() {
     let traced = Traced::start(&berth);
 
     let kinds = |traced: &Traced| -> Vec<String> {
-        traced.records().into_iter().map(|(kind, _, _)| kind).collect()
+        traced
+            .records()
+            .into_iter()
+            .map(|(kind, _, _)| kind)
+            .collect()
     };
     assert!(
         wait_until(WAIT, || kinds(&traced).len() >= 3),
@@ -107,7 +111,10 @@ fn the_trace_shows_die_received_and_start_requests_on_the_engines_clock() {
     );
     for (_, executable, nanos) in &records {
         assert_eq!(executable, "app/main/app", "{records:?}");
-        assert!(*nanos >= began, "a record before berth started: {records:?}");
+        assert!(
+            *nanos >= began,
+            "a record before berth started: {records:?}"
+        );
     }
     let (first, die, second) = (records[0].2, records[1].2, records[2].2);
     assert!(first <= die && die <= second, "out of order: {records:?}");

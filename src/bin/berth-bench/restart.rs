@@ -56,7 +56,7 @@ const BERTH_DELAYS_MS: [f64; 2] = [0.0, BACKOFF_INITIAL_MS as f64];
 /// Waits for `/sync/base`, then sleeps until that uptime plus `offset`.
 pub fn sleep_until_base_plus(offset: f64) -> String {
     format!(
-        "while [ ! -f /sync/base ]; do sleep 0.5; done; \
+        "while [ ! -f /sync/base ]; do sleep 1; done; \
          t=$(awk -v o={offset:.3} '{{ printf \"%.3f\", $1 + o }}' /sync/base); \
          sleep $(awk -v t=$t '{{ s = t - $1; if (s < 0) s = 0; printf \"%.3f\", s }}' /proc/uptime)"
     )
@@ -361,12 +361,9 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
             rows.push(
                 Row::new(
                     1,
-                    format!(
-                        "restart reaction, die → start, first restarts, p50 / p99 (n = {})",
-                        b.n
-                    ),
+                    "restart reaction, die → start, first restarts, p50 / p99",
                 )
-                .berth(p50_p99(b))
+                .berth(format!("{} (n = {})", p50_p99(b), b.n))
                 .other(format!(
                     "{} (floor: a bare API start → `start`, n = {})",
                     p50_p99(f),
@@ -438,9 +435,9 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
         Some(d) => rows.push(
             Row::new(
                 1,
-                format!("berth's own share (trace): die received → start request sent, first restarts, p50 / p99 (n = {})", d.n),
+                "berth's own share (trace): die received → start request sent, first restarts, p50 / p99",
             )
-            .berth(p50_p99(&d))
+            .berth(format!("{} (n = {})", p50_p99(&d), d.n))
             .target(format!("p99 ≤ {own_target} ms"), d.p99 <= own_target),
         ),
         None => rows.push(
@@ -488,8 +485,8 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     ] {
         match dist(values) {
             Some(d) => rows.push(
-                Row::new(1, format!("{label} (n = {})", d.n))
-                    .berth(p50_p99(&d))
+                Row::new(1, label)
+                    .berth(format!("{} (n = {})", p50_p99(&d), d.n))
                     .target("p99 ≤ 20 ms", d.p99 <= 20.0 && d.n == n),
             ),
             None => rows.push(
