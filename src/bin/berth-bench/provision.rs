@@ -31,7 +31,7 @@ use crate::sys::{self, unix_nanos};
 use crate::Ctx;
 
 pub fn run(ctx: &Ctx, compare: bool, footprint: bool) -> Result<Vec<Row>> {
-    let n = if ctx.quick { 10 } else { 50 };
+    let n = if ctx.quick { 5 } else { 50 };
     let total = 2 * n;
     let tag = if ctx.loaded { "l" } else { "" };
     let dir = ctx.subdir(if ctx.loaded {

@@ -38,7 +38,7 @@ fn host_docker0() -> bool {
 }
 
 pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
-    let n: usize = if ctx.quick { 20 } else { 100 };
+    let n: usize = if ctx.quick { 10 } else { 100 };
     let tag = if ctx.loaded { "l" } else { "q" };
     let dir = ctx.subdir(if ctx.loaded { "reboot-load" } else { "reboot" })?;
     let docker0_before = host_docker0();

@@ -145,6 +145,7 @@ pub fn mb(kb: u64) -> String {
 /// an empty quiet side.
 pub fn merge_loaded(quiet: &mut Vec<Row>, loaded: Vec<Row>) {
     let mut taken = vec![false; quiet.len()];
+    let mut extras = Vec::new();
     for row in loaded {
         let cell = loaded_cell(&row);
         let twin = quiet
@@ -162,10 +163,11 @@ pub fn merge_loaded(quiet: &mut Vec<Row>, loaded: Vec<Row>) {
                 if row.verdict == Verdict::Fail || row.verdict == Verdict::Error {
                     extra.verdict = row.verdict;
                 }
-                quiet.push(extra);
+                extras.push(extra);
             }
         }
     }
+    quiet.extend(extras);
 }
 
 fn loaded_cell(row: &Row) -> String {
@@ -268,11 +270,13 @@ mod tests {
             Row::new(1, "b").berth("4 ms"),
             Row::new(1, "a").berth("3 ms").target("≤ 5 ms", true),
             Row::new(2, "c").berth("x"),
+            Row::new(2, "d").berth("y"),
         ];
         merge_loaded(&mut quiet, loaded);
         assert_eq!(quiet[0].loaded.as_deref(), Some("3 ms; ≤ 5 ms pass"));
         assert_eq!(quiet[1].loaded.as_deref(), Some("4 ms"));
         assert_eq!(quiet[2].metric, "c");
+        assert_eq!(quiet[3].loaded.as_deref(), Some("y"));
         assert!(table(&quiet).contains("under load"));
     }
 }
