@@ -1003,6 +1003,7 @@ fn load_deployment_located(path: &Path) -> Result<Located, Vec<ConfigError>> {
         env,
         exports,
         components,
+        update: Default::default(),
         source: path.to_path_buf(),
     };
     let located = Located {
@@ -1890,6 +1891,7 @@ devices = ["/dev/ttyUSB0"]
                         network: Network::Host,
                     }],
                 }],
+                update: Default::default(),
                 source: path.clone(),
             }
         );

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -63,6 +64,19 @@ pub enum Status {
     Completed,
 }
 
+/// Phases and statuses print as SPEC 5 names them (their serde names).
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
 /// The error codes of SPEC 5, written once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ErrorCode {
@@ -84,6 +98,17 @@ pub enum ErrorCode {
     /// berth's state store could not be read or written.
     #[serde(rename = "DEP_E302")]
     StateStore,
+    /// The deployment file is invalid: syntax, a value, a duplicate id, an
+    /// unknown or cyclic dependency, unsafe file permissions, or a remote
+    /// deployment outside the `[remote]` limits.
+    #[serde(rename = "DEP_E303")]
+    InvalidDeployment,
+    /// A container could not be stopped or removed (`PartiallyDeprovisioned`).
+    #[serde(rename = "DEP_E304")]
+    ContainerNotRemoved,
+    /// Not enough disk space to pull an image, even after garbage collection.
+    #[serde(rename = "DEP_E305")]
+    DiskFull,
 }
 
 impl ErrorCode {
@@ -95,6 +120,9 @@ impl ErrorCode {
             ErrorCode::ImageUnavailable => "DEP_E161",
             ErrorCode::EngineUnreachable => "DEP_E301",
             ErrorCode::StateStore => "DEP_E302",
+            ErrorCode::InvalidDeployment => "DEP_E303",
+            ErrorCode::ContainerNotRemoved => "DEP_E304",
+            ErrorCode::DiskFull => "DEP_E305",
         }
     }
 }
@@ -184,9 +212,35 @@ pub struct DeploymentSpec {
     pub env: BTreeMap<String, String>,
     pub exports: BTreeMap<String, String>,
     pub components: Vec<ComponentSpec>,
+    /// `[update]`: how long a new version must prove itself.
+    pub update: UpdateSpec,
     /// The file it came from, for messages.
     #[serde(skip)]
     pub source: PathBuf,
+}
+
+/// How a changed deployment is kept or rolled back (SPEC 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct UpdateSpec {
+    /// How long a new version must run (and be healthy, with a probe) to be
+    /// kept; the previous container is removed only then.
+    pub min_ready_secs: u64,
+}
+
+impl UpdateSpec {
+    pub const DEFAULT_MIN_READY_SECS: u64 = 10;
+
+    pub fn min_ready(&self) -> Duration {
+        Duration::from_secs(self.min_ready_secs)
+    }
+}
+
+impl Default for UpdateSpec {
+    fn default() -> Self {
+        UpdateSpec {
+            min_ready_secs: Self::DEFAULT_MIN_READY_SECS,
+        }
+    }
 }
 
 impl DeploymentSpec {
@@ -337,6 +391,9 @@ mod tests {
             ErrorCode::ImageUnavailable,
             ErrorCode::EngineUnreachable,
             ErrorCode::StateStore,
+            ErrorCode::InvalidDeployment,
+            ErrorCode::ContainerNotRemoved,
+            ErrorCode::DiskFull,
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }

@@ -180,15 +180,19 @@ fn files_added_edited_and_removed_while_berth_runs() {
             LONG_RUNNING,
         ),
     );
+    // The update is kept once the new container has run for
+    // min_ready_secs: then the phase is Succeeded and the old one is gone.
     let doc = s.wait("edit", |d| {
         d["status"] == "Running"
+            && d["phase"] == "Succeeded"
             && exe(d)["container_id"] != old
             && exe(d)["container_id"].is_string()
     });
-    assert_eq!(doc["phase"], "Succeeded");
+    assert_eq!(doc["update"], serde_json::Value::Null);
     assert!(env_of(&s.container("edit", "app")).contains(&"VERSION=2".to_owned()));
     assert!(
-        try_docker(&["inspect", old.as_str().unwrap()]).is_err(),
+        wait_until(WAIT, || try_docker(&["inspect", old.as_str().unwrap()])
+            .is_err()),
         "the old container is gone"
     );
 
@@ -440,9 +444,15 @@ command = "until echo ping | nc 127.0.0.1 {port}; do sleep 0.2; done; cat /data/
     let client = s.container("fields", "client");
     assert_eq!(client["Config"]["Cmd"][0], "/bin/bash");
     assert_eq!(client["Config"]["Cmd"][1], "-c");
-    // The two executables of the component talked over localhost.
-    let got = docker(&["exec", server["Id"].as_str().unwrap(), "cat", "/tmp/got"]);
-    assert_eq!(got.trim(), "ping");
+    // The two executables of the component talked over localhost (the
+    // server's `nc` writes what it got a moment after the client is done).
+    let server_id = server["Id"].as_str().unwrap().to_owned();
+    let mut got = String::new();
+    let arrived = wait_until(WAIT, || {
+        got = docker(&["exec", &server_id, "cat", "/tmp/got"]);
+        got.trim() == "ping"
+    });
+    assert!(arrived, "the server got {got:?}");
     s.berth.sigterm();
 }
 

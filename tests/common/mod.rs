@@ -933,9 +933,12 @@ pub fn container_ids(device_id: &str) -> Vec<String> {
 /// `docker inspect` of every container of the device.
 pub fn containers(device_id: &str) -> Vec<Value> {
     let mut error = String::new();
-    // A container removed between `ps` and `inspect` fails the inspect: ask
-    // again.
-    for _ in 0..3 {
+    // A container removed between `ps` and `inspect` fails the inspect (a
+    // removal under way can take a while on a loaded engine): ask again.
+    for attempt in 0..20 {
+        if attempt > 0 {
+            thread::sleep(Duration::from_millis(50));
+        }
         let ids = container_ids(device_id);
         if ids.is_empty() {
             return Vec::new();
