@@ -19,8 +19,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::model::{
-    Command, ComponentSpec, DeploymentSpec, ExecutableSpec, Limits, Network, PullPolicy,
-    RestartPolicy, Volume,
+    Command, ComponentSpec, DeploymentSpec, ExecutableSpec, Limits, Network, Probe, ProbeCheck,
+    PullPolicy, RestartPolicy, UpdateSpec, Volume,
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/berth/berth.toml";
@@ -37,6 +37,13 @@ const DEFAULT_BACKOFF_RESET_AFTER_SECS: i64 = 60;
 const DEFAULT_ROS_MASTER_IMAGE: &str = "ros:noetic-ros-core";
 const DEFAULT_ROS_MASTER_COMMAND: &[&str] = &["roscore"];
 const DEFAULT_ROS_MASTER_URI: &str = "http://localhost:11311";
+const DEFAULT_DOCKER_TIMEOUT_SECS: i64 = 30;
+const DEFAULT_LOG_MAX_SIZE_MB: i64 = 10;
+const DEFAULT_LOG_MAX_FILES: i64 = 3;
+const DEFAULT_MIN_FREE_MB: i64 = 1024;
+const DEFAULT_GC_HIGH_PERCENT: i64 = 85;
+const DEFAULT_GC_LOW_PERCENT: i64 = 70;
+const DEFAULT_METRICS_INTERVAL_SECS: i64 = 60;
 const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error"];
 
 const DEVICE_ID_RULE: &str = "use 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'";
@@ -57,6 +64,9 @@ pub struct AgentConfig {
     pub restart: RestartSettings,
     pub ros: RosSettings,
     pub log: LogSettings,
+    pub containers: ContainerSettings,
+    pub images: ImageSettings,
+    pub metrics: MetricsSettings,
     /// The file it came from.
     pub source: PathBuf,
 }
@@ -66,6 +76,76 @@ pub struct DockerSettings {
     /// `unix:///path` or `tcp://host:port`.
     pub host: String,
     pub registries: Vec<RegistrySettings>,
+    /// How long one engine request may take before the engine counts as
+    /// unreachable; for a pull, how long it may go without progress.
+    pub timeout: Duration,
+}
+
+impl DockerSettings {
+    /// The defaults of an empty `[docker]` section.
+    pub fn new(host: &str) -> Self {
+        DockerSettings {
+            host: host.to_string(),
+            registries: Vec::new(),
+            timeout: Duration::from_secs(DEFAULT_DOCKER_TIMEOUT_SECS as u64),
+        }
+    }
+}
+
+/// `[containers]`: how berth creates containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContainerSettings {
+    /// The engine's `json-file` log rotation of every container.
+    pub log_rotation: crate::runtime::LogRotation,
+}
+
+impl Default for ContainerSettings {
+    fn default() -> Self {
+        ContainerSettings {
+            log_rotation: crate::runtime::LogRotation {
+                max_size_mb: DEFAULT_LOG_MAX_SIZE_MB as u64,
+                max_files: DEFAULT_LOG_MAX_FILES as u32,
+            },
+        }
+    }
+}
+
+/// `[images]`: image housekeeping (SPEC 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageSettings {
+    /// Free space on the engine's data root below which a pull first
+    /// collects unused images, in bytes.
+    pub min_free_bytes: u64,
+    /// Use of the data root (percent) that starts a collection.
+    pub gc_high_percent: u8,
+    /// Use (percent) at which a collection stops; below `gc_high_percent`.
+    pub gc_low_percent: u8,
+}
+
+impl Default for ImageSettings {
+    fn default() -> Self {
+        ImageSettings {
+            min_free_bytes: DEFAULT_MIN_FREE_MB as u64 * 1024 * 1024,
+            gc_high_percent: DEFAULT_GC_HIGH_PERCENT as u8,
+            gc_low_percent: DEFAULT_GC_LOW_PERCENT as u8,
+        }
+    }
+}
+
+/// `[metrics]`: the retained `metrics` topic (SPEC 9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsSettings {
+    /// Time between two metrics documents; `None` (`interval_secs = 0`)
+    /// turns the topic off.
+    pub interval: Option<Duration>,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            interval: Some(Duration::from_secs(DEFAULT_METRICS_INTERVAL_SECS as u64)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -575,6 +655,12 @@ struct RawAgent {
     ros: RawRos,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    containers: RawContainers,
+    #[serde(default)]
+    images: RawImages,
+    #[serde(default)]
+    metrics: RawMetrics,
 }
 
 #[derive(Deserialize, Default)]
@@ -583,6 +669,28 @@ struct RawDocker {
     host: Option<Spanned<String>>,
     #[serde(default)]
     registries: Vec<RawRegistry>,
+    timeout_secs: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawContainers {
+    log_max_size_mb: Option<Spanned<i64>>,
+    log_max_files: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawImages {
+    min_free_mb: Option<Spanned<i64>>,
+    gc_high_percent: Option<Spanned<i64>>,
+    gc_low_percent: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    interval_secs: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -679,6 +787,9 @@ fn load_agent_inner(path: &Path) -> (Option<PathBuf>, Result<AgentConfig, Vec<Co
     let restart = check_restart(&mut c, &raw.restart);
     let ros = check_ros(&mut c, raw.ros);
     let log = check_log(&mut c, raw.log);
+    let containers = check_containers(&mut c, &raw.containers);
+    let images = check_images(&mut c, &raw.images);
+    let metrics = check_metrics(&mut c, &raw.metrics);
 
     let config = AgentConfig {
         device_id,
@@ -690,6 +801,9 @@ fn load_agent_inner(path: &Path) -> (Option<PathBuf>, Result<AgentConfig, Vec<Co
         restart,
         ros,
         log,
+        containers,
+        images,
+        metrics,
         source: path.to_path_buf(),
     };
     (Some(deployments_dir), c.finish(config))
@@ -729,7 +843,123 @@ fn check_docker(c: &mut Checker, base: &Path, raw: RawDocker) -> DockerSettings 
             password_file: c.path(base, &r.password_file, "password_file"),
         })
         .collect();
-    DockerSettings { host, registries }
+    let timeout_secs = c.positive(
+        raw.timeout_secs.as_ref(),
+        "timeout_secs",
+        DEFAULT_DOCKER_TIMEOUT_SECS,
+    );
+    DockerSettings {
+        host,
+        registries,
+        timeout: Duration::from_secs(timeout_secs),
+    }
+}
+
+/// An integer in `range`, or the default after an error naming the range.
+fn in_range(
+    c: &mut Checker,
+    value: Option<&Spanned<i64>>,
+    key: &str,
+    range: std::ops::RangeInclusive<i64>,
+    default: i64,
+) -> i64 {
+    match value {
+        Some(v) if !range.contains(v.get_ref()) => {
+            let message = if *range.end() == i64::MAX {
+                format!("{key} must be at least {}", range.start())
+            } else {
+                format!(
+                    "{key} must be between {} and {}",
+                    range.start(),
+                    range.end()
+                )
+            };
+            c.at(v, message);
+            default
+        }
+        Some(v) => *v.get_ref(),
+        None => default,
+    }
+}
+
+fn check_containers(c: &mut Checker, raw: &RawContainers) -> ContainerSettings {
+    // The engine takes sizes in whole units; 1 MB to 1 TB is every sane one.
+    let max_size_mb = in_range(
+        c,
+        raw.log_max_size_mb.as_ref(),
+        "log_max_size_mb",
+        1..=1_000_000,
+        DEFAULT_LOG_MAX_SIZE_MB,
+    );
+    let max_files = in_range(
+        c,
+        raw.log_max_files.as_ref(),
+        "log_max_files",
+        1..=1000,
+        DEFAULT_LOG_MAX_FILES,
+    );
+    ContainerSettings {
+        log_rotation: crate::runtime::LogRotation {
+            max_size_mb: max_size_mb as u64,
+            max_files: max_files as u32,
+        },
+    }
+}
+
+fn check_images(c: &mut Checker, raw: &RawImages) -> ImageSettings {
+    let min_free_mb = in_range(
+        c,
+        raw.min_free_mb.as_ref(),
+        "min_free_mb",
+        0..=i64::MAX / (1024 * 1024),
+        DEFAULT_MIN_FREE_MB,
+    );
+    let high = in_range(
+        c,
+        raw.gc_high_percent.as_ref(),
+        "gc_high_percent",
+        1..=100,
+        DEFAULT_GC_HIGH_PERCENT,
+    );
+    let low = in_range(
+        c,
+        raw.gc_low_percent.as_ref(),
+        "gc_low_percent",
+        0..=99,
+        DEFAULT_GC_LOW_PERCENT,
+    );
+    if low >= high {
+        let span = raw
+            .gc_low_percent
+            .as_ref()
+            .or(raw.gc_high_percent.as_ref())
+            .map_or(0..0, Spanned::span);
+        c.at_span(
+            span,
+            format!(
+                "gc_low_percent ({low}) must be less than gc_high_percent ({high}): \
+                 a collection stops below where it starts"
+            ),
+        );
+    }
+    ImageSettings {
+        min_free_bytes: min_free_mb as u64 * 1024 * 1024,
+        gc_high_percent: high as u8,
+        gc_low_percent: low as u8,
+    }
+}
+
+fn check_metrics(c: &mut Checker, raw: &RawMetrics) -> MetricsSettings {
+    let secs = in_range(
+        c,
+        raw.interval_secs.as_ref(),
+        "interval_secs",
+        0..=i64::MAX,
+        DEFAULT_METRICS_INTERVAL_SECS,
+    );
+    MetricsSettings {
+        interval: (secs > 0).then(|| Duration::from_secs(secs as u64)),
+    }
 }
 
 fn check_mqtt(c: &mut Checker, base: &Path, raw: RawMqtt, device_id: &str) -> MqttSettings {
@@ -940,6 +1170,13 @@ struct RawDeployment {
     #[serde(default)]
     exports: BTreeMap<Spanned<String>, String>,
     components: Option<Spanned<Vec<RawComponent>>>,
+    update: Option<RawUpdate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpdate {
+    min_ready_secs: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -968,6 +1205,19 @@ struct RawExecutable {
     volumes: Vec<RawVolume>,
     #[serde(default)]
     devices: Vec<Spanned<String>>,
+    probe: Option<Spanned<RawProbe>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    exec: Option<Spanned<Vec<String>>>,
+    tcp: Option<Spanned<i64>>,
+    http: Option<Spanned<String>>,
+    initial_delay_secs: Option<Spanned<i64>>,
+    period_secs: Option<Spanned<i64>>,
+    timeout_secs: Option<Spanned<i64>>,
+    failure_threshold: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1053,6 +1303,18 @@ fn load_deployment_located(path: &Path) -> Result<Located, Vec<ConfigError>> {
     }
     let env = c.env(raw.env, "env");
     let exports = c.env(raw.exports, "exports");
+    let update = match &raw.update {
+        Some(u) => UpdateSpec {
+            min_ready_secs: in_range(
+                &mut c,
+                u.min_ready_secs.as_ref(),
+                "min_ready_secs",
+                0..=i64::MAX,
+                UpdateSpec::DEFAULT_MIN_READY_SECS as i64,
+            ) as u64,
+        },
+        None => UpdateSpec::default(),
+    };
 
     let mut components = Vec::new();
     match raw.components {
@@ -1090,6 +1352,7 @@ fn load_deployment_located(path: &Path) -> Result<Located, Vec<ConfigError>> {
         env,
         exports,
         components,
+        update,
         source: path.to_path_buf(),
     };
     let located = Located {
@@ -1197,6 +1460,7 @@ fn check_executables(
                 d.get_ref().clone()
             })
             .collect();
+        let probe = exe.probe.map(|p| check_probe(c, p));
         out.push(ExecutableSpec {
             name,
             image,
@@ -1207,6 +1471,7 @@ fn check_executables(
             volumes,
             devices,
             network: Network::Host,
+            probe: probe.flatten(),
         });
     }
     out
@@ -1257,6 +1522,95 @@ fn check_command(
             None
         }
     }
+}
+
+/// A `probe` table: exactly one of `exec`, `tcp`, `http`, and timings of at
+/// least a second (a grace of 0 is allowed).
+fn check_probe(c: &mut Checker, raw: Spanned<RawProbe>) -> Option<Probe> {
+    let span = raw.span();
+    let raw = raw.into_inner();
+    let kinds: Vec<(&str, Range<usize>)> = [
+        raw.exec.as_ref().map(|v| ("exec", v.span())),
+        raw.tcp.as_ref().map(|v| ("tcp", v.span())),
+        raw.http.as_ref().map(|v| ("http", v.span())),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if kinds.is_empty() {
+        c.at_span(
+            span,
+            "probe needs exactly one of exec, tcp or http; none is given",
+        );
+        return None;
+    }
+    if kinds.len() > 1 {
+        let names: Vec<&str> = kinds.iter().map(|(name, _)| *name).collect();
+        c.at_span(
+            kinds[1].1.clone(),
+            format!(
+                "probe needs exactly one of exec, tcp or http, not {}",
+                names.join(" and ")
+            ),
+        );
+        return None;
+    }
+    let check = if let Some(exec) = raw.exec {
+        if exec.get_ref().is_empty() || exec.get_ref()[0].trim().is_empty() {
+            c.at(
+                &exec,
+                "probe exec must name a program: [\"program\", \"arg\", ...]",
+            );
+        }
+        ProbeCheck::Exec(exec.into_inner())
+    } else if let Some(port) = raw.tcp {
+        if !(1..=65535).contains(port.get_ref()) {
+            c.at(&port, "probe tcp must be a port from 1 to 65535");
+        }
+        ProbeCheck::Tcp(u16::try_from(*port.get_ref()).unwrap_or(0))
+    } else if let Some(url) = raw.http {
+        if let Err(message) = crate::probe::HttpTarget::parse(url.get_ref()) {
+            c.at(&url, format!("probe http: {message}"));
+        }
+        ProbeCheck::Http(url.into_inner())
+    } else {
+        unreachable!("one kind is present")
+    };
+    let mut secs = |value: Option<&Spanned<i64>>, key: &str, min: i64, default: u64| {
+        in_range(c, value, key, min..=i64::MAX, default as i64) as u64
+    };
+    let initial_delay_secs = secs(
+        raw.initial_delay_secs.as_ref(),
+        "initial_delay_secs",
+        0,
+        Probe::DEFAULT_INITIAL_DELAY_SECS,
+    );
+    let period_secs = secs(
+        raw.period_secs.as_ref(),
+        "period_secs",
+        1,
+        Probe::DEFAULT_PERIOD_SECS,
+    );
+    let timeout_secs = secs(
+        raw.timeout_secs.as_ref(),
+        "timeout_secs",
+        1,
+        Probe::DEFAULT_TIMEOUT_SECS,
+    );
+    let failure_threshold = in_range(
+        c,
+        raw.failure_threshold.as_ref(),
+        "failure_threshold",
+        1..=i64::from(u32::MAX),
+        i64::from(Probe::DEFAULT_FAILURE_THRESHOLD),
+    ) as u32;
+    Some(Probe {
+        check,
+        initial_delay_secs,
+        period_secs,
+        timeout_secs,
+        failure_threshold,
+    })
 }
 
 fn check_limits(c: &mut Checker, raw: &RawLimits) -> Limits {
@@ -1593,6 +1947,7 @@ mod tests {
                 docker: DockerSettings {
                     host: "unix:///var/run/docker.sock".into(),
                     registries: vec![],
+                    timeout: Duration::from_secs(30),
                 },
                 mqtt: MqttSettings {
                     url: "mqtt://127.0.0.1:1883".into(),
@@ -1618,6 +1973,20 @@ mod tests {
                 log: LogSettings {
                     level: "info".into(),
                     json: false,
+                },
+                containers: ContainerSettings {
+                    log_rotation: crate::runtime::LogRotation {
+                        max_size_mb: 10,
+                        max_files: 3,
+                    },
+                },
+                images: ImageSettings {
+                    min_free_bytes: 1024 * 1024 * 1024,
+                    gc_high_percent: 85,
+                    gc_low_percent: 70,
+                },
+                metrics: MetricsSettings {
+                    interval: Some(Duration::from_secs(60)),
                 },
                 source: path.clone(),
             }
@@ -1751,6 +2120,18 @@ master_uri = "http://localhost:11311"
 [log]
 level = "info"                         # RUST_LOG overrides
 format = "text"                        # or "json"
+
+[containers]                           # how berth creates containers
+log_max_size_mb = 10                   # engine json-file rotation: a chatty executable never fills the disk
+log_max_files = 3
+
+[images]                               # image housekeeping, section 8
+min_free_mb = 1024                     # below this, garbage-collect before a pull; still short: DEP_E305
+gc_high_percent = 85                   # engine data root use that starts a collection
+gc_low_percent = 70                    # where it stops
+
+[metrics]
+interval_secs = 60                     # 0 disables the metrics topic
 "#;
 
     #[test]
@@ -1782,6 +2163,9 @@ format = "text"                        # or "json"
         assert_eq!(config.ros.master_command, ["roscore"]);
         assert_eq!(config.log.level, "info");
         assert!(!config.log.json);
+        assert_eq!(config.containers, ContainerSettings::default());
+        assert_eq!(config.images, ImageSettings::default());
+        assert_eq!(config.metrics, MetricsSettings::default());
 
         let json = SPEC_AGENT.replace("format = \"text\"", "format = \"json\"");
         let path = write(dir.path(), "json.toml", &json);
@@ -1895,6 +2279,18 @@ env = { LOG_LEVEL = "debug" }
 limits = { cpus = 0.5, memory_mb = 256 }
 volumes = [{ host = "/data/maps", container = "/maps", read_only = true }]
 devices = ["/dev/ttyUSB0"]
+
+[components.executables.probe]         # liveness, optional; exactly one of exec / tcp / http
+exec = ["talker-health"]               # run inside the container; exit 0 = healthy
+# tcp = 8080                           # a TCP connect to this port succeeds
+# http = "http://127.0.0.1:8080/healthz"   # GET answers 2xx or 3xx
+initial_delay_secs = 5                 # grace after each start
+period_secs = 10
+timeout_secs = 2
+failure_threshold = 3                  # consecutive failures that make it unhealthy
+
+[update]                               # optional, section 8
+min_ready_secs = 10                    # a new version must run (and be healthy) this long to be kept
 "#;
 
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -1943,8 +2339,16 @@ devices = ["/dev/ttyUSB0"]
                         }],
                         devices: vec!["/dev/ttyUSB0".into()],
                         network: Network::Host,
+                        probe: Some(Probe {
+                            check: ProbeCheck::Exec(vec!["talker-health".into()]),
+                            initial_delay_secs: 5,
+                            period_secs: 10,
+                            timeout_secs: 2,
+                            failure_threshold: 3,
+                        }),
                     }],
                 }],
+                update: UpdateSpec { min_ready_secs: 10 },
                 source: path.clone(),
             }
         );

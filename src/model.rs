@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -150,6 +151,75 @@ pub enum Network {
     Isolated,
 }
 
+/// What a liveness probe checks (exactly one per probe).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProbeCheck {
+    /// Run inside the container (by the engine, as its healthcheck); exit 0
+    /// is healthy.
+    Exec(Vec<String>),
+    /// A TCP connect to this port of the executable succeeds.
+    Tcp(u16),
+    /// A GET of this url answers 2xx or 3xx. On an isolated network the
+    /// host `127.0.0.1` or `localhost` stands for the container itself.
+    Http(String),
+}
+
+/// A liveness probe of an executable (SPEC 4).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Probe {
+    pub check: ProbeCheck,
+    /// Grace after each start, during which failures do not count.
+    pub initial_delay_secs: u64,
+    pub period_secs: u64,
+    pub timeout_secs: u64,
+    /// Consecutive failures that make the executable unhealthy.
+    pub failure_threshold: u32,
+}
+
+impl Probe {
+    pub const DEFAULT_INITIAL_DELAY_SECS: u64 = 5;
+    pub const DEFAULT_PERIOD_SECS: u64 = 10;
+    pub const DEFAULT_TIMEOUT_SECS: u64 = 2;
+    pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
+
+    pub fn initial_delay(&self) -> Duration {
+        Duration::from_secs(self.initial_delay_secs)
+    }
+
+    pub fn period(&self) -> Duration {
+        Duration::from_secs(self.period_secs)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+}
+
+/// How a changed deployment is kept or rolled back (SPEC 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct UpdateSpec {
+    /// How long a new version must run (and be healthy, with a probe) to be
+    /// kept; the previous container is removed only then.
+    pub min_ready_secs: u64,
+}
+
+impl UpdateSpec {
+    pub const DEFAULT_MIN_READY_SECS: u64 = 10;
+
+    pub fn min_ready(&self) -> Duration {
+        Duration::from_secs(self.min_ready_secs)
+    }
+}
+
+impl Default for UpdateSpec {
+    fn default() -> Self {
+        UpdateSpec {
+            min_ready_secs: Self::DEFAULT_MIN_READY_SECS,
+        }
+    }
+}
+
 /// One container's worth of spec.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ExecutableSpec {
@@ -164,6 +234,11 @@ pub struct ExecutableSpec {
     /// The component's `network`, carried here so that it is part of the
     /// spec hash: changing it recreates the containers.
     pub network: Network,
+    /// Liveness probe. Left out of the serialized form when absent, so that
+    /// the spec hash of an executable without one is what it was before
+    /// probes existed (no container is recreated by an upgrade of berth).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe: Option<Probe>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -184,6 +259,8 @@ pub struct DeploymentSpec {
     pub env: BTreeMap<String, String>,
     pub exports: BTreeMap<String, String>,
     pub components: Vec<ComponentSpec>,
+    /// `[update]`: how long a new version must prove itself.
+    pub update: UpdateSpec,
     /// The file it came from, for messages.
     #[serde(skip)]
     pub source: PathBuf,

@@ -1563,6 +1563,7 @@ impl Exec {
                 volumes: Vec::new(),
                 devices: Vec::new(),
                 network: Default::default(),
+                probe: None,
             },
             env: BTreeMap::new(),
             hash: String::new(),
@@ -1654,6 +1655,7 @@ impl Deployment {
             env: BTreeMap::new(),
             exports: BTreeMap::new(),
             components: Vec::new(),
+            update: Default::default(),
             source,
         };
         let mut dep = Deployment::new_empty(spec);
@@ -1845,26 +1847,9 @@ async fn launch_container<R: ContainerRuntime>(
 ) -> (Option<String>, Result<ContainerInfo, RuntimeError>) {
     let id = match container_id {
         Some(id) => id,
+        // A missing image comes back as `ImageUnavailable` from the adapter.
         None => match converge::create_container(runtime, spec).await {
             Ok(id) => id,
-            Err(RuntimeError::Engine { message, .. }) if message.contains("No such image") => {
-                return (
-                    None,
-                    Err(RuntimeError::ImageUnavailable {
-                        image: spec.image.clone(),
-                        message,
-                    }),
-                )
-            }
-            Err(RuntimeError::NotFound(_)) => {
-                return (
-                    None,
-                    Err(RuntimeError::ImageUnavailable {
-                        image: spec.image.clone(),
-                        message: format!("no such image: {}", spec.image),
-                    }),
-                )
-            }
             Err(e) => return (None, Err(e)),
         },
     };
@@ -1876,19 +1861,13 @@ async fn launch_container<R: ContainerRuntime>(
     (Some(id), info)
 }
 
-/// The part of an engine error an operator needs: for a command missing from
-/// `$PATH`, the runtime's own `exec: "...": executable file not found in $PATH`.
+/// The reason an operator reads for a failed start: the adapter has already
+/// kept the part that matters (`exec: "x": executable file not found in $PATH`).
 fn engine_reason(e: &RuntimeError) -> String {
-    let message = match e {
-        RuntimeError::Engine { message, .. } => message.as_str(),
-        other => return other.to_string(),
-    };
-    if let Some(start) = message.find("exec: \"") {
-        let rest = &message[start..];
-        let end = rest.find(": unknown").unwrap_or(rest.len());
-        return rest[..end].to_string();
+    match e {
+        RuntimeError::StartFailed { message, .. } => message.clone(),
+        other => other.to_string(),
     }
-    message.to_string()
 }
 
 /// Per container id, what the replayed history says about how it ended.
@@ -1995,10 +1974,7 @@ mod tests {
             deployments_dir: state_dir.join("deployments.d"),
             state_dir: state_dir.to_path_buf(),
             boot_id_file: state_dir.join("boot_id"),
-            docker: DockerSettings {
-                host: "unix:///var/run/docker.sock".into(),
-                registries: Vec::new(),
-            },
+            docker: DockerSettings::new("unix:///var/run/docker.sock"),
             mqtt: MqttSettings {
                 url: "mqtt://127.0.0.1:1883".into(),
                 client_id: format!("berth-{DEVICE}"),
@@ -2024,6 +2000,9 @@ mod tests {
                 level: "debug".into(),
                 json: false,
             },
+            containers: Default::default(),
+            images: Default::default(),
+            metrics: Default::default(),
             source: state_dir.join("berth.toml"),
         }
     }
@@ -2053,8 +2032,10 @@ mod tests {
                     volumes: Vec::new(),
                     devices: Vec::new(),
                     network: Default::default(),
+                    probe: None,
                 }],
             }],
+            update: Default::default(),
             source: "/etc/berth/deployments.d/talker.toml".into(),
         }
     }

@@ -131,8 +131,10 @@ fn master_spec(
                 volumes: Vec::new(),
                 devices: Vec::new(),
                 network: Default::default(),
+                probe: None,
             }],
         }],
+        update: Default::default(),
         source: dir.to_path_buf(),
     }
 }
