@@ -911,7 +911,7 @@ fn check_images(c: &mut Checker, raw: &RawImages) -> ImageSettings {
         c,
         raw.min_free_mb.as_ref(),
         "min_free_mb",
-        0..=i64::MAX / (1024 * 1024),
+        0..=i64::MAX,
         DEFAULT_MIN_FREE_MB,
     );
     let high = in_range(
@@ -943,7 +943,7 @@ fn check_images(c: &mut Checker, raw: &RawImages) -> ImageSettings {
         );
     }
     ImageSettings {
-        min_free_bytes: min_free_mb as u64 * 1024 * 1024,
+        min_free_bytes: (min_free_mb as u64).saturating_mul(1024 * 1024),
         gc_high_percent: high as u8,
         gc_low_percent: low as u8,
     }
@@ -2254,6 +2254,273 @@ interval_secs = 60                     # 0 disables the metrics topic
             ("exe_env_key", concat!(head!(), exe!(), "env = { \"\" = \"x\" }\n"), "env: a variable name must not be empty", 9, 9),
         ];
         assert_rows(rows, |p| load_deployment(p).map(|_| ()));
+    }
+
+    #[test]
+    fn bad_probes_and_updates_are_rejected_with_position() {
+        // The probe table's header is line 9, its keys from line 10 on.
+        macro_rules! probe {
+            ($keys:expr) => {
+                concat!(head!(), exe!(), "[components.executables.probe]\n", $keys)
+            };
+        }
+        let rows: &[(&str, &str, &str, usize, usize)] = &[
+            (
+                "none",
+                probe!("period_secs = 5\n"),
+                "probe needs exactly one of exec, tcp or http; none is given",
+                9,
+                1,
+            ),
+            (
+                "empty_table",
+                probe!(""),
+                "probe needs exactly one of exec, tcp or http; none is given",
+                9,
+                1,
+            ),
+            (
+                "two",
+                probe!("exec = [\"x\"]\ntcp = 80\n"),
+                "probe needs exactly one of exec, tcp or http, not exec and tcp",
+                11,
+                7,
+            ),
+            (
+                "three",
+                probe!("http = \"http://a/\"\nexec = [\"x\"]\ntcp = 80\n"),
+                "not exec and tcp and http",
+                12,
+                7,
+            ),
+            (
+                "exec_empty",
+                probe!("exec = []\n"),
+                "probe exec must name a program",
+                10,
+                8,
+            ),
+            (
+                "exec_type",
+                probe!("exec = \"x\"\n"),
+                "invalid type: string \"x\", expected a sequence",
+                10,
+                8,
+            ),
+            (
+                "tcp_zero",
+                probe!("tcp = 0\n"),
+                "probe tcp must be a port from 1 to 65535",
+                10,
+                7,
+            ),
+            (
+                "tcp_high",
+                probe!("tcp = 70000\n"),
+                "probe tcp must be a port from 1 to 65535",
+                10,
+                7,
+            ),
+            (
+                "http_https",
+                probe!("http = \"https://x/\"\n"),
+                "probe http: \"https://x/\" must start with http://",
+                10,
+                8,
+            ),
+            (
+                "http_no_host",
+                probe!("http = \"http:///x\"\n"),
+                "probe http: \"http:///x\" names no host",
+                10,
+                8,
+            ),
+            (
+                "period_zero",
+                probe!("tcp = 80\nperiod_secs = 0\n"),
+                "period_secs must be at least 1",
+                11,
+                15,
+            ),
+            (
+                "timeout_zero",
+                probe!("tcp = 80\ntimeout_secs = 0\n"),
+                "timeout_secs must be at least 1",
+                11,
+                16,
+            ),
+            (
+                "threshold_zero",
+                probe!("tcp = 80\nfailure_threshold = 0\n"),
+                "failure_threshold must be between 1 and 4294967295",
+                11,
+                21,
+            ),
+            (
+                "delay_negative",
+                probe!("tcp = 80\ninitial_delay_secs = -1\n"),
+                "initial_delay_secs must be at least 0",
+                11,
+                22,
+            ),
+            (
+                "unknown_key",
+                probe!("tcp = 80\nport = 1\n"),
+                "unknown field `port`",
+                11,
+                1,
+            ),
+            (
+                "update_negative",
+                concat!(head!(), exe!(), "[update]\nmin_ready_secs = -1\n"),
+                "min_ready_secs must be at least 0",
+                10,
+                18,
+            ),
+            (
+                "update_unknown",
+                concat!(head!(), exe!(), "[update]\nmin_ready = 1\n"),
+                "unknown field `min_ready`",
+                10,
+                1,
+            ),
+        ];
+        assert_rows(rows, |p| load_deployment(p).map(|_| ()));
+    }
+
+    #[test]
+    fn probes_default_and_zero_delay_is_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = concat!(
+            head!(),
+            exe!(),
+            "[components.executables.probe]\nhttp = \"http://127.0.0.1:8080/healthz\"\n\
+             initial_delay_secs = 0\n"
+        );
+        let path = write(dir.path(), "talker.toml", text);
+        let spec = load_deployment(&path).unwrap();
+        assert_eq!(
+            spec.components[0].executables[0].probe,
+            Some(Probe {
+                check: ProbeCheck::Http("http://127.0.0.1:8080/healthz".into()),
+                initial_delay_secs: 0,
+                period_secs: 10,
+                timeout_secs: 2,
+                failure_threshold: 3,
+            })
+        );
+        assert_eq!(spec.update, UpdateSpec { min_ready_secs: 10 });
+        let path = write(dir.path(), "plain.toml", concat!(head!(), exe!()));
+        let plain = load_deployment(&path).unwrap();
+        assert_eq!(plain.components[0].executables[0].probe, None);
+    }
+
+    #[test]
+    fn bad_housekeeping_sections_are_rejected_with_position() {
+        let rows: &[(&str, &str, &str, usize, usize)] = &[
+            (
+                "docker_timeout_zero",
+                "device_id = \"r\"\n[docker]\ntimeout_secs = 0\n",
+                "timeout_secs must be greater than 0",
+                3,
+                16,
+            ),
+            (
+                "log_size_zero",
+                "device_id = \"r\"\n[containers]\nlog_max_size_mb = 0\n",
+                "log_max_size_mb must be between 1 and 1000000",
+                3,
+                19,
+            ),
+            (
+                "log_files_zero",
+                "device_id = \"r\"\n[containers]\nlog_max_files = 0\n",
+                "log_max_files must be between 1 and 1000",
+                3,
+                17,
+            ),
+            (
+                "containers_unknown",
+                "device_id = \"r\"\n[containers]\nlog_size = 1\n",
+                "unknown field `log_size`",
+                3,
+                1,
+            ),
+            (
+                "high_over_100",
+                "device_id = \"r\"\n[images]\ngc_high_percent = 101\n",
+                "gc_high_percent must be between 1 and 100",
+                3,
+                19,
+            ),
+            (
+                "low_equals_high",
+                "device_id = \"r\"\n[images]\ngc_high_percent = 80\ngc_low_percent = 80\n",
+                "gc_low_percent (80) must be less than gc_high_percent (80)",
+                4,
+                18,
+            ),
+            (
+                "low_over_default_high",
+                "device_id = \"r\"\n[images]\ngc_low_percent = 90\n",
+                "gc_low_percent (90) must be less than gc_high_percent (85)",
+                3,
+                18,
+            ),
+            (
+                "high_under_default_low",
+                "device_id = \"r\"\n[images]\ngc_high_percent = 50\n",
+                "gc_low_percent (70) must be less than gc_high_percent (50)",
+                3,
+                19,
+            ),
+            (
+                "min_free_negative",
+                "device_id = \"r\"\n[images]\nmin_free_mb = -1\n",
+                "min_free_mb must be at least 0",
+                3,
+                15,
+            ),
+            (
+                "images_unknown",
+                "device_id = \"r\"\n[images]\ngc_high = 1\n",
+                "unknown field `gc_high`",
+                3,
+                1,
+            ),
+            (
+                "metrics_negative",
+                "device_id = \"r\"\n[metrics]\ninterval_secs = -5\n",
+                "interval_secs must be at least 0",
+                3,
+                17,
+            ),
+            (
+                "metrics_float",
+                "device_id = \"r\"\n[metrics]\ninterval_secs = 1.5\n",
+                "invalid type: floating point",
+                3,
+                17,
+            ),
+        ];
+        assert_rows(rows, |p| load_agent(p).map(|_| ()));
+    }
+
+    #[test]
+    fn metrics_interval_zero_disables_the_topic() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "device_id = \"r\"\n[metrics]\ninterval_secs = 0\n[images]\ngc_low_percent = 0\ngc_high_percent = 100\nmin_free_mb = 0\n[docker]\ntimeout_secs = 5\n";
+        let config = load_agent(&write(dir.path(), "berth.toml", text)).unwrap();
+        assert_eq!(config.metrics.interval, None);
+        assert_eq!(
+            config.images,
+            ImageSettings {
+                min_free_bytes: 0,
+                gc_high_percent: 100,
+                gc_low_percent: 0,
+            }
+        );
+        assert_eq!(config.docker.timeout, Duration::from_secs(5));
     }
 
     const SPEC_DEPLOYMENT: &str = r#"

@@ -418,4 +418,47 @@ mod tests {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }
     }
+
+    #[test]
+    fn a_spec_without_probe_hashes_as_before_probes_existed() {
+        let exe = ExecutableSpec {
+            name: "talker".into(),
+            image: "img:1".into(),
+            pull: PullPolicy::IfNotPresent,
+            command: Some(Command::Exec(vec!["run".into()])),
+            env: BTreeMap::new(),
+            limits: Limits::default(),
+            volumes: Vec::new(),
+            devices: Vec::new(),
+            network: Network::Host,
+            probe: None,
+        };
+        let json = serde_json::to_value(&exe).unwrap();
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "command", "devices", "env", "image", "limits", "name", "network", "pull",
+                "volumes"
+            ],
+            "the serialized form, and so the hash, of a spec without a probe is unchanged"
+        );
+        let env = BTreeMap::new();
+        let probed = ExecutableSpec {
+            probe: Some(Probe {
+                check: ProbeCheck::Tcp(8080),
+                initial_delay_secs: 5,
+                period_secs: 10,
+                timeout_secs: 2,
+                failure_threshold: 3,
+            }),
+            ..exe.clone()
+        };
+        assert_ne!(spec_hash(&exe, &env), spec_hash(&probed, &env));
+    }
 }

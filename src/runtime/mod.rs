@@ -382,7 +382,7 @@ pub const LOG_TAIL_BYTES: usize = 4096;
 
 /// Bounds the end of a container's output to [`LOG_TAIL_LINES`] lines and
 /// [`LOG_TAIL_BYTES`] bytes (newlines not counted), keeping the last ones.
-/// A line longer than the byte budget keeps its end.
+/// The line that does not fit whole keeps its end, up to the budget left.
 pub fn bound_tail(text: &str) -> Vec<String> {
     let lines: Vec<&str> = text.lines().collect();
     let mut out: Vec<String> = Vec::new();
@@ -394,8 +394,8 @@ pub fn bound_tail(text: &str) -> Vec<String> {
             out.push(line.to_string());
             continue;
         }
-        if out.is_empty() {
-            // One huge line: its end, cut at a character boundary.
+        if budget > 0 {
+            // Its end, cut at a character boundary.
             let mut start = line.len() - budget;
             while !line.is_char_boundary(start) {
                 start += 1;
@@ -563,4 +563,177 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         since_nanos: Option<i64>,
         until_nanos: Option<i64>,
     ) -> EventStream;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Probe, ProbeCheck};
+
+    #[test]
+    fn exit_codes_name_the_signal_that_killed() {
+        let rows = [
+            (137, Some("SIGKILL")),
+            (143, Some("SIGTERM")),
+            (139, Some("SIGSEGV")),
+            (134, Some("SIGABRT")),
+            (129, Some("SIGHUP")),
+            (0, None),
+            (1, None),
+            (3, None),
+            (127, None),
+            (128, None),
+            (255, None),
+            (-1, None),
+        ];
+        for (code, want) in rows {
+            assert_eq!(signal_name(code), want, "{code}");
+        }
+    }
+
+    #[test]
+    fn a_log_tail_keeps_the_last_20_lines_within_4_kib() {
+        let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+        let tail = bound_tail(&text);
+        assert_eq!(tail.len(), LOG_TAIL_LINES);
+        assert_eq!(tail[0], "line 11");
+        assert_eq!(tail[19], "line 30");
+
+        let wide = "w".repeat(1000);
+        let text = format!("first\n{wide}\n{wide}\n{wide}\n{wide}\n{wide}\nlast\r\n");
+        let tail = bound_tail(&text);
+        assert_eq!(tail.iter().map(String::len).sum::<usize>(), LOG_TAIL_BYTES);
+        assert_eq!(tail.last().map(String::as_str), Some("last"));
+        assert_eq!(tail.len(), 6, "the oldest wide line keeps its end");
+        assert_eq!(tail[0].len(), 4096 - 4 - 4000);
+
+        let huge = format!("{}é{}", "a".repeat(5000), "b".repeat(100));
+        let tail = bound_tail(&huge);
+        assert_eq!(tail.len(), 1);
+        assert!(tail[0].len() <= LOG_TAIL_BYTES && tail[0].ends_with('b'));
+        assert!(bound_tail("").is_empty());
+    }
+
+    #[test]
+    fn secret_looking_env_values_are_masked() {
+        let env = BTreeMap::from([
+            ("DB_PASSWORD".to_string(), "hunter2".to_string()),
+            ("api_token".to_string(), "t0k".to_string()),
+            ("ClientSecret".to_string(), "s3".to_string()),
+            ("SSH_KEY_FILE".to_string(), "/k".to_string()),
+            ("ROBOT_NAME".to_string(), "r42".to_string()),
+        ]);
+        let masked = masked_env(&env);
+        assert_eq!(masked["ROBOT_NAME"], "r42");
+        for name in ["DB_PASSWORD", "api_token", "ClientSecret", "SSH_KEY_FILE"] {
+            assert_eq!(masked[name], MASKED, "{name}");
+        }
+        assert_eq!(
+            masked_env_entry("MQTT_PASSWORD=x=y"),
+            "MQTT_PASSWORD=******"
+        );
+        assert_eq!(masked_env_entry("LOG_LEVEL=debug"), "LOG_LEVEL=debug");
+        assert_eq!(masked_env_entry("NOVALUE"), "NOVALUE");
+        let spec = ContainerSpec {
+            env: env.clone(),
+            ..Default::default()
+        };
+        let printed = format!("{spec:?}");
+        assert!(printed.contains("r42"), "{printed}");
+        for secret in ["hunter2", "t0k", "s3", "/k"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+    }
+
+    #[test]
+    fn pull_progress_adds_up_the_layers() {
+        let mut t = PullTracker::default();
+        assert_eq!(t.update("", "Pulling from berth/busybox", None, None), None);
+        assert_eq!(t.update("a", "Pulling fs layer", None, None), None);
+        assert_eq!(
+            t.update("a", "Downloading", Some(100), Some(1000)),
+            Some(PullProgress {
+                done_bytes: 100,
+                total_bytes: 1000
+            })
+        );
+        let p = t.update("b", "Downloading", Some(500), Some(1000)).unwrap();
+        assert_eq!((p.done_bytes, p.total_bytes, p.percent()), (600, 2000, 30));
+        assert_eq!(t.update("b", "Downloading", Some(500), Some(1000)), None);
+        t.update("a", "Download complete", None, None);
+        t.update("a", "Extracting", Some(10), Some(1000));
+        let p = t.update("b", "Pull complete", None, None).unwrap();
+        assert_eq!(p.percent(), 100);
+        assert_eq!(p.to_string(), "100% of 0.0 MB");
+        let big = PullProgress {
+            done_bytes: 12_150_000,
+            total_bytes: 27_000_000,
+        };
+        assert_eq!(big.to_string(), "45% of 27 MB");
+        assert_eq!(PullProgress::default().percent(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttle_lets_one_report_through_per_period() {
+        let mut throttle = Throttle::new(Duration::from_secs(2));
+        assert!(throttle.ready(), "the first passes");
+        assert!(!throttle.ready());
+        tokio::time::advance(Duration::from_millis(1999)).await;
+        assert!(!throttle.ready());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(throttle.ready());
+        assert!(!throttle.ready());
+    }
+
+    #[test]
+    fn cpu_percent_is_of_one_core() {
+        let second = Duration::from_secs(1);
+        assert_eq!(cpu_percent(0, 1_000_000_000, second), Some(100.0));
+        assert_eq!(cpu_percent(0, 1_500_000_000, second), Some(150.0));
+        assert_eq!(cpu_percent(10, 10, second), Some(0.0));
+        assert_eq!(cpu_percent(10, 5, second), None, "restarted meanwhile");
+        assert_eq!(cpu_percent(0, 5, Duration::ZERO), None);
+    }
+
+    #[test]
+    fn disk_use_in_percent() {
+        let usage = |total, free| DiskUsage {
+            data_root: "/var/lib/docker".into(),
+            total_bytes: total,
+            free_bytes: free,
+        };
+        assert_eq!(usage(1000, 150).used_percent(), 85);
+        assert_eq!(usage(1000, 1000).used_percent(), 0);
+        assert_eq!(usage(0, 0).used_percent(), 0);
+    }
+
+    #[test]
+    fn only_exec_probes_become_engine_healthchecks() {
+        let probe = |check| Probe {
+            check,
+            initial_delay_secs: 5,
+            period_secs: 10,
+            timeout_secs: 2,
+            failure_threshold: 3,
+        };
+        assert_eq!(
+            Healthcheck::from_probe(Some(&probe(ProbeCheck::Exec(vec!["ok".into()])))),
+            Some(Healthcheck {
+                command: vec!["ok".into()],
+                interval: Duration::from_secs(10),
+                timeout: Duration::from_secs(2),
+                retries: 3,
+                start_period: Duration::from_secs(5),
+            })
+        );
+        assert_eq!(
+            Healthcheck::from_probe(Some(&probe(ProbeCheck::Tcp(80)))),
+            None
+        );
+        assert_eq!(
+            Healthcheck::from_probe(Some(&probe(ProbeCheck::Http("http://x/".into())))),
+            None
+        );
+        assert_eq!(Healthcheck::from_probe(None), None);
+    }
 }
