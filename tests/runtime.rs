@@ -331,9 +331,10 @@ impl Drop for NetworkGuard {
 }
 
 /// On an isolated network berth reaches a `tcp` or `http` probe at the
-/// container's own address, which the inspection gives.
+/// container's own address, which the inspection gives; on the host
+/// network at 127.0.0.1.
 #[tokio::test]
-async fn probes_reach_a_container_on_its_isolated_network() {
+async fn probes_reach_a_container_on_its_network() {
     let device = unique_id("netprobe");
     let guard = EngineGuard::new(&device);
     let network = format!("berth.{device}.net");
@@ -377,6 +378,33 @@ async fn probes_reach_a_container_on_its_isolated_network() {
     );
     engine.stop(&id, 0).await.unwrap();
     assert!(berth::probe::check(&tcp, &host).await.is_err());
+
+    // On the host network the executable is reached on 127.0.0.1.
+    let port = common::free_port();
+    let script = format!(
+        "mkdir -p /www && echo ok > /www/index.html && exec httpd -f -p 127.0.0.1:{port} -h /www"
+    );
+    let id = engine
+        .create(&spec(&device, "hostweb", &script))
+        .await
+        .unwrap();
+    engine.start(&id).await.unwrap();
+    let info = engine.inspect(&id).await.unwrap();
+    assert_eq!(info.ip_address, None);
+    assert_eq!(info.probe_host(), "127.0.0.1");
+    let http = probe(ProbeCheck::Http(format!("http://localhost:{port}/")));
+    let deadline = Instant::now() + WAIT;
+    while berth::probe::check(&http, &info.probe_host())
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "httpd never answered on the host"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    engine.stop(&id, 0).await.unwrap();
     drop(guard);
 }
 
@@ -604,4 +632,108 @@ where
         (thread_cpu() - cpu) / rounds,
         (daemons_cpu() - daemons) / rounds,
     )
+}
+
+/// A stand-in for the engine's socket that forwards to the real one until
+/// told to stall; then it keeps every connection open and silent, and
+/// accepts new ones without answering: an engine hung mid-life.
+struct StallingProxy {
+    path: std::path::PathBuf,
+    stall: tokio::sync::watch::Sender<bool>,
+    _dir: tempfile::TempDir,
+}
+
+impl StallingProxy {
+    fn start() -> StallingProxy {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("docker.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (stall, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut stalled = watch.clone();
+                tokio::spawn(async move {
+                    if *stalled.borrow() {
+                        // Accepted, never answered.
+                        let _ = stalled.wait_for(|s| !*s).await;
+                        std::future::pending::<()>().await;
+                    }
+                    let mut engine = tokio::net::UnixStream::connect("/var/run/docker.sock")
+                        .await
+                        .unwrap();
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut engine) => {}
+                        // Stop forwarding, keep both ends open.
+                        _ = async { stalled.wait_for(|s| *s).await.map(|_| ()) } => {
+                            std::future::pending::<()>().await
+                        }
+                    }
+                });
+            }
+        });
+        StallingProxy {
+            path,
+            stall,
+            _dir: dir,
+        }
+    }
+
+    fn host(&self) -> String {
+        format!("unix://{}", self.path.display())
+    }
+
+    fn set_stalled(&self, stalled: bool) {
+        self.stall.send_replace(stalled);
+    }
+}
+
+/// An engine that stalls mid-life turns every call into `Unreachable`
+/// within the timeout, and answers again once it recovers. Its live event
+/// stream does not end: it goes quiet, so only a bounded call (a ping)
+/// tells a stalled engine from an idle one.
+#[tokio::test]
+async fn an_engine_stalling_mid_life_is_unreachable_in_time_and_recovers() {
+    let device = unique_id("stall");
+    let proxy = StallingProxy::start();
+    let timeout = Duration::from_millis(800);
+    let engine = DockerRuntime::new(&proxy.host()).with_timeout(timeout);
+    engine.ping().await.unwrap();
+    assert!(engine.list(&device).await.unwrap().is_empty());
+    // The stream's request goes out when it is first polled.
+    let mut events = engine.events(&device, None, None);
+    let quiet = tokio::time::timeout(Duration::from_millis(500), events.next()).await;
+    assert!(quiet.is_err(), "no events for a device without containers");
+
+    proxy.set_stalled(true);
+    for _ in 0..2 {
+        let at = Instant::now();
+        let result = engine.list(&device).await;
+        let took = at.elapsed();
+        assert!(
+            matches!(result, Err(RuntimeError::Unreachable(_))),
+            "{result:?}"
+        );
+        assert!(
+            took >= timeout && took < timeout + Duration::from_secs(3),
+            "{took:?}"
+        );
+        let at = Instant::now();
+        assert!(matches!(
+            engine.ping().await,
+            Err(RuntimeError::Unreachable(_))
+        ));
+        assert!(at.elapsed() < timeout + Duration::from_secs(3));
+    }
+    let quiet = tokio::time::timeout(Duration::from_secs(2), events.next()).await;
+    assert!(
+        quiet.is_err(),
+        "the event stream of a stalled engine stays open and quiet: {quiet:?}"
+    );
+
+    proxy.set_stalled(false);
+    let deadline = Instant::now() + WAIT;
+    while engine.ping().await.is_err() {
+        assert!(Instant::now() < deadline, "the engine never answered again");
+    }
+    assert!(engine.list(&device).await.unwrap().is_empty());
 }
