@@ -11,6 +11,7 @@
 pub mod docker;
 #[cfg(test)]
 pub mod fake;
+pub mod housekeeping;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -173,8 +174,11 @@ impl ContainerInfo {
     }
 }
 
-/// The verdict of an engine-run healthcheck.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The verdict of a probe: the engine's healthcheck, or berth's own. It
+/// serializes as the document's `health` (`"starting"`, `"healthy"`,
+/// `"unhealthy"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Health {
     /// Within the start period, no verdict yet.
     Starting,
@@ -454,6 +458,59 @@ pub struct ContainerStats {
     pub memory_limit_bytes: Option<u64>,
 }
 
+/// What an exit leaves behind (SPEC 9: the `events` of an exit), read once
+/// right after it: flatten it into an event.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct ExitEvidence {
+    pub exit_code: Option<i64>,
+    /// `SIGKILL`, ... when the exit code says a signal ended the process.
+    pub signal: Option<String>,
+    pub oom_killed: bool,
+    /// The last lines of both streams ([`bound_tail`]); empty when the log
+    /// could not be read (the container was removed meanwhile).
+    pub log_tail: Vec<String>,
+}
+
+/// Inspects an exited container and reads its log tail: two engine calls,
+/// both bounded by the request timeout. A log that cannot be read leaves
+/// `log_tail` empty rather than losing the rest.
+pub async fn exit_evidence<R: ContainerRuntime>(runtime: &R, id: &str) -> Result<ExitEvidence> {
+    let info = runtime.inspect(id).await?;
+    let log_tail = match runtime.log_tail(id).await {
+        Ok(lines) => lines,
+        Err(RuntimeError::Unreachable(e)) => return Err(RuntimeError::Unreachable(e)),
+        Err(_) => Vec::new(),
+    };
+    Ok(ExitEvidence {
+        exit_code: info.exit_code,
+        signal: info.signal().map(str::to_string),
+        oom_killed: info.oom_killed,
+        log_tail,
+    })
+}
+
+/// Turns successive readings of each container's CPU counter into percent
+/// of one core; one per device, fed at each metrics interval.
+#[derive(Debug, Default)]
+pub struct CpuMeter {
+    last: BTreeMap<String, (u64, tokio::time::Instant)>,
+}
+
+impl CpuMeter {
+    /// The percent since the previous reading of `id`; `None` for its first
+    /// reading, or after its counter went back (a restart).
+    pub fn sample(&mut self, id: &str, usage_nanos: u64, at: tokio::time::Instant) -> Option<f64> {
+        let previous = self.last.insert(id.to_string(), (usage_nanos, at));
+        let (before, then) = previous?;
+        cpu_percent(before, usage_nanos, at.saturating_duration_since(then))
+    }
+
+    /// Forgets containers that are gone (keeps those in `ids`).
+    pub fn retain(&mut self, ids: &[&str]) {
+        self.last.retain(|id, _| ids.contains(&id.as_str()));
+    }
+}
+
 /// CPU use between two readings, in percent of one core (200 = two cores
 /// busy). A counter that went back (the container restarted) gives `None`.
 pub fn cpu_percent(before_nanos: u64, after_nanos: u64, elapsed: Duration) -> Option<f64> {
@@ -693,6 +750,59 @@ mod tests {
         assert_eq!(cpu_percent(10, 10, second), Some(0.0));
         assert_eq!(cpu_percent(10, 5, second), None, "restarted meanwhile");
         assert_eq!(cpu_percent(0, 5, Duration::ZERO), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cpu_meter_compares_each_reading_with_the_one_before() {
+        let mut meter = CpuMeter::default();
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(meter.sample("a", 1_000, t0), None, "first reading");
+        let t1 = t0 + Duration::from_secs(60);
+        assert_eq!(meter.sample("a", 1_000 + 30_000_000_000, t1), Some(50.0));
+        assert_eq!(meter.sample("a", 5, t1 + Duration::from_secs(60)), None);
+        meter.sample("b", 0, t1);
+        meter.retain(&["b"]);
+        assert_eq!(meter.sample("a", 10, t1 + Duration::from_secs(61)), None);
+    }
+
+    #[tokio::test]
+    async fn exit_evidence_reads_inspection_and_log_once() {
+        let fake = fake::FakeRuntime::new().with_image("img:1");
+        let spec = ContainerSpec {
+            name: "c".into(),
+            image: "img:1".into(),
+            network_mode: "host".into(),
+            ..Default::default()
+        };
+        let id = fake.create(&spec).await.unwrap();
+        fake.start(&id).await.unwrap();
+        fake.write_log("c", "bye");
+        fake.exit("c", 139);
+        let evidence = exit_evidence(&fake, &id).await.unwrap();
+        assert_eq!(
+            evidence,
+            ExitEvidence {
+                exit_code: Some(139),
+                signal: Some("SIGSEGV".into()),
+                oom_killed: false,
+                log_tail: vec!["bye".into()],
+            }
+        );
+        let json = serde_json::to_value(&evidence).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"exit_code": 139, "signal": "SIGSEGV", "oom_killed": false, "log_tail": ["bye"]})
+        );
+        fake.fault(
+            fake::Method::LogTail,
+            None,
+            fake::Fault::Error(RuntimeError::NotFound(id.clone())),
+        );
+        assert!(exit_evidence(&fake, &id).await.unwrap().log_tail.is_empty());
+        assert_eq!(
+            serde_json::to_value(Health::Unhealthy).unwrap(),
+            serde_json::json!("unhealthy")
+        );
     }
 
     #[test]
