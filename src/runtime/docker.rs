@@ -459,9 +459,15 @@ impl ContainerRuntime for DockerRuntime {
         self.bounded("ping", "engine", docker.ping())
             .await
             .map(|_| ())
+            // An engine that refuses a ping is no engine berth can use.
             .map_err(|e| match e {
                 Classified::Unreachable(m) => RuntimeError::Unreachable(m),
-                other => RuntimeError::Unreachable(format!("{}: {:?}", self.host, other)),
+                Classified::Status {
+                    status, message, ..
+                } => RuntimeError::Unreachable(format!(
+                    "{}: ping answered {status}: {message}",
+                    self.host
+                )),
             })
     }
 
