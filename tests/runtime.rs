@@ -589,7 +589,7 @@ async fn resource_use_from_cgroup_files_and_engine_agree() {
     })
     .await;
     // The engine answers when its collector samples next (every second).
-    let (engine_wall, engine_cpu, engine_engine_cpu) = cost(10, || async {
+    let (engine_wall, engine_cpu, engine_engine_cpu) = cost(5, || async {
         engine.stats_from_engine(&idle_id).await.unwrap();
     })
     .await;
