@@ -1537,12 +1537,14 @@ fn check_probe(c: &mut Checker, raw: Spanned<RawProbe>) -> Option<Probe> {
     .into_iter()
     .flatten()
     .collect();
+    // Every problem is reported, the timings' too; a probe without exactly
+    // one kind is none.
+    let one_kind = kinds.len() == 1;
     if kinds.is_empty() {
         c.at_span(
             span,
             "probe needs exactly one of exec, tcp or http; none is given",
         );
-        return None;
     }
     if kinds.len() > 1 {
         let names: Vec<&str> = kinds.iter().map(|(name, _)| *name).collect();
@@ -1553,28 +1555,29 @@ fn check_probe(c: &mut Checker, raw: Spanned<RawProbe>) -> Option<Probe> {
                 names.join(" and ")
             ),
         );
-        return None;
     }
-    let check = if let Some(exec) = raw.exec {
+    let check = if !one_kind {
+        None
+    } else if let Some(exec) = raw.exec {
         if exec.get_ref().is_empty() || exec.get_ref()[0].trim().is_empty() {
             c.at(
                 &exec,
                 "probe exec must name a program: [\"program\", \"arg\", ...]",
             );
         }
-        ProbeCheck::Exec(exec.into_inner())
+        Some(ProbeCheck::Exec(exec.into_inner()))
     } else if let Some(port) = raw.tcp {
         if !(1..=65535).contains(port.get_ref()) {
             c.at(&port, "probe tcp must be a port from 1 to 65535");
         }
-        ProbeCheck::Tcp(u16::try_from(*port.get_ref()).unwrap_or(0))
-    } else if let Some(url) = raw.http {
-        if let Err(message) = crate::probe::HttpTarget::parse(url.get_ref()) {
-            c.at(&url, format!("probe http: {message}"));
-        }
-        ProbeCheck::Http(url.into_inner())
+        Some(ProbeCheck::Tcp(u16::try_from(*port.get_ref()).unwrap_or(0)))
     } else {
-        unreachable!("one kind is present")
+        raw.http.map(|url| {
+            if let Err(message) = crate::probe::HttpTarget::parse(url.get_ref()) {
+                c.at(&url, format!("probe http: {message}"));
+            }
+            ProbeCheck::Http(url.into_inner())
+        })
     };
     let mut secs = |value: Option<&Spanned<i64>>, key: &str, min: i64, default: u64| {
         in_range(c, value, key, min..=i64::MAX, default as i64) as u64
@@ -1605,7 +1608,7 @@ fn check_probe(c: &mut Checker, raw: Spanned<RawProbe>) -> Option<Probe> {
         i64::from(Probe::DEFAULT_FAILURE_THRESHOLD),
     ) as u32;
     Some(Probe {
-        check,
+        check: check?,
         initial_delay_secs,
         period_secs,
         timeout_secs,
@@ -2386,6 +2389,34 @@ interval_secs = 60                     # 0 disables the metrics topic
             ),
         ];
         assert_rows(rows, |p| load_deployment(p).map(|_| ()));
+    }
+
+    #[test]
+    fn every_problem_of_a_probe_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = concat!(
+            head!(),
+            exe!(),
+            "[components.executables.probe]\nexec = [\"x\"]\nhttp = \"http://a/\"\n\
+             period_secs = 0\nfailure_threshold = 0\n"
+        );
+        let errors = load_deployment(&write(dir.path(), "t.toml", text)).unwrap_err();
+        let found: Vec<(usize, usize, &str)> = errors
+            .iter()
+            .map(|e| (e.line, e.col, e.message.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    11,
+                    8,
+                    "probe needs exactly one of exec, tcp or http, not exec and http"
+                ),
+                (12, 15, "period_secs must be at least 1"),
+                (13, 21, "failure_threshold must be between 1 and 4294967295"),
+            ]
+        );
     }
 
     #[test]
