@@ -453,6 +453,41 @@ impl DockerRuntime {
     }
 }
 
+impl DockerRuntime {
+    /// The containers of a device, each inspected, a few at a time: a robot
+    /// with a hundred containers reconciles in a fraction of the time of one
+    /// after the other. The first failure other than a container removed
+    /// meanwhile ends it.
+    async fn list_inspected(&self, device_id: &str) -> Result<Vec<ContainerInfo>> {
+        let docker = self.client()?;
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{}={device_id}", labels::DEVICE)],
+        )]);
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let summaries = self
+            .bounded("list", "containers", docker.list_containers(Some(options)))
+            .await?;
+        let mut inspected = futures_util::stream::iter(summaries.into_iter().filter_map(|s| s.id))
+            .map(|id| async move { self.inspect(&id).await })
+            .buffered(8);
+        let mut out = Vec::new();
+        while let Some(result) = inspected.next().await {
+            match result {
+                Ok(info) => out.push(info),
+                // Removed between the listing and the inspection.
+                Err(RuntimeError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl ContainerRuntime for DockerRuntime {
     async fn ping(&self) -> Result<()> {
         let docker = self.client()?;
@@ -538,37 +573,12 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn list(&self, device_id: &str) -> Result<Vec<ContainerInfo>> {
-        let docker = self.client()?;
-        let filters = HashMap::from([(
-            "label".to_string(),
-            vec![format!("{}={device_id}", labels::DEVICE)],
-        )]);
-        let options = ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        };
-        let summaries = self
-            .bounded("list", "containers", docker.list_containers(Some(options)))
-            .await?;
-        // A few inspections at a time: a robot with a hundred containers
-        // reconciles in a fraction of the time of one after the other.
-        let inspected: Vec<Result<ContainerInfo>> =
-            futures_util::stream::iter(summaries.into_iter().filter_map(|s| s.id))
-                .map(|id| async move { self.inspect(&id).await })
-                .buffered(8)
-                .collect()
-                .await;
-        let mut out = Vec::with_capacity(inspected.len());
-        for result in inspected {
-            match result {
-                Ok(info) => out.push(info),
-                // Removed between the listing and the inspection.
-                Err(RuntimeError::NotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
+        // The listing and its inspections together answer within the
+        // request timeout, or the engine is unreachable.
+        match tokio::time::timeout(self.timeout, self.list_inspected(device_id)).await {
+            Ok(result) => result,
+            Err(_) => Err(RuntimeError::Unreachable(self.no_answer())),
         }
-        Ok(out)
     }
 
     async fn inspect(&self, id: &str) -> Result<ContainerInfo> {
