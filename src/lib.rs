@@ -19,6 +19,8 @@
 //! - [`state`] is what survives berth: restart counts (written before each
 //!   restart, exactly once), manual stops, the boot id, the engine event
 //!   position, the ROS master's owner.
+//! - [`probe`] runs the `tcp` and `http` liveness probes (the engine runs
+//!   `exec` ones as healthchecks).
 //! - [`control`] serves the latest documents on a local socket; [`notify`]
 //!   speaks systemd's notify protocol; [`watch`] turns changes in the
 //!   deployments directory into reloads; [`trace`] is the optional restart
@@ -33,6 +35,7 @@ pub mod control;
 pub mod model;
 pub mod notify;
 pub mod policy;
+pub mod probe;
 pub mod report;
 pub mod runtime;
 pub mod state;

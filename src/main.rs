@@ -322,7 +322,7 @@ fn logs(
     };
     let result = tool_runtime().and_then(|rt| {
         rt.block_on(async {
-            let engine = DockerRuntime::new(&config.docker.host);
+            let engine = DockerRuntime::from_settings(&config.docker, &config.containers);
             let container =
                 control::find_container(&engine, &config.device_id, deployment, executable).await?;
             control::logs(&engine, &container, request).await?;
@@ -344,7 +344,7 @@ fn exec(config_path: &Path, deployment: &str, executable: &str, command: Vec<Str
     };
     let result = tool_runtime().and_then(|rt| {
         rt.block_on(async {
-            let engine = DockerRuntime::new(&config.docker.host);
+            let engine = DockerRuntime::from_settings(&config.docker, &config.containers);
             let container =
                 control::find_container(&engine, &config.device_id, deployment, Some(executable))
                     .await?;
@@ -454,7 +454,10 @@ async fn run(config: AgentConfig) -> Result<(), RunError> {
             anyhow::Error::from(e)
         );
     }
-    let runtime = Arc::new(DockerRuntime::new(&config.docker.host));
+    let runtime = Arc::new(DockerRuntime::from_settings(
+        &config.docker,
+        &config.containers,
+    ));
 
     spawn_signal_handler(shutdown.clone());
     let deployments_dir = config.deployments_dir.clone();

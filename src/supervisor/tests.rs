@@ -30,10 +30,7 @@ fn config(state_dir: &Path) -> AgentConfig {
         deployments_dir: state_dir.join("deployments.d"),
         state_dir: state_dir.to_path_buf(),
         boot_id_file: state_dir.join("boot_id"),
-        docker: DockerSettings {
-            host: "unix:///var/run/docker.sock".into(),
-            registries: Vec::new(),
-        },
+        docker: DockerSettings::new("unix:///var/run/docker.sock"),
         mqtt: MqttSettings {
             endpoint: "mqtt://127.0.0.1:1883".parse().unwrap(),
             client_id: format!("berth-{DEVICE}"),
@@ -59,6 +56,9 @@ fn config(state_dir: &Path) -> AgentConfig {
             level: "debug".into(),
             json: false,
         },
+        containers: Default::default(),
+        images: Default::default(),
+        metrics: Default::default(),
         source: state_dir.join("berth.toml"),
     }
 }
@@ -88,6 +88,7 @@ fn deployment(restart: RestartPolicy, pull: PullPolicy, program: &str) -> Deploy
                 volumes: Vec::new(),
                 devices: Vec::new(),
                 network: Default::default(),
+                probe: None,
             }],
         }],
         update: Default::default(),
