@@ -2605,7 +2605,7 @@ interval_secs = 60                     # 0 disables the metrics topic
         let found: Vec<(usize, usize, &str)> = errors
             .iter()
             .map(|e| {
-                let (line, col) = e.at.unwrap_or((0, 0));
+                let (line, col) = e.at.expect("a place in the text");
                 (line, col, e.message.as_str())
             })
             .collect();
