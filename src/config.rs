@@ -37,6 +37,7 @@ const DEFAULT_BACKOFF_RESET_AFTER_SECS: i64 = 60;
 const DEFAULT_ROS_MASTER_IMAGE: &str = "ros:noetic-ros-core";
 const DEFAULT_ROS_MASTER_COMMAND: &[&str] = &["roscore"];
 const DEFAULT_ROS_MASTER_URI: &str = "http://localhost:11311";
+const DEFAULT_DOCKER_TIMEOUT_SECS: i64 = 30;
 const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error"];
 
 const DEVICE_ID_RULE: &str = "use 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'";
@@ -66,6 +67,20 @@ pub struct DockerSettings {
     /// `unix:///path` or `tcp://host:port`.
     pub host: String,
     pub registries: Vec<RegistrySettings>,
+    /// How long one engine request may take before the engine counts as
+    /// unreachable; for a pull, how long it may go without progress.
+    pub timeout: Duration,
+}
+
+impl DockerSettings {
+    /// The defaults of an empty `[docker]` section.
+    pub fn new(host: &str) -> Self {
+        DockerSettings {
+            host: host.to_string(),
+            registries: Vec::new(),
+            timeout: Duration::from_secs(DEFAULT_DOCKER_TIMEOUT_SECS as u64),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -583,6 +598,7 @@ struct RawDocker {
     host: Option<Spanned<String>>,
     #[serde(default)]
     registries: Vec<RawRegistry>,
+    timeout_secs: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -729,7 +745,16 @@ fn check_docker(c: &mut Checker, base: &Path, raw: RawDocker) -> DockerSettings 
             password_file: c.path(base, &r.password_file, "password_file"),
         })
         .collect();
-    DockerSettings { host, registries }
+    let timeout_secs = c.positive(
+        raw.timeout_secs.as_ref(),
+        "timeout_secs",
+        DEFAULT_DOCKER_TIMEOUT_SECS,
+    );
+    DockerSettings {
+        host,
+        registries,
+        timeout: Duration::from_secs(timeout_secs),
+    }
 }
 
 fn check_mqtt(c: &mut Checker, base: &Path, raw: RawMqtt, device_id: &str) -> MqttSettings {
@@ -1593,6 +1618,7 @@ mod tests {
                 docker: DockerSettings {
                     host: "unix:///var/run/docker.sock".into(),
                     registries: vec![],
+                    timeout: Duration::from_secs(30),
                 },
                 mqtt: MqttSettings {
                     url: "mqtt://127.0.0.1:1883".into(),

@@ -407,15 +407,12 @@ async fn run(config: AgentConfig) -> Result<(), RunError> {
     let store = StateStore::open(&config.state_dir)
         .context("cannot open state_dir")
         .map_err(RunError::Other)?;
-    let state = match store.load() {
-        Ok(state) => state,
-        Err(e) => {
-            // DEP_E302: keep the evidence and start afresh rather than never.
-            let aside = store.set_aside().map_err(|e| RunError::Other(e.into()))?;
-            warn!(error = %e, moved_to = %aside.display(), error_code = "DEP_E302", "state unreadable; starting with an empty state");
-            Default::default()
-        }
-    };
+    // An unreadable state file falls back to its previous copy and the
+    // restart log; the problem is reported (DEP_E302) once the loop runs.
+    let recovered = store.recover();
+    for problem in &recovered.problems {
+        warn!(error = %problem, error_code = "DEP_E302", "state unreadable");
+    }
     let (deployments, invalid) = berth::supervisor::load_files(&config.deployments_dir);
 
     let shutdown = CancellationToken::new();
@@ -447,18 +444,19 @@ async fn run(config: AgentConfig) -> Result<(), RunError> {
 
     spawn_signal_handler(shutdown.clone());
     let deployments_dir = config.deployments_dir.clone();
-    let supervisor = Supervisor::from_parts(Parts {
+    let mut supervisor = Supervisor::from_parts(Parts {
         config,
         deployments,
         runtime,
         reporter: reporter.clone(),
         store,
-        state,
+        state: recovered.state,
         boot_id,
         registries,
         notifier: Notifier::from_env(),
         invalid,
     });
+    supervisor.report_state_problems(recovered.problems);
     berth::watch::spawn(
         &deployments_dir,
         supervisor.reloader(),

@@ -162,10 +162,8 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     prev_started_at: record.started_at.clone(),
                 });
                 // The count and the commitment to start are one durable
-                // write; a reconcile makes one write for all its restarts.
-                if self.held_launches.is_none() {
-                    self.save_state();
-                }
+                // record; the launch waits for it (see `spawn_launch`).
+                self.commit_restart(key);
             }
         }
         let call = (key.clone(), container_id, spec);
@@ -190,7 +188,12 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             .is_some_and(|r| r.backoff.consecutive >= 2)
             .then(|| self.crash_lane.clone());
         let slots = self.engine_slots.clone();
+        let durable = self.durable_commitment(&key);
         self.tracker.spawn(async move {
+            // No restart starts without its record on disk.
+            if !durable.await {
+                return;
+            }
             let _lane = match crash_lane {
                 Some(lane) => Some(lane.acquire_owned().await),
                 None => None,

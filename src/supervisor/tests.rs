@@ -29,10 +29,7 @@ fn config(state_dir: &Path) -> AgentConfig {
         deployments_dir: state_dir.join("deployments.d"),
         state_dir: state_dir.to_path_buf(),
         boot_id_file: state_dir.join("boot_id"),
-        docker: DockerSettings {
-            host: "unix:///var/run/docker.sock".into(),
-            registries: Vec::new(),
-        },
+        docker: DockerSettings::new("unix:///var/run/docker.sock"),
         mqtt: MqttSettings {
             url: "mqtt://127.0.0.1:1883".into(),
             client_id: format!("berth-{DEVICE}"),
@@ -478,7 +475,12 @@ async fn manual_stop_suspends_the_policy_until_started_by_hand() {
         if name == "docker stop" {
             h.runtime.manual_start(NAME);
             h.running(0).await;
-            assert!(!h.store.load().unwrap().exec(&key()).unwrap().manual_stop);
+            // Written by the state writer, off the loop: shortly after.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while h.store.load().unwrap().exec(&key()).unwrap().manual_stop {
+                assert!(Instant::now() < deadline, "manual stop still recorded");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             h.runtime.exit(NAME, 3);
             h.running(1).await;
         }
