@@ -532,4 +532,128 @@ mod tests {
         assert!(aside.exists());
         assert_eq!(store.load().unwrap(), State::default());
     }
+
+    fn intent(key: &str, count: u64, prev: &str) -> Intent {
+        Intent {
+            key: key.into(),
+            restart_count: count,
+            pending_restart: PendingRestart {
+                prev_started_at: Some(prev.into()),
+            },
+        }
+    }
+
+    #[test]
+    fn a_logged_commitment_is_read_back_without_a_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut journal = Journal::new(store.clone());
+        journal.append(&[intent("d/c/e", 1, "t0")]).unwrap();
+        journal.append(&[intent("d/c/e", 2, "t1")]).unwrap();
+        let record = store.load().unwrap().executables["d/c/e"].clone();
+        assert_eq!(record.restart_count, 2);
+        assert_eq!(
+            record.pending_restart.unwrap().prev_started_at.as_deref(),
+            Some("t1")
+        );
+    }
+
+    #[test]
+    fn an_older_or_repeated_commitment_changes_nothing() {
+        let mut state = State::default();
+        state.apply_intent(&intent("d/c/e", 3, "t2"));
+        state.executables.get_mut("d/c/e").unwrap().pending_restart = None;
+        let before = state.clone();
+        state.apply_intent(&intent("d/c/e", 3, "t2"));
+        state.apply_intent(&intent("d/c/e", 2, "t1"));
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_a_commitment_never_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut journal = Journal::new(store.clone());
+        journal.append(&[intent("d/c/e", 1, "t0")]).unwrap();
+        let mut log = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(LOG_NAME))
+            .unwrap();
+        log.write_all(br#"{"key":"d/c/e","restart_count":2,"pend"#)
+            .unwrap();
+        assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 1);
+    }
+
+    #[test]
+    fn a_compaction_keeps_the_previous_copies_and_starts_a_new_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut journal = Journal::new(store.clone());
+        journal.append(&[intent("d/c/e", 1, "t0")]).unwrap();
+        let first = store.load().unwrap();
+        journal.compact(&first).unwrap();
+        journal.append(&[intent("d/c/e", 2, "t1")]).unwrap();
+        let second = store.load().unwrap();
+        journal.compact(&second).unwrap();
+        assert_eq!(store.load().unwrap(), second);
+        assert_eq!(
+            read_state(&dir.path().join(PREV_FILE_NAME)).unwrap(),
+            Some(first)
+        );
+        assert_eq!(
+            fs::read_to_string(dir.path().join(LOG_NAME)).unwrap(),
+            "",
+            "a new log"
+        );
+        assert!(fs::read_to_string(dir.path().join(PREV_LOG_NAME))
+            .unwrap()
+            .contains(r#""restart_count":2"#));
+    }
+
+    #[test]
+    fn a_corrupt_state_falls_back_to_its_previous_copy_and_the_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut journal = Journal::new(store.clone());
+        let mut state = State {
+            boot_id: Some("b1".into()),
+            ..State::default()
+        };
+        state.apply_intent(&intent("d/c/e", 1, "t0"));
+        journal.compact(&state).unwrap();
+        journal.append(&[intent("d/c/e", 2, "t1")]).unwrap();
+        state.apply_intent(&intent("d/c/e", 2, "t1"));
+        journal.compact(&state).unwrap();
+        journal.append(&[intent("d/c/e", 3, "t2")]).unwrap();
+        fs::write(store.path(), b"\0\0\0").unwrap();
+
+        assert!(store.load().is_err());
+        let recovered = store.recover();
+        assert_eq!(recovered.state.boot_id.as_deref(), Some("b1"));
+        assert_eq!(recovered.state.executables["d/c/e"].restart_count, 3);
+        assert_eq!(recovered.problems.len(), 1, "{:?}", recovered.problems);
+        assert!(
+            recovered.problems[0].contains("state.prev.json"),
+            "{:?}",
+            recovered.problems
+        );
+        assert!(dir.path().join("state.json.corrupt").exists());
+    }
+
+    #[test]
+    fn a_write_that_failed_is_retried_cleanly() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut journal = Journal::new(store.clone());
+        journal.append(&[intent("d/c/e", 1, "t0")]).unwrap();
+        store.fail_writes.store(true, SeqCst);
+        assert!(journal.append(&[intent("d/c/e", 2, "t1")]).is_err());
+        assert!(journal.compact(&State::default()).is_err());
+        store.fail_writes.store(false, SeqCst);
+        journal.append(&[intent("d/c/e", 2, "t1")]).unwrap();
+        let text = fs::read_to_string(dir.path().join(LOG_NAME)).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 2);
+    }
 }
