@@ -392,6 +392,15 @@ fn open_log(path: &Path) -> Result<File, StateError> {
         .map_err(io("open", path))
 }
 
+/// The length of a log's complete lines (up to its last newline).
+fn complete_lines(path: &Path) -> std::io::Result<u64> {
+    let text = fs::read(path)?;
+    Ok(text
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |i| i as u64 + 1))
+}
+
 /// `Ok(None)` when the file does not exist.
 fn read_state(path: &Path) -> Result<Option<State>, StateError> {
     let text = match fs::read_to_string(path) {
@@ -456,7 +465,12 @@ impl Journal {
         if self.log.is_none() {
             let existed = path.exists();
             let file = open_log(&path)?;
-            self.len = file.metadata().map_err(io("read", &path))?.len();
+            self.len = complete_lines(&path).map_err(io("read", &path))?;
+            if file.metadata().map_err(io("read", &path))?.len() > self.len {
+                // A line a crash cut short was never acted on: cut it off, so
+                // that the next line starts on a line of its own.
+                file.set_len(self.len).map_err(io("repair", &path))?;
+            }
             if !existed {
                 // A new file is durable once its directory entry is.
                 File::open(&self.store.dir)
@@ -582,6 +596,10 @@ mod tests {
         log.write_all(br#"{"key":"d/c/e","restart_count":2,"pend"#)
             .unwrap();
         assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 1);
+        // The next berth's first append starts on a line of its own.
+        let mut journal = Journal::new(store.clone());
+        journal.append(&[intent("d/c/e", 2, "t1")]).unwrap();
+        assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 2);
     }
 
     #[test]
