@@ -233,7 +233,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(config)) {
+            let result = runtime.block_on(run(config));
+            // A blocking task still stuck in a file or a disk (the reading of
+            // a deployment file, a state write) must not hold the exit.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(RunError::Config(e)) => {
                     error!("{e:#}");
