@@ -229,3 +229,101 @@ fn write(
     }
     (error, done)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering::SeqCst;
+
+    use super::*;
+    use crate::state::{PendingRestart, StateStore};
+
+    fn intent(count: u64) -> Intent {
+        Intent {
+            key: "d/c/e".into(),
+            restart_count: count,
+            pending_restart: PendingRestart {
+                prev_started_at: Some(format!("t{count}")),
+            },
+        }
+    }
+
+    /// What `state.json` alone holds, without the logs.
+    fn file_count(store: &StateStore) -> u64 {
+        let text = std::fs::read_to_string(store.path()).unwrap();
+        let state: State = serde_json::from_str(&text).unwrap();
+        state
+            .executables
+            .get("d/c/e")
+            .map_or(0, |r| r.restart_count)
+    }
+
+    #[test]
+    fn a_snapshot_taken_before_a_commitment_still_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut journal = Journal::new(store.clone());
+        let mut intents = vec![(2, intent(1))];
+        let mut snapshot = Some((1, Box::new(State::default())));
+        let (error, done) = write(&mut journal, &mut intents, &mut snapshot);
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(done, Some(2));
+        assert!(intents.is_empty() && snapshot.is_none());
+        assert_eq!(file_count(&store), 1, "folded into state.json");
+        assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 1);
+    }
+
+    #[test]
+    fn a_later_snapshot_is_not_rolled_back_by_an_older_commitment() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut journal = Journal::new(store.clone());
+        // The record was removed (deprovisioned) after its last commitment.
+        let mut intents = vec![(1, intent(3))];
+        let mut snapshot = Some((2, Box::new(State::default())));
+        let (error, done) = write(&mut journal, &mut intents, &mut snapshot);
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(done, Some(2));
+        assert_eq!(file_count(&store), 0);
+    }
+
+    #[test]
+    fn a_failed_round_keeps_its_work_for_the_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut journal = Journal::new(store.clone());
+        store.fail_writes.store(true, SeqCst);
+        let mut intents = vec![(1, intent(1))];
+        let mut snapshot = Some((2, Box::new(State::default())));
+        let (error, done) = write(&mut journal, &mut intents, &mut snapshot);
+        assert!(error.is_some());
+        assert_eq!(done, None, "nothing durable");
+        assert_eq!(intents.len(), 1);
+        assert!(snapshot.is_some());
+
+        store.fail_writes.store(false, SeqCst);
+        intents.push((3, intent(2)));
+        let (error, done) = write(&mut journal, &mut intents, &mut snapshot);
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(done, Some(3));
+        assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 2);
+    }
+
+    #[tokio::test]
+    async fn launches_wait_for_their_generation_and_give_up_when_the_writer_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let (mut writer, task) = StateWriter::new(Journal::new(store));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let handle = task.spawn(tx);
+        let generation = writer.commit(intent(1));
+        assert!(writer.wait_durable(generation).await);
+        match rx.recv().await {
+            Some(Msg::StateWrite(report)) => assert_eq!(report.durable, Some(generation)),
+            other => panic!("a write report: {other:?}"),
+        }
+        let never = writer.wait_durable(generation + 10);
+        writer.close();
+        handle.await.unwrap();
+        assert!(!never.await, "the writer is gone: no start");
+    }
+}
