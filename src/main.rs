@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use berth::config::{self, AgentConfig};
 use berth::control::{self, Snapshot};
@@ -414,9 +414,6 @@ async fn run(config: AgentConfig) -> Result<(), RunError> {
     // An unreadable state file falls back to its previous copy and the
     // restart log; the problem is reported (DEP_E302) once the loop runs.
     let recovered = store.recover();
-    for problem in &recovered.problems {
-        warn!(error = %problem, error_code = "DEP_E302", "state unreadable");
-    }
     let (deployments, invalid) = berth::supervisor::load_files(&config.deployments_dir);
 
     let shutdown = CancellationToken::new();
