@@ -854,3 +854,5 @@ async fn a_corrupt_state_keeps_its_counts_and_is_reported() {
     assert_eq!(h.starts(), 3, "adopted, not restarted");
     h.shutdown().await;
 }
+
+mod stalls;
