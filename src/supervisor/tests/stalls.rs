@@ -113,17 +113,14 @@ async fn an_engine_that_stops_answering_is_down_within_the_timeout_then_reconcil
     let token = CancellationToken::new();
     let task = tokio::spawn(supervisor.run(token.clone()));
     let latest = || reporter.latest(&Topic::Deployment("talker".into()));
-    let wait = |what: &'static str, pred: fn(&Value) -> bool| {
-        let latest = latest.clone();
-        async move {
-            for _ in 0..100_000 {
-                if latest().is_some_and(|d| pred(&d)) {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
+    let wait = |what: &'static str, pred: fn(&Value) -> bool| async move {
+        for _ in 0..100_000 {
+            if latest().is_some_and(|d| pred(&d)) {
+                return;
             }
-            panic!("no {what}; latest: {:?}", latest());
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        panic!("no {what}; latest: {:?}", latest());
     };
     wait("Running", |d| d["status"] == "Running").await;
     // A while of a healthy engine: the pump's pings answer.
