@@ -38,8 +38,16 @@ use crate::runtime::{ContainerInfo, ContainerRuntime, RuntimeError};
 pub const SOCKET_NAME: &str = "berth.sock";
 /// A client gets this long to send its request and read the answer.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Requests are one short word; anything longer is cut off here.
+/// Requests are one short line; a longer one is answered with an error
+/// after reading no more than this (and one byte).
 const MAX_REQUEST_BYTES: u64 = 256;
+/// Exchanges served at once. Each holds a descriptor and a task for at most
+/// `EXCHANGE_TIMEOUT`; a client beyond these is told at once that berth is
+/// busy, so a flood of clients (or ones that never read) cannot take the
+/// descriptors and the thread the supervisor needs.
+pub const MAX_CLIENTS: usize = 32;
+/// What a client beyond `MAX_CLIENTS` is told, written without waiting.
+const BUSY_ANSWER: &[u8] = b"{\"error\":\"busy: too many control clients at once; try again\"}\n";
 /// How long `berth exec` waits for the engine to record the exit code after
 /// the command's output has ended.
 const EXIT_CODE_WAIT: Duration = Duration::from_secs(5);
@@ -192,6 +200,7 @@ async fn accept_loop<P: Reporter>(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
         let stream = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -220,8 +229,15 @@ async fn accept_loop<P: Reporter>(
                 continue;
             }
         }
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            // Never waits: a full socket buffer just loses the answer.
+            let _ = stream.try_write(BUSY_ANSWER);
+            debug!("control socket: too many clients; turned one away");
+            continue;
+        };
         let snapshot = Arc::clone(&snapshot);
         tracker.spawn(async move {
+            let _slot = slot;
             match tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, &snapshot)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!(error = %e, "control socket: request failed"),
@@ -239,15 +255,19 @@ async fn accept_loop<P: Reporter>(
 /// Reads one request line and writes one answer line.
 async fn answer<P>(stream: UnixStream, snapshot: &Snapshot<P>) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut request = String::new();
-    tokio::io::BufReader::new(read.take(MAX_REQUEST_BYTES))
-        .read_line(&mut request)
+    let mut request = Vec::new();
+    tokio::io::BufReader::new(read.take(MAX_REQUEST_BYTES + 1))
+        .read_until(b'\n', &mut request)
         .await?;
-    let reply = match request.trim() {
-        "status" => snapshot.status(),
-        other => json!({
-            "error": format!("unknown request {other:?}; this berth answers `status`")
-        }),
+    let reply = if request.len() as u64 > MAX_REQUEST_BYTES {
+        json!({ "error": format!("request longer than {MAX_REQUEST_BYTES} bytes") })
+    } else {
+        match String::from_utf8_lossy(&request).trim() {
+            "status" => snapshot.status(),
+            other => json!({
+                "error": format!("unknown request {other:?}; this berth answers `status`")
+            }),
+        }
     };
     let mut line = reply.to_string();
     line.push('\n');

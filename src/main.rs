@@ -413,7 +413,10 @@ async fn run(config: AgentConfig) -> Result<(), RunError> {
         .map_err(RunError::Other)?;
     // An unreadable state file falls back to its previous copy and the
     // restart log; the problem is reported (DEP_E302) once the loop runs.
-    let recovered = store.recover();
+    let recovered = store
+        .recover()
+        .context("cannot use the state")
+        .map_err(RunError::Other)?;
     let (deployments, invalid) = berth::supervisor::load_files(&config.deployments_dir);
 
     let shutdown = CancellationToken::new();

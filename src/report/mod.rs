@@ -182,6 +182,16 @@ pub enum Event {
         exit_code: Option<i64>,
         reason: String,
     },
+    /// An update failed and the previous version runs again.
+    Rollback {
+        deployment: String,
+        component: String,
+        executable: String,
+        /// The version that failed.
+        package_version: String,
+        error_code: ErrorCode,
+        reason: String,
+    },
     /// A deployment's phase changed.
     Phase {
         deployment: String,

@@ -6,6 +6,7 @@ use std::path::Path;
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
+use super::lifecycle::NEVER_INTERRUPTED_REASON;
 use super::*;
 use crate::config::{DockerSettings, LogSettings, MqttSettings, RestartSettings, RosSettings};
 use crate::model::{labels, Command, ComponentSpec, Limits, RestartPolicy};
@@ -31,7 +32,7 @@ fn config(state_dir: &Path) -> AgentConfig {
         boot_id_file: state_dir.join("boot_id"),
         docker: DockerSettings::new("unix:///var/run/docker.sock"),
         mqtt: MqttSettings {
-            url: "mqtt://127.0.0.1:1883".into(),
+            endpoint: "mqtt://127.0.0.1:1883".parse().unwrap(),
             client_id: format!("berth-{DEVICE}"),
             topic_prefix: "berth".into(),
             username: None,
@@ -86,6 +87,7 @@ fn deployment(restart: RestartPolicy, pull: PullPolicy, program: &str) -> Deploy
                 network: Default::default(),
             }],
         }],
+        update: Default::default(),
         source: "/etc/berth/deployments.d/talker.toml".into(),
     }
 }
@@ -118,7 +120,7 @@ impl Harness {
         let reporter = Arc::new(MemoryReporter::default());
         let token = CancellationToken::new();
         // As `berth run` does: an unreadable state falls back, and says so.
-        let recovered = store.recover();
+        let recovered = store.recover().unwrap();
         let mut supervisor = Supervisor::from_parts(Parts {
             config: config(state_dir),
             deployments: BTreeMap::from([(spec.id.clone(), spec)]),
