@@ -3,7 +3,7 @@
 //! ```text
 //!  config ──► supervisor ◄── runtime (ContainerRuntime: docker | fake)
 //!               │   │
-//!   policy, backoff   state (state.json, atomic)
+//!   policy, backoff   state (restarts.log + state.json, by a writer task)
 //!               │
 //!               ▼
 //!   report (Reporter) ──► control (snapshot, berth status) ──► report::mqtt
@@ -13,9 +13,10 @@
 //!   settings and specs ([`model`]), every error with file, line and column.
 //! - [`supervisor`] is the loop: engine events, timers and the results of
 //!   engine calls in; restart decisions ([`policy`], [`backoff`]) and status
-//!   documents out. It is generic over [`runtime::ContainerRuntime`] and
-//!   [`report::Reporter`], so it runs against the real Docker engine and
-//!   broker or against fakes.
+//!   documents out. It never waits for I/O: engine calls, state writes and
+//!   file reads run as tasks that answer with messages. It is generic over
+//!   [`runtime::ContainerRuntime`] and [`report::Reporter`], so it runs
+//!   against the real Docker engine and broker or against fakes.
 //! - [`state`] is what survives berth: restart counts (written before each
 //!   restart, exactly once), manual stops, the boot id, the engine event
 //!   position, the ROS master's owner.

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use berth::config::{self, AgentConfig};
 use berth::control::{self, Snapshot};
@@ -244,7 +244,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(config)) {
+            let result = runtime.block_on(run(config));
+            // A blocking task still stuck in a file or a disk (the reading of
+            // a deployment file, a state write) must not hold the exit.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(RunError::Config(e)) => {
                     error!("{e:#}");
@@ -418,15 +422,12 @@ async fn run(config: AgentConfig) -> Result<(), RunError> {
     let store = StateStore::open(&config.state_dir)
         .context("cannot open state_dir")
         .map_err(RunError::Other)?;
-    let state = match store.load() {
-        Ok(state) => state,
-        Err(e) => {
-            // DEP_E302: keep the evidence and start afresh rather than never.
-            let aside = store.set_aside().map_err(|e| RunError::Other(e.into()))?;
-            warn!(error = %e, moved_to = %aside.display(), error_code = "DEP_E302", "state unreadable; starting with an empty state");
-            Default::default()
-        }
-    };
+    // An unreadable state file falls back to its previous copy and the
+    // restart log; the problem is reported (DEP_E302) once the loop runs.
+    let recovered = store
+        .recover()
+        .context("cannot use the state")
+        .map_err(RunError::Other)?;
     let (deployments, invalid) = berth::supervisor::load_files(&config.deployments_dir);
 
     let shutdown = CancellationToken::new();
@@ -461,18 +462,19 @@ async fn run(config: AgentConfig) -> Result<(), RunError> {
 
     spawn_signal_handler(shutdown.clone());
     let deployments_dir = config.deployments_dir.clone();
-    let supervisor = Supervisor::from_parts(Parts {
+    let mut supervisor = Supervisor::from_parts(Parts {
         config,
         deployments,
         runtime,
         reporter: reporter.clone(),
         store,
-        state,
+        state: recovered.state,
         boot_id,
         registries,
         notifier: Notifier::from_env(),
         invalid,
     });
+    supervisor.report_state_problems(recovered.problems);
     berth::watch::spawn(
         &deployments_dir,
         supervisor.reloader(),

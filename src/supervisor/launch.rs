@@ -164,14 +164,14 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             spec,
             crash_looping,
         };
+        if committed {
+            // The count and the commitment to start are one durable record;
+            // the launch waits for it (see `spawn_launch`).
+            self.commit_restart(key);
+        }
         match self.held_launches.as_mut() {
             Some(held) => held.push(call),
-            None => {
-                if committed {
-                    self.save_state();
-                }
-                self.spawn_launch(call);
-            }
+            None => self.spawn_launch(call),
         }
     }
 
@@ -192,7 +192,12 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         } else {
             self.engine_slots.clone()
         };
+        let durable = self.durable_commitment(&key);
         self.tracker.spawn(async move {
+            // No restart starts without its record on disk.
+            if !durable.await {
+                return;
+            }
             let _lane = match crash_lane {
                 Some(lane) => Some(lane.acquire_owned().await),
                 None => None,
