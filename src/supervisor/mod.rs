@@ -119,6 +119,12 @@ enum Msg {
         container_id: Option<String>,
         result: Result<ContainerInfo, RuntimeError>,
     },
+    /// What the engine says of one executable's container after a call
+    /// about it went unanswered (`None`: it has no container).
+    Rechecked {
+        key: ExecKey,
+        result: Option<Result<ContainerInfo, RuntimeError>>,
+    },
     /// Re-read the agent config and the deployment files.
     Reload,
     /// What a reload read (off the loop); `seq` tells a stale read.
@@ -511,6 +517,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 container_id,
                 result,
             } => self.on_launched(&key, container_id, result),
+            Msg::Rechecked { key, result } => self.on_rechecked(&key, result),
             Msg::Reload => self.reload(),
             Msg::Reloaded { seq, read } => self.on_reloaded(seq, *read),
             Msg::StateWrite(report) => self.on_state_write(report),
