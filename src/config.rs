@@ -23,8 +23,8 @@ mod mqtt_url;
 pub use mqtt_url::{BrokerHost, MqttEndpoint, MqttUrlError, MqttUrlProblem, MQTTS_PORT, MQTT_PORT};
 
 use crate::model::{
-    Command, ComponentSpec, DeploymentSpec, ExecutableSpec, Limits, Network, PullPolicy,
-    RestartPolicy, Volume,
+    Command, ComponentSpec, DeploymentSpec, ExecutableSpec, Limits, Network, Probe, ProbeCheck,
+    PullPolicy, RestartPolicy, UpdateSpec, Volume,
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/berth/berth.toml";
@@ -41,6 +41,12 @@ const DEFAULT_ROS_MASTER_IMAGE: &str = "ros:noetic-ros-core";
 const DEFAULT_ROS_MASTER_COMMAND: &[&str] = &["roscore"];
 const DEFAULT_ROS_MASTER_URI: &str = "http://localhost:11311";
 const DEFAULT_DOCKER_TIMEOUT_SECS: i64 = 30;
+const DEFAULT_LOG_MAX_SIZE_MB: i64 = 10;
+const DEFAULT_LOG_MAX_FILES: i64 = 3;
+const DEFAULT_MIN_FREE_MB: i64 = 1024;
+const DEFAULT_GC_HIGH_PERCENT: i64 = 85;
+const DEFAULT_GC_LOW_PERCENT: i64 = 70;
+const DEFAULT_METRICS_INTERVAL_SECS: i64 = 60;
 const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error"];
 
 const DEVICE_ID_RULE: &str = "use 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'";
@@ -61,6 +67,9 @@ pub struct AgentConfig {
     pub restart: RestartSettings,
     pub ros: RosSettings,
     pub log: LogSettings,
+    pub containers: ContainerSettings,
+    pub images: ImageSettings,
+    pub metrics: MetricsSettings,
     /// The file it came from.
     pub source: PathBuf,
 }
@@ -82,6 +91,62 @@ impl DockerSettings {
             host: host.to_string(),
             registries: Vec::new(),
             timeout: Duration::from_secs(DEFAULT_DOCKER_TIMEOUT_SECS as u64),
+        }
+    }
+}
+
+/// `[containers]`: how berth creates containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContainerSettings {
+    /// The engine's `json-file` log rotation of every container.
+    pub log_rotation: crate::runtime::LogRotation,
+}
+
+impl Default for ContainerSettings {
+    fn default() -> Self {
+        ContainerSettings {
+            log_rotation: crate::runtime::LogRotation {
+                max_size_mb: DEFAULT_LOG_MAX_SIZE_MB as u64,
+                max_files: DEFAULT_LOG_MAX_FILES as u32,
+            },
+        }
+    }
+}
+
+/// `[images]`: image housekeeping (SPEC 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageSettings {
+    /// Free space on the engine's data root below which a pull first
+    /// collects unused images, in bytes.
+    pub min_free_bytes: u64,
+    /// Use of the data root (percent) that starts a collection.
+    pub gc_high_percent: u8,
+    /// Use (percent) at which a collection stops; below `gc_high_percent`.
+    pub gc_low_percent: u8,
+}
+
+impl Default for ImageSettings {
+    fn default() -> Self {
+        ImageSettings {
+            min_free_bytes: DEFAULT_MIN_FREE_MB as u64 * 1024 * 1024,
+            gc_high_percent: DEFAULT_GC_HIGH_PERCENT as u8,
+            gc_low_percent: DEFAULT_GC_LOW_PERCENT as u8,
+        }
+    }
+}
+
+/// `[metrics]`: the retained `metrics` topic (SPEC 9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsSettings {
+    /// Time between two metrics documents; `None` (`interval_secs = 0`)
+    /// turns the topic off.
+    pub interval: Option<Duration>,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            interval: Some(Duration::from_secs(DEFAULT_METRICS_INTERVAL_SECS as u64)),
         }
     }
 }
@@ -722,6 +787,12 @@ struct RawAgent {
     ros: RawRos,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    containers: RawContainers,
+    #[serde(default)]
+    images: RawImages,
+    #[serde(default)]
+    metrics: RawMetrics,
 }
 
 #[derive(Deserialize, Default)]
@@ -731,6 +802,27 @@ struct RawDocker {
     #[serde(default)]
     registries: Vec<RawRegistry>,
     timeout_secs: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawContainers {
+    log_max_size_mb: Option<Spanned<i64>>,
+    log_max_files: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawImages {
+    min_free_mb: Option<Spanned<i64>>,
+    gc_high_percent: Option<Spanned<i64>>,
+    gc_low_percent: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    interval_secs: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -830,6 +922,9 @@ fn parse_agent_inner(
     let restart = check_restart(&mut c, &raw.restart);
     let ros = check_ros(&mut c, raw.ros);
     let log = check_log(&mut c, raw.log);
+    let containers = check_containers(&mut c, &raw.containers);
+    let images = check_images(&mut c, &raw.images);
+    let metrics = check_metrics(&mut c, &raw.metrics);
 
     let config = AgentConfig {
         device_id,
@@ -841,6 +936,9 @@ fn parse_agent_inner(
         restart,
         ros,
         log,
+        containers,
+        images,
+        metrics,
         source: path.to_path_buf(),
     };
     (Some(deployments_dir), c.finish(config))
@@ -889,6 +987,113 @@ fn check_docker(c: &mut Checker, base: &Path, raw: RawDocker) -> DockerSettings 
         host,
         registries,
         timeout: Duration::from_secs(timeout_secs),
+    }
+}
+
+/// An integer in `range`, or the default after an error naming the range.
+fn in_range(
+    c: &mut Checker,
+    value: Option<&Spanned<i64>>,
+    key: &str,
+    range: std::ops::RangeInclusive<i64>,
+    default: i64,
+) -> i64 {
+    match value {
+        Some(v) if !range.contains(v.get_ref()) => {
+            let message = if *range.end() == i64::MAX {
+                format!("{key} must be at least {}", range.start())
+            } else {
+                format!(
+                    "{key} must be between {} and {}",
+                    range.start(),
+                    range.end()
+                )
+            };
+            c.at(v, message);
+            default
+        }
+        Some(v) => *v.get_ref(),
+        None => default,
+    }
+}
+
+fn check_containers(c: &mut Checker, raw: &RawContainers) -> ContainerSettings {
+    // The engine takes sizes in whole units; 1 MB to 1 TB is every sane one.
+    let max_size_mb = in_range(
+        c,
+        raw.log_max_size_mb.as_ref(),
+        "log_max_size_mb",
+        1..=1_000_000,
+        DEFAULT_LOG_MAX_SIZE_MB,
+    );
+    let max_files = in_range(
+        c,
+        raw.log_max_files.as_ref(),
+        "log_max_files",
+        1..=1000,
+        DEFAULT_LOG_MAX_FILES,
+    );
+    ContainerSettings {
+        log_rotation: crate::runtime::LogRotation {
+            max_size_mb: max_size_mb as u64,
+            max_files: max_files as u32,
+        },
+    }
+}
+
+fn check_images(c: &mut Checker, raw: &RawImages) -> ImageSettings {
+    let min_free_mb = in_range(
+        c,
+        raw.min_free_mb.as_ref(),
+        "min_free_mb",
+        0..=i64::MAX,
+        DEFAULT_MIN_FREE_MB,
+    );
+    let high = in_range(
+        c,
+        raw.gc_high_percent.as_ref(),
+        "gc_high_percent",
+        1..=100,
+        DEFAULT_GC_HIGH_PERCENT,
+    );
+    let low = in_range(
+        c,
+        raw.gc_low_percent.as_ref(),
+        "gc_low_percent",
+        0..=99,
+        DEFAULT_GC_LOW_PERCENT,
+    );
+    if low >= high {
+        let span = raw
+            .gc_low_percent
+            .as_ref()
+            .or(raw.gc_high_percent.as_ref())
+            .map_or(0..0, Spanned::span);
+        c.at_span(
+            span,
+            format!(
+                "gc_low_percent ({low}) must be less than gc_high_percent ({high}): \
+                 a collection stops below where it starts"
+            ),
+        );
+    }
+    ImageSettings {
+        min_free_bytes: (min_free_mb as u64).saturating_mul(1024 * 1024),
+        gc_high_percent: high as u8,
+        gc_low_percent: low as u8,
+    }
+}
+
+fn check_metrics(c: &mut Checker, raw: &RawMetrics) -> MetricsSettings {
+    let secs = in_range(
+        c,
+        raw.interval_secs.as_ref(),
+        "interval_secs",
+        0..=i64::MAX,
+        DEFAULT_METRICS_INTERVAL_SECS,
+    );
+    MetricsSettings {
+        interval: (secs > 0).then(|| Duration::from_secs(secs as u64)),
     }
 }
 
@@ -1098,6 +1303,13 @@ struct RawDeployment {
     #[serde(default)]
     exports: BTreeMap<Spanned<String>, String>,
     components: Option<Spanned<Vec<RawComponent>>>,
+    update: Option<RawUpdate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpdate {
+    min_ready_secs: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -1126,6 +1338,19 @@ struct RawExecutable {
     volumes: Vec<RawVolume>,
     #[serde(default)]
     devices: Vec<Spanned<String>>,
+    probe: Option<Spanned<RawProbe>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    exec: Option<Spanned<Vec<String>>>,
+    tcp: Option<Spanned<i64>>,
+    http: Option<Spanned<String>>,
+    initial_delay_secs: Option<Spanned<i64>>,
+    period_secs: Option<Spanned<i64>>,
+    timeout_secs: Option<Spanned<i64>>,
+    failure_threshold: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1213,6 +1438,18 @@ fn parse_deployment_located(path: &Path, text: &str) -> Result<Located, Vec<Conf
     }
     let env = c.env(raw.env, "env");
     let exports = c.env(raw.exports, "exports");
+    let update = match &raw.update {
+        Some(u) => UpdateSpec {
+            min_ready_secs: in_range(
+                &mut c,
+                u.min_ready_secs.as_ref(),
+                "min_ready_secs",
+                0..=i64::MAX,
+                UpdateSpec::DEFAULT_MIN_READY_SECS as i64,
+            ) as u64,
+        },
+        None => UpdateSpec::default(),
+    };
 
     let mut components = Vec::new();
     match raw.components {
@@ -1250,7 +1487,7 @@ fn parse_deployment_located(path: &Path, text: &str) -> Result<Located, Vec<Conf
         env,
         exports,
         components,
-        update: Default::default(),
+        update,
         source: path.to_path_buf(),
     };
     let located = Located {
@@ -1358,6 +1595,7 @@ fn check_executables(
                 d.get_ref().clone()
             })
             .collect();
+        let probe = exe.probe.map(|p| check_probe(c, p));
         out.push(ExecutableSpec {
             name,
             image,
@@ -1368,6 +1606,7 @@ fn check_executables(
             volumes,
             devices,
             network: Network::Host,
+            probe: probe.flatten(),
         });
     }
     out
@@ -1418,6 +1657,98 @@ fn check_command(
             None
         }
     }
+}
+
+/// A `probe` table: exactly one of `exec`, `tcp`, `http`, and timings of at
+/// least a second (a grace of 0 is allowed).
+fn check_probe(c: &mut Checker, raw: Spanned<RawProbe>) -> Option<Probe> {
+    let span = raw.span();
+    let raw = raw.into_inner();
+    let kinds: Vec<(&str, Range<usize>)> = [
+        raw.exec.as_ref().map(|v| ("exec", v.span())),
+        raw.tcp.as_ref().map(|v| ("tcp", v.span())),
+        raw.http.as_ref().map(|v| ("http", v.span())),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    // Every problem is reported, the timings' too; a probe without exactly
+    // one kind is none.
+    let one_kind = kinds.len() == 1;
+    if kinds.is_empty() {
+        c.at_span(
+            span,
+            "probe needs exactly one of exec, tcp or http; none is given",
+        );
+    }
+    if kinds.len() > 1 {
+        let names: Vec<&str> = kinds.iter().map(|(name, _)| *name).collect();
+        c.at_span(
+            kinds[1].1.clone(),
+            format!(
+                "probe needs exactly one of exec, tcp or http, not {}",
+                names.join(" and ")
+            ),
+        );
+    }
+    let check = if !one_kind {
+        None
+    } else if let Some(exec) = raw.exec {
+        if exec.get_ref().is_empty() || exec.get_ref()[0].trim().is_empty() {
+            c.at(
+                &exec,
+                "probe exec must name a program: [\"program\", \"arg\", ...]",
+            );
+        }
+        Some(ProbeCheck::Exec(exec.into_inner()))
+    } else if let Some(port) = raw.tcp {
+        if !(1..=65535).contains(port.get_ref()) {
+            c.at(&port, "probe tcp must be a port from 1 to 65535");
+        }
+        Some(ProbeCheck::Tcp(u16::try_from(*port.get_ref()).unwrap_or(0)))
+    } else {
+        raw.http.map(|url| {
+            if let Err(message) = crate::probe::HttpTarget::parse(url.get_ref()) {
+                c.at(&url, format!("probe http: {message}"));
+            }
+            ProbeCheck::Http(url.into_inner())
+        })
+    };
+    let mut secs = |value: Option<&Spanned<i64>>, key: &str, min: i64, default: u64| {
+        in_range(c, value, key, min..=i64::MAX, default as i64) as u64
+    };
+    let initial_delay_secs = secs(
+        raw.initial_delay_secs.as_ref(),
+        "initial_delay_secs",
+        0,
+        Probe::DEFAULT_INITIAL_DELAY_SECS,
+    );
+    let period_secs = secs(
+        raw.period_secs.as_ref(),
+        "period_secs",
+        1,
+        Probe::DEFAULT_PERIOD_SECS,
+    );
+    let timeout_secs = secs(
+        raw.timeout_secs.as_ref(),
+        "timeout_secs",
+        1,
+        Probe::DEFAULT_TIMEOUT_SECS,
+    );
+    let failure_threshold = in_range(
+        c,
+        raw.failure_threshold.as_ref(),
+        "failure_threshold",
+        1..=i64::from(u32::MAX),
+        i64::from(Probe::DEFAULT_FAILURE_THRESHOLD),
+    ) as u32;
+    Some(Probe {
+        check: check?,
+        initial_delay_secs,
+        period_secs,
+        timeout_secs,
+        failure_threshold,
+    })
 }
 
 fn check_limits(c: &mut Checker, raw: &RawLimits) -> Limits {
@@ -1822,6 +2153,20 @@ mod tests {
                     level: "info".into(),
                     json: false,
                 },
+                containers: ContainerSettings {
+                    log_rotation: crate::runtime::LogRotation {
+                        max_size_mb: 10,
+                        max_files: 3,
+                    },
+                },
+                images: ImageSettings {
+                    min_free_bytes: 1024 * 1024 * 1024,
+                    gc_high_percent: 85,
+                    gc_low_percent: 70,
+                },
+                metrics: MetricsSettings {
+                    interval: Some(Duration::from_secs(60)),
+                },
                 source: path.clone(),
             }
         );
@@ -1979,6 +2324,18 @@ master_uri = "http://localhost:11311"
 [log]
 level = "info"                         # RUST_LOG overrides
 format = "text"                        # or "json"
+
+[containers]                           # how berth creates containers
+log_max_size_mb = 10                   # engine json-file rotation: a chatty executable never fills the disk
+log_max_files = 3
+
+[images]                               # image housekeeping, section 8
+min_free_mb = 1024                     # below this, garbage-collect before a pull; still short: DEP_E305
+gc_high_percent = 85                   # engine data root use that starts a collection
+gc_low_percent = 70                    # where it stops
+
+[metrics]
+interval_secs = 60                     # 0 disables the metrics topic
 "#;
 
     #[test]
@@ -2010,6 +2367,9 @@ format = "text"                        # or "json"
         assert_eq!(config.ros.master_command, ["roscore"]);
         assert_eq!(config.log.level, "info");
         assert!(!config.log.json);
+        assert_eq!(config.containers, ContainerSettings::default());
+        assert_eq!(config.images, ImageSettings::default());
+        assert_eq!(config.metrics, MetricsSettings::default());
 
         let json = SPEC_AGENT.replace("format = \"text\"", "format = \"json\"");
         let path = write(dir.path(), "json.toml", &json);
@@ -2100,6 +2460,304 @@ format = "text"                        # or "json"
         assert_rows(rows, |p| load_deployment(p).map(|_| ()));
     }
 
+    #[test]
+    fn bad_probes_and_updates_are_rejected_with_position() {
+        // The probe table's header is line 9, its keys from line 10 on.
+        macro_rules! probe {
+            ($keys:expr) => {
+                concat!(head!(), exe!(), "[components.executables.probe]\n", $keys)
+            };
+        }
+        let rows: &[(&str, &str, &str, usize, usize)] = &[
+            (
+                "none",
+                probe!("period_secs = 5\n"),
+                "probe needs exactly one of exec, tcp or http; none is given",
+                9,
+                1,
+            ),
+            (
+                "empty_table",
+                probe!(""),
+                "probe needs exactly one of exec, tcp or http; none is given",
+                9,
+                1,
+            ),
+            (
+                "two",
+                probe!("exec = [\"x\"]\ntcp = 80\n"),
+                "probe needs exactly one of exec, tcp or http, not exec and tcp",
+                11,
+                7,
+            ),
+            (
+                "three",
+                probe!("http = \"http://a/\"\nexec = [\"x\"]\ntcp = 80\n"),
+                "not exec and tcp and http",
+                12,
+                7,
+            ),
+            (
+                "exec_empty",
+                probe!("exec = []\n"),
+                "probe exec must name a program",
+                10,
+                8,
+            ),
+            (
+                "exec_type",
+                probe!("exec = \"x\"\n"),
+                "invalid type: string \"x\", expected a sequence",
+                10,
+                8,
+            ),
+            (
+                "tcp_zero",
+                probe!("tcp = 0\n"),
+                "probe tcp must be a port from 1 to 65535",
+                10,
+                7,
+            ),
+            (
+                "tcp_high",
+                probe!("tcp = 70000\n"),
+                "probe tcp must be a port from 1 to 65535",
+                10,
+                7,
+            ),
+            (
+                "http_https",
+                probe!("http = \"https://x/\"\n"),
+                "probe http: \"https://x/\" must start with http://",
+                10,
+                8,
+            ),
+            (
+                "http_no_host",
+                probe!("http = \"http:///x\"\n"),
+                "probe http: \"http:///x\" names no host",
+                10,
+                8,
+            ),
+            (
+                "period_zero",
+                probe!("tcp = 80\nperiod_secs = 0\n"),
+                "period_secs must be at least 1",
+                11,
+                15,
+            ),
+            (
+                "timeout_zero",
+                probe!("tcp = 80\ntimeout_secs = 0\n"),
+                "timeout_secs must be at least 1",
+                11,
+                16,
+            ),
+            (
+                "threshold_zero",
+                probe!("tcp = 80\nfailure_threshold = 0\n"),
+                "failure_threshold must be between 1 and 4294967295",
+                11,
+                21,
+            ),
+            (
+                "delay_negative",
+                probe!("tcp = 80\ninitial_delay_secs = -1\n"),
+                "initial_delay_secs must be at least 0",
+                11,
+                22,
+            ),
+            (
+                "unknown_key",
+                probe!("tcp = 80\nport = 1\n"),
+                "unknown field `port`",
+                11,
+                1,
+            ),
+            (
+                "update_negative",
+                concat!(head!(), exe!(), "[update]\nmin_ready_secs = -1\n"),
+                "min_ready_secs must be at least 0",
+                10,
+                18,
+            ),
+            (
+                "update_unknown",
+                concat!(head!(), exe!(), "[update]\nmin_ready = 1\n"),
+                "unknown field `min_ready`",
+                10,
+                1,
+            ),
+        ];
+        assert_rows(rows, |p| load_deployment(p).map(|_| ()));
+    }
+
+    #[test]
+    fn every_problem_of_a_probe_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = concat!(
+            head!(),
+            exe!(),
+            "[components.executables.probe]\nexec = [\"x\"]\nhttp = \"http://a/\"\n\
+             period_secs = 0\nfailure_threshold = 0\n"
+        );
+        let errors = load_deployment(&write(dir.path(), "t.toml", text)).unwrap_err();
+        let found: Vec<(usize, usize, &str)> = errors
+            .iter()
+            .map(|e| {
+                let (line, col) = e.at.expect("a place in the text");
+                (line, col, e.message.as_str())
+            })
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    11,
+                    8,
+                    "probe needs exactly one of exec, tcp or http, not exec and http"
+                ),
+                (12, 15, "period_secs must be at least 1"),
+                (13, 21, "failure_threshold must be between 1 and 4294967295"),
+            ]
+        );
+    }
+
+    #[test]
+    fn probes_default_and_zero_delay_is_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = concat!(
+            head!(),
+            exe!(),
+            "[components.executables.probe]\nhttp = \"http://127.0.0.1:8080/healthz\"\n\
+             initial_delay_secs = 0\n"
+        );
+        let path = write(dir.path(), "talker.toml", text);
+        let spec = load_deployment(&path).unwrap();
+        assert_eq!(
+            spec.components[0].executables[0].probe,
+            Some(Probe {
+                check: ProbeCheck::Http("http://127.0.0.1:8080/healthz".into()),
+                initial_delay_secs: 0,
+                period_secs: 10,
+                timeout_secs: 2,
+                failure_threshold: 3,
+            })
+        );
+        assert_eq!(spec.update, UpdateSpec { min_ready_secs: 10 });
+        let path = write(dir.path(), "plain.toml", concat!(head!(), exe!()));
+        let plain = load_deployment(&path).unwrap();
+        assert_eq!(plain.components[0].executables[0].probe, None);
+    }
+
+    #[test]
+    fn bad_housekeeping_sections_are_rejected_with_position() {
+        let rows: &[(&str, &str, &str, usize, usize)] = &[
+            (
+                "docker_timeout_zero",
+                "device_id = \"r\"\n[docker]\ntimeout_secs = 0\n",
+                "timeout_secs must be greater than 0",
+                3,
+                16,
+            ),
+            (
+                "log_size_zero",
+                "device_id = \"r\"\n[containers]\nlog_max_size_mb = 0\n",
+                "log_max_size_mb must be between 1 and 1000000",
+                3,
+                19,
+            ),
+            (
+                "log_files_zero",
+                "device_id = \"r\"\n[containers]\nlog_max_files = 0\n",
+                "log_max_files must be between 1 and 1000",
+                3,
+                17,
+            ),
+            (
+                "containers_unknown",
+                "device_id = \"r\"\n[containers]\nlog_size = 1\n",
+                "unknown field `log_size`",
+                3,
+                1,
+            ),
+            (
+                "high_over_100",
+                "device_id = \"r\"\n[images]\ngc_high_percent = 101\n",
+                "gc_high_percent must be between 1 and 100",
+                3,
+                19,
+            ),
+            (
+                "low_equals_high",
+                "device_id = \"r\"\n[images]\ngc_high_percent = 80\ngc_low_percent = 80\n",
+                "gc_low_percent (80) must be less than gc_high_percent (80)",
+                4,
+                18,
+            ),
+            (
+                "low_over_default_high",
+                "device_id = \"r\"\n[images]\ngc_low_percent = 90\n",
+                "gc_low_percent (90) must be less than gc_high_percent (85)",
+                3,
+                18,
+            ),
+            (
+                "high_under_default_low",
+                "device_id = \"r\"\n[images]\ngc_high_percent = 50\n",
+                "gc_low_percent (70) must be less than gc_high_percent (50)",
+                3,
+                19,
+            ),
+            (
+                "min_free_negative",
+                "device_id = \"r\"\n[images]\nmin_free_mb = -1\n",
+                "min_free_mb must be at least 0",
+                3,
+                15,
+            ),
+            (
+                "images_unknown",
+                "device_id = \"r\"\n[images]\ngc_high = 1\n",
+                "unknown field `gc_high`",
+                3,
+                1,
+            ),
+            (
+                "metrics_negative",
+                "device_id = \"r\"\n[metrics]\ninterval_secs = -5\n",
+                "interval_secs must be at least 0",
+                3,
+                17,
+            ),
+            (
+                "metrics_float",
+                "device_id = \"r\"\n[metrics]\ninterval_secs = 1.5\n",
+                "invalid type: floating point",
+                3,
+                17,
+            ),
+        ];
+        assert_rows(rows, |p| load_agent(p).map(|_| ()));
+    }
+
+    #[test]
+    fn metrics_interval_zero_disables_the_topic() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "device_id = \"r\"\n[metrics]\ninterval_secs = 0\n[images]\ngc_low_percent = 0\ngc_high_percent = 100\nmin_free_mb = 0\n[docker]\ntimeout_secs = 5\n";
+        let config = load_agent(&write(dir.path(), "berth.toml", text)).unwrap();
+        assert_eq!(config.metrics.interval, None);
+        assert_eq!(
+            config.images,
+            ImageSettings {
+                min_free_bytes: 0,
+                gc_high_percent: 100,
+                gc_low_percent: 0,
+            }
+        );
+        assert_eq!(config.docker.timeout, Duration::from_secs(5));
+    }
+
     const SPEC_DEPLOYMENT: &str = r#"
 id = "talker"                          # unique on the device, [a-z0-9][a-z0-9-]{0,62}
 package = "ros-talker"
@@ -2123,6 +2781,18 @@ env = { LOG_LEVEL = "debug" }
 limits = { cpus = 0.5, memory_mb = 256 }
 volumes = [{ host = "/data/maps", container = "/maps", read_only = true }]
 devices = ["/dev/ttyUSB0"]
+
+[components.executables.probe]         # liveness, optional; exactly one of exec / tcp / http
+exec = ["talker-health"]               # run inside the container; exit 0 = healthy
+# tcp = 8080                           # a TCP connect to this port succeeds
+# http = "http://127.0.0.1:8080/healthz"   # GET answers 2xx or 3xx
+initial_delay_secs = 5                 # grace after each start
+period_secs = 10
+timeout_secs = 2
+failure_threshold = 3                  # consecutive failures that make it unhealthy
+
+[update]                               # optional, section 8
+min_ready_secs = 10                    # a new version must run (and be healthy) this long to be kept
 "#;
 
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -2171,9 +2841,16 @@ devices = ["/dev/ttyUSB0"]
                         }],
                         devices: vec!["/dev/ttyUSB0".into()],
                         network: Network::Host,
+                        probe: Some(Probe {
+                            check: ProbeCheck::Exec(vec!["talker-health".into()]),
+                            initial_delay_secs: 5,
+                            period_secs: 10,
+                            timeout_secs: 2,
+                            failure_threshold: 3,
+                        }),
                     }],
                 }],
-                update: Default::default(),
+                update: UpdateSpec { min_ready_secs: 10 },
                 source: path.clone(),
             }
         );

@@ -20,9 +20,12 @@
 //! - [`state`] is what survives berth: restart counts (written before each
 //!   restart, exactly once), manual stops, the boot id, the engine event
 //!   position, the ROS master's owner.
+//! - [`probe`] runs the `tcp` and `http` liveness probes (the engine runs
+//!   `exec` ones as healthchecks).
 //! - [`control`] serves the latest documents on a local socket; [`notify`]
 //!   speaks systemd's notify protocol; [`watch`] turns changes in the
-//!   deployments directory into reloads.
+//!   deployments directory into reloads; [`trace`] is the optional restart
+//!   trace that `berth-bench` reads (`berth run --trace-file`).
 //!
 //! `src/main.rs` wires the real adapters and maps errors to exit codes;
 //! `docs/DESIGN.md` explains the choices.
@@ -33,8 +36,10 @@ pub mod control;
 pub mod model;
 pub mod notify;
 pub mod policy;
+pub mod probe;
 pub mod report;
 pub mod runtime;
 pub mod state;
 pub mod supervisor;
+pub mod trace;
 pub mod watch;

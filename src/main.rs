@@ -95,7 +95,12 @@ Exit status:
       a password_file, ca_file, cert_file, key_file); systemd does not restart
       berth on it
   1   any other failure, such as a state_dir that cannot be created")]
-    Run,
+    Run {
+        /// Append a line per restart step (die received, start request sent)
+        /// to this file, for `berth-bench`; see src/trace.rs.
+        #[arg(long, value_name = "PATH", hide = true)]
+        trace_file: Option<PathBuf>,
+    },
     /// Validate the agent config and every deployment file
     ///
     /// Reads the agent config and every `*.toml` file of its `deployments_dir`
@@ -208,7 +213,13 @@ fn main() -> ExitCode {
             executable,
             command,
         } => exec(&cli.config, &deployment, &executable, command),
-        Command::Run => {
+        Command::Run { trace_file } => {
+            if let Some(path) = &trace_file {
+                if let Err(e) = berth::trace::enable(path) {
+                    eprintln!("berth: cannot open the trace file {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
             let config = match config::load_agent(&cli.config) {
                 Ok(config) => config,
                 Err(errors) => {
@@ -315,7 +326,7 @@ fn logs(
     };
     let result = tool_runtime().and_then(|rt| {
         rt.block_on(async {
-            let engine = DockerRuntime::new(&config.docker.host);
+            let engine = DockerRuntime::from_settings(&config.docker, &config.containers);
             let container =
                 control::find_container(&engine, &config.device_id, deployment, executable).await?;
             control::logs(&engine, &container, request).await?;
@@ -337,7 +348,7 @@ fn exec(config_path: &Path, deployment: &str, executable: &str, command: Vec<Str
     };
     let result = tool_runtime().and_then(|rt| {
         rt.block_on(async {
-            let engine = DockerRuntime::new(&config.docker.host);
+            let engine = DockerRuntime::from_settings(&config.docker, &config.containers);
             let container =
                 control::find_container(&engine, &config.device_id, deployment, Some(executable))
                     .await?;
@@ -444,7 +455,10 @@ async fn run(config: AgentConfig) -> Result<(), RunError> {
             anyhow::Error::from(e)
         );
     }
-    let runtime = Arc::new(DockerRuntime::new(&config.docker.host));
+    let runtime = Arc::new(DockerRuntime::from_settings(
+        &config.docker,
+        &config.containers,
+    ));
 
     spawn_signal_handler(shutdown.clone());
     let deployments_dir = config.deployments_dir.clone();

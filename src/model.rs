@@ -187,6 +187,75 @@ pub enum Network {
     Isolated,
 }
 
+/// What a liveness probe checks (exactly one per probe).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProbeCheck {
+    /// Run inside the container (by the engine, as its healthcheck); exit 0
+    /// is healthy.
+    Exec(Vec<String>),
+    /// A TCP connect to this port of the executable succeeds.
+    Tcp(u16),
+    /// A GET of this url answers 2xx or 3xx. On an isolated network the
+    /// host `127.0.0.1` or `localhost` stands for the container itself.
+    Http(String),
+}
+
+/// A liveness probe of an executable (SPEC 4).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Probe {
+    pub check: ProbeCheck,
+    /// Grace after each start, during which failures do not count.
+    pub initial_delay_secs: u64,
+    pub period_secs: u64,
+    pub timeout_secs: u64,
+    /// Consecutive failures that make the executable unhealthy.
+    pub failure_threshold: u32,
+}
+
+impl Probe {
+    pub const DEFAULT_INITIAL_DELAY_SECS: u64 = 5;
+    pub const DEFAULT_PERIOD_SECS: u64 = 10;
+    pub const DEFAULT_TIMEOUT_SECS: u64 = 2;
+    pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
+
+    pub fn initial_delay(&self) -> Duration {
+        Duration::from_secs(self.initial_delay_secs)
+    }
+
+    pub fn period(&self) -> Duration {
+        Duration::from_secs(self.period_secs)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+}
+
+/// How a changed deployment is kept or rolled back (SPEC 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct UpdateSpec {
+    /// How long a new version must run (and be healthy, with a probe) to be
+    /// kept; the previous container is removed only then.
+    pub min_ready_secs: u64,
+}
+
+impl UpdateSpec {
+    pub const DEFAULT_MIN_READY_SECS: u64 = 10;
+
+    pub fn min_ready(&self) -> Duration {
+        Duration::from_secs(self.min_ready_secs)
+    }
+}
+
+impl Default for UpdateSpec {
+    fn default() -> Self {
+        UpdateSpec {
+            min_ready_secs: Self::DEFAULT_MIN_READY_SECS,
+        }
+    }
+}
+
 /// One container's worth of spec.
 ///
 /// Its JSON form is hashed into the `berth.spec-hash` label ([`spec_hash`]),
@@ -208,6 +277,11 @@ pub struct ExecutableSpec {
     /// The component's `network`, carried here so that it is part of the
     /// spec hash: changing it recreates the containers.
     pub network: Network,
+    /// Liveness probe. Left out of the serialized form when absent, so that
+    /// the spec hash of an executable without one is what it was before
+    /// probes existed (no container is recreated by an upgrade of berth).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe: Option<Probe>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -233,30 +307,6 @@ pub struct DeploymentSpec {
     /// The file it came from, for messages.
     #[serde(skip)]
     pub source: PathBuf,
-}
-
-/// How a changed deployment is kept or rolled back (SPEC 8).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct UpdateSpec {
-    /// How long a new version must run (and be healthy, with a probe) to be
-    /// kept; the previous container is removed only then.
-    pub min_ready_secs: u64,
-}
-
-impl UpdateSpec {
-    pub const DEFAULT_MIN_READY_SECS: u64 = 10;
-
-    pub fn min_ready(&self) -> Duration {
-        Duration::from_secs(self.min_ready_secs)
-    }
-}
-
-impl Default for UpdateSpec {
-    fn default() -> Self {
-        UpdateSpec {
-            min_ready_secs: Self::DEFAULT_MIN_READY_SECS,
-        }
-    }
 }
 
 impl DeploymentSpec {
@@ -416,6 +466,49 @@ mod tests {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }
     }
+
+    #[test]
+    fn a_spec_without_probe_hashes_as_before_probes_existed() {
+        let exe = ExecutableSpec {
+            name: "talker".into(),
+            image: "img:1".into(),
+            pull: PullPolicy::IfNotPresent,
+            command: Some(Command::Exec(vec!["run".into()])),
+            env: BTreeMap::new(),
+            limits: Limits::default(),
+            volumes: Vec::new(),
+            devices: Vec::new(),
+            network: Network::Host,
+            probe: None,
+        };
+        let json = serde_json::to_value(&exe).unwrap();
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "command", "devices", "env", "image", "limits", "name", "network", "pull",
+                "volumes"
+            ],
+            "the serialized form, and so the hash, of a spec without a probe is unchanged"
+        );
+        let env = BTreeMap::new();
+        let probed = ExecutableSpec {
+            probe: Some(Probe {
+                check: ProbeCheck::Tcp(8080),
+                initial_delay_secs: 5,
+                period_secs: 10,
+                timeout_secs: 2,
+                failure_threshold: 3,
+            }),
+            ..exe.clone()
+        };
+        assert_ne!(spec_hash(&exe, &env), spec_hash(&probed, &env));
+    }
 }
 
 /// Spec hashes pinned with the code of berth 0.1.0: a change of any of them
@@ -436,6 +529,7 @@ mod spec_hash_pins {
             volumes: Vec::new(),
             devices: Vec::new(),
             network: Network::Host,
+            probe: None,
         }
     }
 
@@ -471,6 +565,7 @@ mod spec_hash_pins {
             ],
             devices: vec!["/dev/ttyUSB0".into()],
             network: Network::Isolated,
+            probe: None,
         }
     }
 

@@ -5,7 +5,12 @@
 //! away). It mimics the Docker engine where berth depends on it: a failed
 //! start leaves the container `created` with an error and emits no event,
 //! event times are engine nanoseconds equal to the container's `StartedAt`,
-//! and a history query is inclusive at both ends.
+//! and a history query is inclusive at both ends. Its errors are the ones
+//! the Docker adapter classifies the engine's answers into.
+//!
+//! Any call can be made to fail ([`Fault`]): an error, a delay or a hang,
+//! for one method and optionally one container or image, always or a number
+//! of times; and the whole engine can go down and come back.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard};
@@ -16,8 +21,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::{
-    ContainerInfo, ContainerRuntime, ContainerSpec, EngineEvent, EventAction, EventStream,
-    RegistryAuth, Result, RuntimeError,
+    bound_tail, ContainerInfo, ContainerRuntime, ContainerSpec, ContainerStats, DiskUsage,
+    EngineEvent, EventAction, EventStream, ImageInfo, PullProgress, RegistryAuth, Result,
+    RuntimeError,
 };
 use crate::model::labels;
 
@@ -46,6 +52,57 @@ pub enum Call {
         since: Option<i64>,
         until: Option<i64>,
     },
+    LogTail(String),
+    Stats(String),
+    ListImages,
+    RemoveImage(String),
+    DataRootUsage,
+}
+
+/// The methods of `ContainerRuntime`, to aim a [`Fault`] at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Ping,
+    ImagePresent,
+    Pull,
+    List,
+    Inspect,
+    Create,
+    Start,
+    Stop,
+    Remove,
+    Rename,
+    EnsureNetwork,
+    RemoveNetwork,
+    Events,
+    LogTail,
+    Stats,
+    ListImages,
+    RemoveImage,
+    DataRootUsage,
+}
+
+/// What a call meets instead of (or before) the engine's answer.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// The call fails with this error, doing nothing.
+    Error(RuntimeError),
+    /// The call waits this long (tokio time), then goes on as usual.
+    Delay(Duration),
+    /// The call never returns, like a hung engine; an event stream never
+    /// yields.
+    Hang,
+}
+
+#[derive(Debug, Clone)]
+struct FaultRule {
+    method: Method,
+    /// A container (id, unique id prefix or name), image or network name;
+    /// `None` for every call of the method.
+    target: Option<String>,
+    fault: Fault,
+    /// How many more calls it applies to; `None` for all of them.
+    remaining: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +115,11 @@ struct Container {
     started_at: String,
     finished_at: String,
     error: Option<String>,
+    oom_killed: bool,
+    health: Option<super::Health>,
+    /// What it wrote, line by line, both streams.
+    log: Vec<String>,
+    stats: ContainerStats,
 }
 
 impl Container {
@@ -73,6 +135,9 @@ impl Container {
             started_at: Some(self.started_at.clone()),
             finished_at: Some(self.finished_at.clone()),
             error: self.error.clone(),
+            oom_killed: self.oom_killed,
+            ip_address: (self.spec.network_mode != "host").then(|| "172.30.0.2".to_string()),
+            health: self.health,
         }
     }
 
@@ -101,6 +166,12 @@ struct Inner {
     subscribers: Vec<Subscriber>,
     down: bool,
     last_nanos: i64,
+    faults: Vec<FaultRule>,
+    /// Image sizes in the registry (bytes), for pull progress.
+    sizes: BTreeMap<String, u64>,
+    /// When each present image was pulled or added, for its `created`.
+    image_order: BTreeMap<String, i64>,
+    disk: Option<DiskUsage>,
 }
 
 impl Inner {
@@ -111,6 +182,30 @@ impl Inner {
             .map_or(0, |d| d.as_nanos() as i64);
         self.last_nanos = now.max(self.last_nanos + 1);
         self.last_nanos
+    }
+
+    /// The fault a call of `method` on `target` meets, if any, used up once.
+    fn take_fault(&mut self, method: Method, target: Option<&str>) -> Option<Fault> {
+        let resolved = target.and_then(|t| self.find(t));
+        let index = self.faults.iter().position(|rule| {
+            rule.method == method
+                && match (&rule.target, target) {
+                    (None, _) => true,
+                    (Some(_), None) => false,
+                    (Some(want), Some(got)) => {
+                        want == got || (resolved.is_some() && self.find(want) == resolved)
+                    }
+                }
+        })?;
+        let rule = &mut self.faults[index];
+        let fault = rule.fault.clone();
+        if let Some(n) = rule.remaining.as_mut() {
+            *n -= 1;
+            if *n == 0 {
+                self.faults.remove(index);
+            }
+        }
+        Some(fault)
     }
 
     fn check_up(&self) -> Result<()> {
@@ -241,10 +336,9 @@ impl Inner {
             } else {
                 128
             };
-            return Err(RuntimeError::Engine {
-                operation: "start",
-                object: id.to_string(),
-                message,
+            return Err(RuntimeError::StartFailed {
+                container: id.to_string(),
+                message: super::docker::start_failure_reason(&message),
             });
         }
         let at = self.tick();
@@ -252,6 +346,8 @@ impl Inner {
         c.state = "running";
         c.exit_code = 0;
         c.error = None;
+        c.oom_killed = false;
+        c.health = c.spec.healthcheck.as_ref().map(|_| super::Health::Starting);
         c.started_at = rfc3339(at);
         self.emit(id, EventAction::Start, at);
         Ok(())
@@ -333,7 +429,107 @@ impl FakeRuntime {
         }
     }
 
+    /// Every call of `method` (on `target` only, when given: a container by
+    /// id, id prefix or name, an image or a network) meets `fault` until
+    /// [`FakeRuntime::clear_faults`]. The first matching rule wins.
+    pub fn fault(&self, method: Method, target: Option<&str>, fault: Fault) {
+        self.add_fault(method, target, fault, None);
+    }
+
+    /// [`FakeRuntime::fault`] for the next `times` matching calls only.
+    pub fn fault_times(&self, method: Method, target: Option<&str>, fault: Fault, times: u32) {
+        if times > 0 {
+            self.add_fault(method, target, fault, Some(times));
+        }
+    }
+
+    fn add_fault(
+        &self,
+        method: Method,
+        target: Option<&str>,
+        fault: Fault,
+        remaining: Option<u32>,
+    ) {
+        self.lock().faults.push(FaultRule {
+            method,
+            target: target.map(str::to_string),
+            fault,
+            remaining,
+        });
+    }
+
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
+    /// A registry image of `bytes`, whose pull reports progress.
+    pub fn with_registry_image_sized(self, image: &str, bytes: u64) -> Self {
+        {
+            let mut inner = self.lock();
+            inner.registry.insert(image.to_string());
+            inner.sizes.insert(image.to_string(), bytes);
+        }
+        self
+    }
+
+    /// What `data_root_usage` answers from now on.
+    pub fn set_disk(&self, usage: DiskUsage) {
+        self.lock().disk = Some(usage);
+    }
+
     // ---- playing the world around berth ------------------------------------------
+
+    /// The container's process writes a line (to either stream).
+    pub fn write_log(&self, name_or_id: &str, line: &str) {
+        let mut inner = self.lock();
+        let id = inner.find_or_panic(name_or_id);
+        let c = inner.containers.get_mut(&id).expect("container exists");
+        c.log.push(line.to_string());
+    }
+
+    /// What the next `stats` of the container reads.
+    pub fn set_stats(&self, name_or_id: &str, stats: ContainerStats) {
+        let mut inner = self.lock();
+        let id = inner.find_or_panic(name_or_id);
+        inner
+            .containers
+            .get_mut(&id)
+            .expect("container exists")
+            .stats = stats;
+    }
+
+    /// The engine-run healthcheck of a running container changes its
+    /// verdict (`health_status` event).
+    pub fn set_health(&self, name_or_id: &str, healthy: bool) {
+        let mut inner = self.lock();
+        let id = inner.find_or_panic(name_or_id);
+        let at = inner.tick();
+        inner
+            .containers
+            .get_mut(&id)
+            .expect("container exists")
+            .health = Some(if healthy {
+            super::Health::Healthy
+        } else {
+            super::Health::Unhealthy
+        });
+        inner.emit(&id, EventAction::Health { healthy }, at);
+    }
+
+    /// The kernel's OOM killer ends a running container: `oom`, then `die`
+    /// with 137 and `OOMKilled` on the container.
+    pub fn oom_kill(&self, name_or_id: &str) {
+        let mut inner = self.lock();
+        let id = inner.find_or_panic(name_or_id);
+        let at = inner.tick();
+        inner.emit(&id, EventAction::Oom, at);
+        inner.die(&id, 137);
+        inner
+            .containers
+            .get_mut(&id)
+            .expect("container exists")
+            .oom_killed = true;
+    }
 
     /// The main process of a running container exits by itself (`die`).
     pub fn exit(&self, name_or_id: &str, code: i64) {
@@ -438,42 +634,84 @@ impl FakeRuntime {
     }
 }
 
+impl FakeRuntime {
+    /// Records a call, then meets its fault if one is set: an error returns
+    /// at once, a delay waits, a hang never ends.
+    async fn call(&self, call: Call, method: Method, target: Option<&str>) -> Result<()> {
+        let fault = {
+            let mut inner = self.lock();
+            inner.calls.push(call);
+            inner.take_fault(method, target)
+        };
+        match fault {
+            None => Ok(()),
+            Some(Fault::Error(e)) => Err(e),
+            Some(Fault::Delay(d)) => {
+                tokio::time::sleep(d).await;
+                Ok(())
+            }
+            Some(Fault::Hang) => std::future::pending().await,
+        }
+    }
+}
+
 impl ContainerRuntime for FakeRuntime {
     async fn ping(&self) -> Result<()> {
-        let mut inner = self.lock();
-        inner.calls.push(Call::Ping);
-        inner.check_up()
+        self.call(Call::Ping, Method::Ping, None).await?;
+        self.lock().check_up()
     }
 
     async fn image_present(&self, image: &str) -> Result<bool> {
-        let mut inner = self.lock();
-        inner.calls.push(Call::ImagePresent(image.to_string()));
+        self.call(
+            Call::ImagePresent(image.to_string()),
+            Method::ImagePresent,
+            Some(image),
+        )
+        .await?;
+        let inner = self.lock();
         inner.check_up()?;
         Ok(inner.present.contains(image))
     }
 
-    async fn pull(&self, image: &str, auth: Option<&RegistryAuth>) -> Result<()> {
-        let mut inner = self.lock();
-        inner.calls.push(Call::Pull(
-            image.to_string(),
-            auth.map(|a| a.server.clone()),
-        ));
-        inner.check_up()?;
-        if !inner.registry.contains(image) {
-            return Err(RuntimeError::ImageUnavailable {
-                image: image.to_string(),
-                message: format!(
-                    "manifest for {image} not found: manifest unknown: manifest unknown"
-                ),
-            });
+    async fn pull_with_progress(
+        &self,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+        progress: &mut (dyn FnMut(PullProgress) + Send),
+    ) -> Result<()> {
+        let call = Call::Pull(image.to_string(), auth.map(|a| a.server.clone()));
+        self.call(call, Method::Pull, Some(image)).await?;
+        let size = {
+            let mut inner = self.lock();
+            inner.check_up()?;
+            if !inner.registry.contains(image) {
+                return Err(RuntimeError::ImageUnavailable {
+                    image: image.to_string(),
+                    message: format!(
+                        "manifest for {image} not found: manifest unknown: manifest unknown"
+                    ),
+                });
+            }
+            let at = inner.tick();
+            inner.present.insert(image.to_string());
+            inner.image_order.insert(image.to_string(), at);
+            inner.sizes.get(image).copied()
+        };
+        if let Some(size) = size {
+            for done in [0, size / 2, size] {
+                progress(PullProgress {
+                    done_bytes: done,
+                    total_bytes: size,
+                });
+            }
         }
-        inner.present.insert(image.to_string());
         Ok(())
     }
 
     async fn list(&self, device_id: &str) -> Result<Vec<ContainerInfo>> {
-        let mut inner = self.lock();
-        inner.calls.push(Call::List(device_id.to_string()));
+        self.call(Call::List(device_id.to_string()), Method::List, None)
+            .await?;
+        let inner = self.lock();
         inner.check_up()?;
         Ok(inner
             .containers
@@ -484,8 +722,9 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     async fn inspect(&self, id: &str) -> Result<ContainerInfo> {
-        let mut inner = self.lock();
-        inner.calls.push(Call::Inspect(id.to_string()));
+        self.call(Call::Inspect(id.to_string()), Method::Inspect, Some(id))
+            .await?;
+        let inner = self.lock();
         inner.check_up()?;
         let found = inner
             .find(id)
@@ -494,11 +733,16 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<String> {
+        self.call(
+            Call::Create(spec.name.clone()),
+            Method::Create,
+            Some(&spec.name),
+        )
+        .await?;
         let mut inner = self.lock();
-        inner.calls.push(Call::Create(spec.name.clone()));
         inner.check_up()?;
         if let Some(other) = inner.containers.values().find(|c| c.spec.name == spec.name) {
-            return Err(RuntimeError::Engine {
+            return Err(RuntimeError::Conflict {
                 operation: "create",
                 object: spec.name.clone(),
                 message: format!(
@@ -509,9 +753,12 @@ impl ContainerRuntime for FakeRuntime {
             });
         }
         if !inner.present.contains(&spec.image) {
-            // The engine answers 404 "No such image", which the Docker
-            // adapter turns into `NotFound` of the object it was creating.
-            return Err(RuntimeError::NotFound(spec.name.clone()));
+            // The engine answers 404, which the Docker adapter, having
+            // checked that the image is absent, reports as unavailable.
+            return Err(RuntimeError::ImageUnavailable {
+                image: spec.image.clone(),
+                message: format!("no such image: {}", spec.image),
+            });
         }
         inner.created += 1;
         let digest = Sha256::digest(format!("{}:{}", inner.created, spec.name));
@@ -526,14 +773,23 @@ impl ContainerRuntime for FakeRuntime {
                 started_at: ZERO_TIME.into(),
                 finished_at: ZERO_TIME.into(),
                 error: None,
+                oom_killed: false,
+                health: None,
+                log: Vec::new(),
+                stats: ContainerStats {
+                    cpu_usage_nanos: 0,
+                    memory_bytes: 0,
+                    memory_limit_bytes: spec.memory_bytes.map(|m| m as u64),
+                },
             },
         );
         Ok(id)
     }
 
     async fn start(&self, id: &str) -> Result<()> {
+        self.call(Call::Start(id.to_string()), Method::Start, Some(id))
+            .await?;
         let mut inner = self.lock();
-        inner.calls.push(Call::Start(id.to_string()));
         inner.check_up()?;
         let found = inner
             .find(id)
@@ -542,8 +798,9 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     async fn stop(&self, id: &str, _grace_secs: i64) -> Result<()> {
+        self.call(Call::Stop(id.to_string()), Method::Stop, Some(id))
+            .await?;
         let mut inner = self.lock();
-        inner.calls.push(Call::Stop(id.to_string()));
         inner.check_up()?;
         let found = inner
             .find(id)
@@ -553,8 +810,9 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     async fn remove(&self, id: &str) -> Result<()> {
+        self.call(Call::Remove(id.to_string()), Method::Remove, Some(id))
+            .await?;
         let mut inner = self.lock();
-        inner.calls.push(Call::Remove(id.to_string()));
         inner.check_up()?;
         let found = inner
             .find(id)
@@ -564,22 +822,33 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     async fn ensure_network(&self, name: &str, _labels: &BTreeMap<String, String>) -> Result<()> {
-        let mut inner = self.lock();
-        inner.calls.push(Call::EnsureNetwork(name.to_string()));
-        inner.check_up()
+        self.call(
+            Call::EnsureNetwork(name.to_string()),
+            Method::EnsureNetwork,
+            Some(name),
+        )
+        .await?;
+        self.lock().check_up()
     }
 
     async fn remove_network(&self, name: &str) -> Result<()> {
-        let mut inner = self.lock();
-        inner.calls.push(Call::RemoveNetwork(name.to_string()));
-        inner.check_up()
+        self.call(
+            Call::RemoveNetwork(name.to_string()),
+            Method::RemoveNetwork,
+            Some(name),
+        )
+        .await?;
+        self.lock().check_up()
     }
 
     async fn rename(&self, id: &str, name: &str) -> Result<()> {
+        self.call(
+            Call::Rename(id.to_string(), name.to_string()),
+            Method::Rename,
+            Some(id),
+        )
+        .await?;
         let mut inner = self.lock();
-        inner
-            .calls
-            .push(Call::Rename(id.to_string(), name.to_string()));
         inner.check_up()?;
         let found = inner
             .find(id)
@@ -590,7 +859,7 @@ impl ContainerRuntime for FakeRuntime {
             .values()
             .find(|c| c.spec.name == name && c.id != found)
         {
-            return Err(RuntimeError::Engine {
+            return Err(RuntimeError::Conflict {
                 operation: "rename",
                 object: id.to_string(),
                 message: format!(
@@ -614,6 +883,97 @@ impl ContainerRuntime for FakeRuntime {
         Ok(())
     }
 
+    async fn log_tail(&self, id: &str) -> Result<Vec<String>> {
+        self.call(Call::LogTail(id.to_string()), Method::LogTail, Some(id))
+            .await?;
+        let inner = self.lock();
+        inner.check_up()?;
+        let found = inner
+            .find(id)
+            .ok_or_else(|| RuntimeError::NotFound(id.to_string()))?;
+        let log = &inner.containers[&found].log;
+        let from = log.len().saturating_sub(super::LOG_TAIL_LINES);
+        Ok(bound_tail(&log[from..].join("\n")))
+    }
+
+    async fn stats(&self, id: &str) -> Result<ContainerStats> {
+        self.call(Call::Stats(id.to_string()), Method::Stats, Some(id))
+            .await?;
+        let inner = self.lock();
+        inner.check_up()?;
+        let found = inner
+            .find(id)
+            .ok_or_else(|| RuntimeError::NotFound(id.to_string()))?;
+        Ok(inner.containers[&found].stats)
+    }
+
+    async fn list_images(&self) -> Result<Vec<ImageInfo>> {
+        self.call(Call::ListImages, Method::ListImages, None)
+            .await?;
+        let inner = self.lock();
+        inner.check_up()?;
+        Ok(inner
+            .present
+            .iter()
+            .map(|image| ImageInfo {
+                id: image_id(image),
+                tags: vec![image.clone()],
+                size_bytes: inner.sizes.get(image).copied().unwrap_or(0),
+                created: inner.image_order.get(image).copied().unwrap_or(0) / 1_000_000_000,
+                containers: inner
+                    .containers
+                    .values()
+                    .filter(|c| &c.spec.image == image)
+                    .map(|c| c.id.clone())
+                    .collect(),
+            })
+            .collect())
+    }
+
+    async fn remove_image(&self, reference: &str) -> Result<()> {
+        self.call(
+            Call::RemoveImage(reference.to_string()),
+            Method::RemoveImage,
+            Some(reference),
+        )
+        .await?;
+        let mut inner = self.lock();
+        inner.check_up()?;
+        let Some(image) = inner
+            .present
+            .iter()
+            .find(|i| *i == reference || image_id(i) == reference)
+            .cloned()
+        else {
+            return Err(RuntimeError::NotFound(reference.to_string()));
+        };
+        if let Some(user) = inner.containers.values().find(|c| c.spec.image == image) {
+            return Err(RuntimeError::Conflict {
+                operation: "remove image",
+                object: reference.to_string(),
+                message: format!(
+                    "unable to remove repository reference \"{image}\" (must force) - \
+                     container {} is using its referenced image",
+                    &user.id[..12]
+                ),
+            });
+        }
+        inner.present.remove(&image);
+        Ok(())
+    }
+
+    async fn data_root_usage(&self) -> Result<DiskUsage> {
+        self.call(Call::DataRootUsage, Method::DataRootUsage, None)
+            .await?;
+        let inner = self.lock();
+        inner.check_up()?;
+        Ok(inner.disk.clone().unwrap_or(DiskUsage {
+            data_root: "/var/lib/docker".into(),
+            total_bytes: 64 << 30,
+            free_bytes: 32 << 30,
+        }))
+    }
+
     fn events(
         &self,
         device_id: &str,
@@ -625,6 +985,33 @@ impl ContainerRuntime for FakeRuntime {
             since: since_nanos,
             until: until_nanos,
         });
+        match inner.take_fault(Method::Events, None) {
+            None => {}
+            Some(Fault::Error(e)) => return Box::pin(futures_util::stream::iter([Err(e)])),
+            Some(Fault::Hang) => return Box::pin(futures_util::stream::pending()),
+            Some(Fault::Delay(d)) => {
+                // Subscribed now; nothing comes out before the delay.
+                drop(inner);
+                let now = self.events_now(device_id, since_nanos, until_nanos);
+                let wait = futures_util::stream::once(tokio::time::sleep(d))
+                    .filter_map(|()| std::future::ready(None));
+                return Box::pin(wait.chain(now));
+            }
+        }
+        drop(inner);
+        self.events_now(device_id, since_nanos, until_nanos)
+    }
+}
+
+impl FakeRuntime {
+    /// The event stream as the engine would give it now.
+    fn events_now(
+        &self,
+        device_id: &str,
+        since_nanos: Option<i64>,
+        until_nanos: Option<i64>,
+    ) -> EventStream {
+        let mut inner = self.lock();
         if let Err(e) = inner.check_up() {
             return Box::pin(futures_util::stream::iter([Err(e)]));
         }
@@ -656,6 +1043,13 @@ impl ContainerRuntime for FakeRuntime {
         let live = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
         Box::pin(past.chain(live))
     }
+}
+
+/// A stable `sha256:` id of an image name in the fake.
+fn image_id(image: &str) -> String {
+    let digest = Sha256::digest(image.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
 }
 
 /// RFC 3339 UTC with nanoseconds, as the engine writes `StartedAt`.
@@ -750,7 +1144,13 @@ mod tests {
         fake.fail_start("nope", message);
         let id = fake.create(&spec("c", "img:1", "nope")).await.unwrap();
         let err = fake.start(&id).await.unwrap_err();
-        assert!(err.to_string().contains(message), "{err}");
+        assert_eq!(
+            err,
+            RuntimeError::StartFailed {
+                container: id.clone(),
+                message: "exec: \"nope\": executable file not found in $PATH".into()
+            }
+        );
         let info = fake.container(&id).unwrap();
         assert_eq!(
             (info.state.as_str(), info.exit_code),
@@ -808,6 +1208,128 @@ mod tests {
         assert_eq!(
             fake.calls().last(),
             Some(&Call::Rename(a.clone(), "a-old".into()))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn faults_fail_delay_or_hang_a_method_per_container() {
+        let fake = FakeRuntime::new().with_image("img:1");
+        let a = fake.create(&spec("a", "img:1", "run")).await.unwrap();
+        let b = fake.create(&spec("b", "img:1", "run")).await.unwrap();
+        let refused = RuntimeError::Conflict {
+            operation: "start",
+            object: "a".into(),
+            message: "busy".into(),
+        };
+        fake.fault_times(Method::Start, Some("a"), Fault::Error(refused.clone()), 1);
+        assert_eq!(fake.start(&a).await, Err(refused), "by id, aimed by name");
+        fake.start(&a).await.expect("only once");
+        fake.start(&b).await.expect("another container");
+
+        fake.fault(
+            Method::Inspect,
+            Some("b"),
+            Fault::Delay(Duration::from_secs(3)),
+        );
+        let before = tokio::time::Instant::now();
+        fake.inspect(&a).await.unwrap();
+        assert_eq!(before.elapsed(), Duration::ZERO);
+        fake.inspect("b").await.unwrap();
+        assert_eq!(before.elapsed(), Duration::from_secs(3));
+
+        fake.fault(Method::List, None, Fault::Hang);
+        let hung = tokio::time::timeout(Duration::from_secs(3600), fake.list("dev")).await;
+        assert!(hung.is_err(), "a hung call never returns");
+        assert_eq!(
+            fake.calls().last(),
+            Some(&Call::List("dev".into())),
+            "a hung call is recorded"
+        );
+        fake.clear_faults();
+        assert_eq!(fake.list("dev").await.unwrap().len(), 2);
+
+        fake.fault_times(Method::Events, None, Fault::Hang, 1);
+        let mut hung = fake.events("dev", None, None);
+        assert!(tokio::time::timeout(Duration::from_secs(60), hung.next())
+            .await
+            .is_err());
+        fake.fault_times(
+            Method::Events,
+            None,
+            Fault::Delay(Duration::from_secs(2)),
+            1,
+        );
+        let mut late = fake.events("dev", None, None);
+        let before = tokio::time::Instant::now();
+        fake.exit("a", 1);
+        let event = late.next().await.unwrap().unwrap();
+        assert_eq!(event.action, EventAction::Die { exit_code: Some(1) });
+        assert_eq!(before.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn crash_evidence_oom_health_and_log_tail() {
+        let fake = FakeRuntime::new().with_image("img:1");
+        let mut with_probe = spec("c", "img:1", "run");
+        with_probe.healthcheck = Some(crate::runtime::Healthcheck {
+            command: vec!["check".into()],
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(2),
+            retries: 3,
+            start_period: Duration::from_secs(5),
+        });
+        let id = fake.create(&with_probe).await.unwrap();
+        fake.start(&id).await.unwrap();
+        assert_eq!(
+            fake.inspect(&id).await.unwrap().health,
+            Some(crate::runtime::Health::Starting)
+        );
+        fake.set_health("c", false);
+        assert_eq!(
+            fake.history().last().unwrap().action,
+            EventAction::Health { healthy: false }
+        );
+        for i in 0..30 {
+            fake.write_log("c", &format!("line {i}"));
+        }
+        fake.oom_kill("c");
+        let info = fake.inspect(&id).await.unwrap();
+        assert!(info.oom_killed);
+        assert_eq!(info.exit_code, Some(137));
+        assert_eq!(info.signal(), Some("SIGKILL"));
+        let tail = fake.log_tail(&id).await.unwrap();
+        assert_eq!(tail.len(), 20);
+        assert_eq!(tail.first().map(String::as_str), Some("line 10"));
+        assert_eq!(tail.last().map(String::as_str), Some("line 29"));
+        fake.start(&id).await.unwrap();
+        assert!(!fake.inspect(&id).await.unwrap().oom_killed);
+    }
+
+    #[tokio::test]
+    async fn images_are_listed_with_users_and_removed_unforced() {
+        let fake = FakeRuntime::new()
+            .with_image("img:1")
+            .with_registry_image_sized("img:2", 1000);
+        let mut seen = Vec::new();
+        fake.pull_with_progress("img:2", None, &mut |p| seen.push(p.percent()))
+            .await
+            .unwrap();
+        assert_eq!(seen, [0, 50, 100]);
+        let id = fake.create(&spec("c", "img:1", "run")).await.unwrap();
+        let images = fake.list_images().await.unwrap();
+        let used = images.iter().find(|i| i.tags == ["img:1"]).unwrap();
+        assert_eq!(used.containers, [id]);
+        let unused = images.iter().find(|i| i.tags == ["img:2"]).unwrap();
+        assert_eq!(unused.size_bytes, 1000);
+        assert!(matches!(
+            fake.remove_image("img:1").await,
+            Err(RuntimeError::Conflict { .. })
+        ));
+        fake.remove_image(&unused.id).await.unwrap();
+        assert!(!fake.image_is_present("img:2"));
+        assert_eq!(
+            fake.remove_image("img:2").await,
+            Err(RuntimeError::NotFound("img:2".into()))
         );
     }
 }

@@ -817,6 +817,7 @@ pub(super) fn container_spec(device_id: &str, exec: &Exec) -> crate::runtime::Co
             Network::Host => Vec::new(),
             Network::Isolated => vec![format!("{HOST_ALIAS}:host-gateway")],
         },
+        healthcheck: crate::runtime::Healthcheck::from_probe(exec.spec.probe.as_ref()),
     }
 }
 

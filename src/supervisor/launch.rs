@@ -340,30 +340,14 @@ pub(super) async fn launch_container<R: ContainerRuntime>(
 ) -> (Option<String>, Result<ContainerInfo, RuntimeError>) {
     let id = match container_id {
         Some(id) => id,
+        // A missing image comes back as `ImageUnavailable` from the adapter.
         None => match converge::create_container(runtime, spec).await {
             Ok(id) => id,
-            Err(RuntimeError::Engine { message, .. }) if message.contains("No such image") => {
-                return (
-                    None,
-                    Err(RuntimeError::ImageUnavailable {
-                        image: spec.image.clone(),
-                        message,
-                    }),
-                )
-            }
-            Err(RuntimeError::NotFound(_)) => {
-                return (
-                    None,
-                    Err(RuntimeError::ImageUnavailable {
-                        image: spec.image.clone(),
-                        message: format!("no such image: {}", spec.image),
-                    }),
-                )
-            }
             Err(e) => return (None, Err(e)),
         },
     };
     debug!(container = %spec.name, "start request");
+    crate::trace::start_request(&spec.labels, &id);
     if let Err(e) = runtime.start(&id).await {
         return (Some(id), Err(e));
     }
@@ -371,17 +355,11 @@ pub(super) async fn launch_container<R: ContainerRuntime>(
     (Some(id), info)
 }
 
-/// The part of an engine error an operator needs: for a command missing from
-/// `$PATH`, the runtime's own `exec: "...": executable file not found in $PATH`.
+/// The reason an operator reads for a failed start: the adapter has already
+/// kept the part that matters (`exec: "x": executable file not found in $PATH`).
 pub(super) fn engine_reason(e: &RuntimeError) -> String {
-    let message = match e {
-        RuntimeError::Engine { message, .. } => message.as_str(),
-        other => return other.to_string(),
-    };
-    if let Some(start) = message.find("exec: \"") {
-        let rest = &message[start..];
-        let end = rest.find(": unknown").unwrap_or(rest.len());
-        return rest[..end].to_string();
+    match e {
+        RuntimeError::StartFailed { message, .. } => message.clone(),
+        other => other.to_string(),
     }
-    message.to_string()
 }

@@ -117,6 +117,7 @@ impl Exec {
             volumes: Vec::new(),
             devices: Vec::new(),
             network: Default::default(),
+            probe: None,
         };
         let mut exec = Exec::new(key, spec, BTreeMap::new(), None);
         exec.container = Some(Container {

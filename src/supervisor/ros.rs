@@ -140,6 +140,7 @@ fn master_spec(
                 volumes: Vec::new(),
                 devices: Vec::new(),
                 network: Default::default(),
+                probe: None,
             }],
         }],
         update: Default::default(),

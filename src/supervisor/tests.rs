@@ -56,6 +56,9 @@ fn config(state_dir: &Path) -> AgentConfig {
             level: "debug".into(),
             json: false,
         },
+        containers: Default::default(),
+        images: Default::default(),
+        metrics: Default::default(),
         source: state_dir.join("berth.toml"),
     }
 }
@@ -85,6 +88,7 @@ fn deployment(restart: RestartPolicy, pull: PullPolicy, program: &str) -> Deploy
                 volumes: Vec::new(),
                 devices: Vec::new(),
                 network: Default::default(),
+                probe: None,
             }],
         }],
         update: Default::default(),
