@@ -37,6 +37,7 @@ const DEFAULT_BACKOFF_RESET_AFTER_SECS: i64 = 60;
 const DEFAULT_ROS_MASTER_IMAGE: &str = "ros:noetic-ros-core";
 const DEFAULT_ROS_MASTER_COMMAND: &[&str] = &["roscore"];
 const DEFAULT_ROS_MASTER_URI: &str = "http://localhost:11311";
+pub const DEFAULT_TRUSTED_KEYS_DIR: &str = "/etc/berth/trusted-keys";
 const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error"];
 
 const DEVICE_ID_RULE: &str = "use 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'";
@@ -57,6 +58,7 @@ pub struct AgentConfig {
     pub restart: RestartSettings,
     pub ros: RosSettings,
     pub log: LogSettings,
+    pub remote: RemoteSettings,
     /// The file it came from.
     pub source: PathBuf,
 }
@@ -108,6 +110,30 @@ pub struct RosSettings {
 pub struct LogSettings {
     pub level: String,
     pub json: bool,
+}
+
+/// `[remote]`: signed commands over MQTT (SPEC 10), off unless enabled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteSettings {
+    pub enabled: bool,
+    /// `<key_id>.pem` files: the ed25519 public keys allowed to sign commands.
+    pub trusted_keys_dir: PathBuf,
+    /// Absolute, normalized host paths a remotely applied deployment may
+    /// mount (the path itself or anything below it).
+    pub allowed_host_paths: Vec<PathBuf>,
+    /// Whether a remotely applied deployment may map host devices.
+    pub allow_devices: bool,
+}
+
+impl Default for RemoteSettings {
+    fn default() -> Self {
+        RemoteSettings {
+            enabled: false,
+            trusted_keys_dir: PathBuf::from(DEFAULT_TRUSTED_KEYS_DIR),
+            allowed_host_paths: Vec::new(),
+            allow_devices: false,
+        }
+    }
 }
 
 /// Deployment files of a directory, loaded one by one so that a broken file
@@ -234,6 +260,67 @@ pub fn load_deployments_dir(dir: &Path) -> (Deployments, Vec<(PathBuf, Vec<Confi
         .map(|(id, located)| (id, located.spec))
         .collect();
     (good, errors)
+}
+
+/// Validates the text of a deployment file that is about to be written as
+/// `path` in `dir` (a remote `apply`), as `berth check-config` would once it
+/// is there: the file's own checks, then its id against the other files of
+/// `dir` (a duplicate), then its dependencies (unknown ids, cycles through
+/// it). The file that `path` names now, if any, is the one being replaced
+/// and does not count. Nothing is written.
+pub fn check_deployment_text(
+    path: &Path,
+    text: &str,
+    dir: &Path,
+) -> Result<DeploymentSpec, Vec<ConfigError>> {
+    let located = parse_deployment_located(path, text)?;
+    let (mut others, _) = load_dir_located(dir);
+    others.retain(|_, l| l.spec.source != path);
+    let id = located.spec.id.clone();
+    if let Some(first) = others.get(&id) {
+        return Err(vec![located.id_pos.error(
+            path,
+            format!(
+                "duplicate deployment id \"{id}\": already used by {}",
+                first.spec.source.display()
+            ),
+        )]);
+    }
+    let mut specs: Deployments = others
+        .into_iter()
+        .map(|(id, l)| (id, l.spec))
+        .collect();
+    specs.insert(id.clone(), located.spec.clone());
+    let mut errors = Vec::new();
+    for problem in dependency_problems(&specs) {
+        let index = match &problem {
+            DependencyProblem::Unknown {
+                deployment, index, ..
+            } if *deployment == id => *index,
+            DependencyProblem::Cycle(ids) if ids.contains(&id) => {
+                let at = ids.iter().position(|d| *d == id).unwrap_or(0);
+                let next = &ids[(at + 1).min(ids.len() - 1)];
+                located
+                    .spec
+                    .depends_on
+                    .iter()
+                    .position(|d| d == next)
+                    .unwrap_or(0)
+            }
+            _ => continue,
+        };
+        let pos = located
+            .depends_on_pos
+            .get(index)
+            .copied()
+            .unwrap_or(located.id_pos);
+        errors.push(pos.error(path, problem.to_string()));
+    }
+    if errors.is_empty() {
+        Ok(located.spec)
+    } else {
+        Err(errors)
+    }
 }
 
 /// Everything `berth check-config` reports: the agent config, every
@@ -575,6 +662,8 @@ struct RawAgent {
     ros: RawRos,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    remote: RawRemote,
 }
 
 #[derive(Deserialize, Default)]
@@ -630,6 +719,15 @@ struct RawLog {
     format: Option<Spanned<String>>,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRemote {
+    enabled: Option<bool>,
+    trusted_keys_dir: Option<Spanned<String>>,
+    allowed_host_paths: Option<Vec<Spanned<String>>>,
+    allow_devices: Option<bool>,
+}
+
 /// Also returns the deployments directory whenever the file parsed, so that
 /// `check_all` can check the deployments even when another key is wrong.
 fn load_agent_inner(path: &Path) -> (Option<PathBuf>, Result<AgentConfig, Vec<ConfigError>>) {
@@ -679,6 +777,7 @@ fn load_agent_inner(path: &Path) -> (Option<PathBuf>, Result<AgentConfig, Vec<Co
     let restart = check_restart(&mut c, &raw.restart);
     let ros = check_ros(&mut c, raw.ros);
     let log = check_log(&mut c, raw.log);
+    let remote = check_remote(&mut c, &base, raw.remote);
 
     let config = AgentConfig {
         device_id,
@@ -690,6 +789,7 @@ fn load_agent_inner(path: &Path) -> (Option<PathBuf>, Result<AgentConfig, Vec<Co
         restart,
         ros,
         log,
+        remote,
         source: path.to_path_buf(),
     };
     (Some(deployments_dir), c.finish(config))
@@ -920,6 +1020,53 @@ fn check_log(c: &mut Checker, raw: RawLog) -> LogSettings {
     LogSettings { level, json }
 }
 
+fn check_remote(c: &mut Checker, base: &Path, raw: RawRemote) -> RemoteSettings {
+    let trusted_keys_dir = c.path_or(
+        base,
+        raw.trusted_keys_dir.as_ref(),
+        "trusted_keys_dir",
+        DEFAULT_TRUSTED_KEYS_DIR,
+    );
+    let mut allowed_host_paths = Vec::new();
+    for path in raw.allowed_host_paths.unwrap_or_default() {
+        match normalize_host_path(path.get_ref()) {
+            Some(normalized) => allowed_host_paths.push(normalized),
+            None => c.at(
+                &path,
+                format!(
+                    "allowed_host_paths: \"{}\" must be an absolute path without '..'",
+                    path.get_ref()
+                ),
+            ),
+        }
+    }
+    RemoteSettings {
+        enabled: raw.enabled.unwrap_or(false),
+        trusted_keys_dir,
+        allowed_host_paths,
+        allow_devices: raw.allow_devices.unwrap_or(false),
+    }
+}
+
+/// An absolute path with `.` and repeated `/` removed; `None` for a relative
+/// path or one with `..` (which could climb out of an allowed directory).
+pub fn normalize_host_path(path: &str) -> Option<PathBuf> {
+    use std::path::Component;
+    let path = Path::new(path);
+    if !path.is_absolute() {
+        return None;
+    }
+    let mut out = PathBuf::from("/");
+    for part in path.components() {
+        match part {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(name) => out.push(name),
+            Component::ParentDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(out)
+}
+
 // ---------------------------------------------------------------------------
 // Deployment files
 
@@ -1027,10 +1174,11 @@ struct Located {
 
 fn load_deployment_located(path: &Path) -> Result<Located, Vec<ConfigError>> {
     let text = read(path).map_err(|e| vec![e])?;
-    let src = Source {
-        file: path,
-        text: &text,
-    };
+    parse_deployment_located(path, &text)
+}
+
+fn parse_deployment_located(path: &Path, text: &str) -> Result<Located, Vec<ConfigError>> {
+    let src = Source { file: path, text };
     let raw: RawDeployment = src.parse().map_err(|e| vec![e])?;
     let mut c = Checker::new(&src);
 
@@ -1619,6 +1767,7 @@ mod tests {
                     level: "info".into(),
                     json: false,
                 },
+                remote: RemoteSettings::default(),
                 source: path.clone(),
             }
         );

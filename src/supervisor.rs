@@ -23,6 +23,7 @@ use crate::backoff::Backoff;
 use crate::config::{AgentConfig, Deployments};
 
 mod converge;
+mod operator;
 mod ros;
 use crate::model::{
     key_from_labels, spec_hash, DeploymentSpec, ErrorCode, ExecKey, ExecutableSpec, Phase,
@@ -37,6 +38,7 @@ use crate::runtime::{
 };
 use crate::state::{ExecRecord, PendingRestart, State, StateStore};
 pub use converge::load_files;
+pub use operator::{Action, Operator, OperatorError, OperatorRequest};
 
 /// Back-off of reconnections to the engine.
 const ENGINE_RETRY_INITIAL: Duration = Duration::from_millis(250);
@@ -101,6 +103,8 @@ enum Msg {
         deployment: String,
         result: Result<Vec<(ExecKey, String)>, String>,
     },
+    /// An operator's stop, start or restart (`operator.rs`).
+    Operator(operator::OperatorMsg),
 }
 
 /// Asks a running supervisor to re-read its files (SIGHUP, a change in
@@ -466,6 +470,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             Msg::Reload => self.reload(),
             Msg::Removed { key, result } => self.on_removed(&key, result),
             Msg::Prepared { deployment, result } => self.on_prepared(&deployment, result),
+            Msg::Operator(msg) => self.on_operator(msg),
         }
         self.provision_waiting();
     }
@@ -2024,6 +2029,7 @@ mod tests {
                 level: "debug".into(),
                 json: false,
             },
+            remote: Default::default(),
             source: state_dir.join("berth.toml"),
         }
     }

@@ -1,0 +1,528 @@
+//! Operator actions (SPEC 2 and 10): `stop`, `start` and `restart` of one
+//! deployment or one executable, asked for on the control socket (`berth
+//! stop ...`) or by a signed remote command, and carried out by the loop with
+//! the machinery of the manual rows of SPEC 6.
+//!
+//! - `stop`: berth stops the container on the operator's behalf; the
+//!   executable is `Stopped` ("stopped manually; restart policy suspended
+//!   until reboot") until a `start` or a reboot, exactly as after a
+//!   `docker stop`.
+//! - `start`: a start by hand; the policy applies again, not counted.
+//! - `restart`: stop and start now, counted; its `restart` event says who
+//!   asked (`by`).
+//!
+//! The loop never waits: the engine's stop runs as a task, and the request
+//! travels on as messages (`OperatorMsg`) until its effect is there, then the
+//! reply carries the deployment's document. While berth stops a container
+//! the executable is `busy`, so the engine's `kill` and `die` of that stop
+//! are held back; the stop is applied once its `die` has arrived (or after
+//! [`DIE_WAIT`]), and those two events are then dropped, not read as a stop
+//! by someone else or as a crash.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::info;
+
+use super::converge::STOP_GRACE_SECS;
+use super::{Msg, Supervisor, MANUAL_STOP_REASON};
+use crate::model::{ErrorCode, ExecKey, Status, ROS_MASTER_DEPLOYMENT};
+use crate::report::Reporter;
+use crate::runtime::{ContainerRuntime, EventAction, RuntimeError};
+
+/// How long a request waits for executables busy with another engine call.
+const BUSY_WAIT: Duration = Duration::from_secs(30);
+/// How long, after the engine's stop returned, berth waits for its `die`
+/// event before applying the stop anyway.
+const DIE_WAIT: Duration = Duration::from_secs(2);
+/// How long the reply waits for the starts an action began.
+const SETTLE_WAIT: Duration = Duration::from_secs(60);
+/// Between two looks at a request that waits.
+const RECHECK: Duration = Duration::from_millis(20);
+
+/// What an operator asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Stop,
+    Start,
+    Restart,
+    /// Nothing: the deployment's document as it is.
+    Document,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Stop => "stop",
+            Action::Start => "start",
+            Action::Restart => "restart",
+            Action::Document => "document",
+        }
+    }
+
+    /// `stop`, `start` or `restart`.
+    pub fn parse(word: &str) -> Option<Action> {
+        match word {
+            "stop" => Some(Action::Stop),
+            "start" => Some(Action::Start),
+            "restart" => Some(Action::Restart),
+            _ => None,
+        }
+    }
+}
+
+/// One operator action on a deployment, or on one of its executables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorRequest {
+    pub action: Action,
+    pub deployment: String,
+    /// `NAME` or `COMPONENT/NAME`; every executable when `None`.
+    pub executable: Option<String>,
+    /// Who asked, for the events: `berth restart (local)`, or the key id of
+    /// a remote command.
+    pub by: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OperatorError {
+    #[error("no deployment {deployment} on this device")]
+    NoDeployment { deployment: String },
+    #[error("deployment {deployment} has no executable {executable}; it has {choices}")]
+    NoExecutable {
+        deployment: String,
+        executable: String,
+        choices: String,
+    },
+    #[error("deployment {deployment} has several executables named {executable}; name one of {choices}")]
+    Ambiguous {
+        deployment: String,
+        executable: String,
+        choices: String,
+    },
+    #[error("deployment {deployment} has no executable to {action} ({reason})")]
+    NotRunnable {
+        deployment: String,
+        action: &'static str,
+        reason: String,
+    },
+    #[error("the docker engine is unreachable; try again when it answers")]
+    EngineDown,
+    #[error("{executable} stayed busy with another engine call; try again")]
+    Busy { executable: String },
+    #[error("berth is stopping")]
+    Stopped,
+}
+
+/// The deployment's document after the action, or why there is none.
+pub type OperatorReply = Result<serde_json::Value, OperatorError>;
+
+/// Sends operator actions to a running supervisor; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Operator(mpsc::UnboundedSender<Msg>);
+
+impl Operator {
+    /// Carries out `request` and answers once its effect is there: stopped
+    /// containers stopped, started ones running (or failed to start).
+    pub async fn request(&self, request: OperatorRequest) -> OperatorReply {
+        let (reply, answer) = oneshot::channel();
+        self.0
+            .send(Msg::Operator(OperatorMsg::Request(request, reply)))
+            .map_err(|_| OperatorError::Stopped)?;
+        answer.await.map_err(|_| OperatorError::Stopped)?
+    }
+
+    /// Re-reads the files, then answers with `deployment`'s document as it
+    /// stands right after that reload (messages are handled in order).
+    pub async fn reload_then_document(&self, deployment: &str) -> OperatorReply {
+        self.0
+            .send(Msg::Reload)
+            .map_err(|_| OperatorError::Stopped)?;
+        self.request(OperatorRequest {
+            action: Action::Document,
+            deployment: deployment.to_string(),
+            executable: None,
+            by: String::new(),
+        })
+        .await
+    }
+}
+
+/// The messages of an operator action through the loop.
+#[derive(Debug)]
+pub(super) enum OperatorMsg {
+    Request(OperatorRequest, oneshot::Sender<OperatorReply>),
+    /// A request whose executables were busy, tried again until `deadline`.
+    Retry {
+        request: OperatorRequest,
+        reply: oneshot::Sender<OperatorReply>,
+        deadline: Instant,
+    },
+    /// The engine's stop calls returned; waiting for their `die` events.
+    Stopped(Pending),
+    /// Waiting for the starts the action began.
+    Settle(Pending),
+}
+
+#[derive(Debug)]
+pub(super) struct Pending {
+    request: OperatorRequest,
+    reply: oneshot::Sender<OperatorReply>,
+    keys: Vec<ExecKey>,
+    /// Executables whose container berth is stopping, with that container.
+    stopping: Vec<(ExecKey, String)>,
+    deadline: Instant,
+}
+
+impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
+    /// A handle that carries out operator actions.
+    pub fn operator(&self) -> Operator {
+        Operator(self.tx.clone())
+    }
+
+    pub(super) fn on_operator(&mut self, msg: OperatorMsg) {
+        match msg {
+            OperatorMsg::Request(request, reply) => {
+                let deadline = Instant::now() + BUSY_WAIT;
+                self.operator_begin(request, reply, deadline)
+            }
+            OperatorMsg::Retry {
+                request,
+                reply,
+                deadline,
+            } => self.operator_begin(request, reply, deadline),
+            OperatorMsg::Stopped(pending) => self.operator_stopped(pending),
+            OperatorMsg::Settle(pending) => self.operator_settle(pending),
+        }
+    }
+
+    fn operator_begin(
+        &mut self,
+        request: OperatorRequest,
+        reply: oneshot::Sender<OperatorReply>,
+        deadline: Instant,
+    ) {
+        if request.action == Action::Document {
+            let _ = reply.send(self.operator_document(&request.deployment));
+            return;
+        }
+        let keys = match self.operator_targets(&request) {
+            Ok(keys) => keys,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if !self.engine_up {
+            let _ = reply.send(Err(OperatorError::EngineDown));
+            return;
+        }
+        // Another engine call for one of them (a start, an update): wait
+        // for it, so that each executable keeps one ordered history.
+        if let Some(busy) = keys
+            .iter()
+            .find(|k| self.exec_mut(k).is_some_and(|e| e.busy))
+        {
+            if Instant::now() >= deadline {
+                let _ = reply.send(Err(OperatorError::Busy {
+                    executable: busy.to_string(),
+                }));
+                return;
+            }
+            self.operator_later(OperatorMsg::Retry {
+                request,
+                reply,
+                deadline,
+            });
+            return;
+        }
+        info!(
+            action = request.action.as_str(),
+            deployment = %request.deployment,
+            executable = request.executable.as_deref().unwrap_or("*"),
+            by = %request.by,
+            "operator action"
+        );
+        let mut pending = Pending {
+            request,
+            reply,
+            keys,
+            stopping: Vec::new(),
+            deadline: Instant::now() + SETTLE_WAIT,
+        };
+        match pending.request.action {
+            Action::Start => {
+                for key in pending.keys.clone() {
+                    self.operator_start(&key, &pending.request.by);
+                }
+                self.operator_settle(pending);
+            }
+            Action::Stop | Action::Restart => {
+                for key in pending.keys.clone() {
+                    let exec = self.exec_mut(&key).expect("target exists");
+                    match exec.container_id.clone() {
+                        Some(id) if exec.status == Status::Running => {
+                            exec.busy = true;
+                            exec.berth_stopping = true;
+                            exec.due = None;
+                            pending.stopping.push((key, id));
+                        }
+                        _ if pending.request.action == Action::Stop => {
+                            if exec.status != Status::Stopped {
+                                self.operator_manual_stop(&key, None, &pending.request.by);
+                            }
+                        }
+                        _ => self.operator_restart(&key, &pending.request.by),
+                    }
+                }
+                if pending.stopping.is_empty() {
+                    self.operator_settle(pending);
+                    return;
+                }
+                let runtime = self.runtime.clone();
+                let tx = self.tx.clone();
+                let ids: Vec<String> = pending.stopping.iter().map(|(_, id)| id.clone()).collect();
+                self.tracker.spawn(async move {
+                    // SIGTERM, the grace period, then SIGKILL, all at once.
+                    let stops = ids.iter().map(|id| runtime.stop(id, STOP_GRACE_SECS));
+                    for result in futures_util::future::join_all(stops).await {
+                        if let Err(e) = result {
+                            if !matches!(e, RuntimeError::NotFound(_)) {
+                                tracing::warn!(error = %e, "operator stop: engine refused");
+                            }
+                        }
+                    }
+                    pending.deadline = Instant::now() + DIE_WAIT;
+                    let _ = tx.send(Msg::Operator(OperatorMsg::Stopped(pending)));
+                });
+            }
+            Action::Document => unreachable!("answered above"),
+        }
+    }
+
+    /// The engine's stops returned: once each container's `die` has come
+    /// in (or after `DIE_WAIT`), the stop is applied.
+    fn operator_stopped(&mut self, mut pending: Pending) {
+        let waiting = pending.stopping.iter().any(|(key, id)| {
+            self.exec_mut(key).is_some_and(|exec| {
+                exec.busy
+                    && !exec.deferred.iter().any(|event| {
+                        event.container_id == *id
+                            && matches!(event.action, EventAction::Die { .. })
+                    })
+            })
+        });
+        if waiting && Instant::now() < pending.deadline {
+            self.operator_later(OperatorMsg::Stopped(pending));
+            return;
+        }
+        for (key, id) in std::mem::take(&mut pending.stopping) {
+            let Some(exec) = self.exec_mut(&key) else {
+                continue;
+            };
+            exec.busy = false;
+            exec.berth_stopping = false;
+            let deferred = std::mem::take(&mut exec.deferred);
+            let mut code = None;
+            let mut others = Vec::new();
+            for event in deferred {
+                match event.action {
+                    EventAction::Die { exit_code } if event.container_id == id => {
+                        code = exit_code;
+                    }
+                    EventAction::Kill { .. } if event.container_id == id => {}
+                    _ => others.push(event),
+                }
+            }
+            match pending.request.action {
+                Action::Stop => self.operator_manual_stop(&key, code, &pending.request.by),
+                _ => self.operator_restart(&key, &pending.request.by),
+            }
+            for event in others {
+                self.on_event(event);
+            }
+        }
+        pending.deadline = Instant::now() + SETTLE_WAIT;
+        self.operator_settle(pending);
+    }
+
+    /// Replies once no target has an engine call in flight.
+    fn operator_settle(&mut self, pending: Pending) {
+        let busy = pending
+            .keys
+            .iter()
+            .any(|k| self.exec_mut(k).is_some_and(|e| e.busy));
+        if busy && Instant::now() < pending.deadline {
+            self.operator_later(OperatorMsg::Settle(pending));
+            return;
+        }
+        let document = self.operator_document(&pending.request.deployment);
+        let _ = pending.reply.send(document);
+    }
+
+    /// Looks at a waiting request again a moment later.
+    fn operator_later(&self, msg: OperatorMsg) {
+        let tx = self.tx.clone();
+        self.tracker.spawn(async move {
+            tokio::time::sleep(RECHECK).await;
+            let _ = tx.send(Msg::Operator(msg));
+        });
+    }
+
+    /// The manual-stop row of SPEC 6, on the operator's behalf.
+    fn operator_manual_stop(&mut self, key: &ExecKey, code: Option<i64>, by: &str) {
+        let Some(exec) = self.exec_mut(key) else {
+            return;
+        };
+        exec.set(Status::Stopped, Some(MANUAL_STOP_REASON.into()), None);
+        exec.due = None;
+        exec.exit_code = code;
+        self.state.exec_mut(key).manual_stop = true;
+        self.record_status(key, Status::Stopped, code);
+        // What an operator did: on disk at once.
+        self.save_state();
+        info!(executable = %key, by, "stopped by the operator; restart policy suspended until reboot");
+        self.event(serde_json::json!({
+            "event": "manual_stop",
+            "deployment": key.deployment,
+            "component": key.component,
+            "executable": key.executable,
+            "exit_code": code,
+            "reason": MANUAL_STOP_REASON,
+            "by": by,
+        }));
+        self.mark_dirty(&key.deployment);
+    }
+
+    /// A start by hand: the policy applies again; not counted.
+    fn operator_start(&mut self, key: &ExecKey, by: &str) {
+        let Some(exec) = self.exec_mut(key) else {
+            return;
+        };
+        if exec.status == Status::Running {
+            return;
+        }
+        exec.due = None;
+        exec.manual_at = None;
+        exec.set(
+            Status::Pending,
+            Some("starting at the operator's request".into()),
+            None,
+        );
+        let record = self.state.exec_mut(key);
+        record.manual_stop = false;
+        record.backoff.reset();
+        self.save_state();
+        info!(executable = %key, by, "started by the operator");
+        self.event(serde_json::json!({
+            "event": "start",
+            "deployment": key.deployment,
+            "component": key.component,
+            "executable": key.executable,
+            "reason": "started by the operator",
+            "by": by,
+        }));
+        self.launch(key, false);
+        self.mark_dirty(&key.deployment);
+    }
+
+    /// Starts an executable again now, counted like any restart; the
+    /// restart event names who asked.
+    fn operator_restart(&mut self, key: &ExecKey, by: &str) {
+        let count = self.state.exec(key).map_or(0, |r| r.restart_count) + 1;
+        info!(executable = %key, by, restart_count = count, "restarting at the operator's request");
+        self.event(serde_json::json!({
+            "event": "restart",
+            "deployment": key.deployment,
+            "component": key.component,
+            "executable": key.executable,
+            "exit_code": null,
+            "reason": "restarting at the operator's request",
+            "restart_count": count,
+            "by": by,
+        }));
+        if let Some(exec) = self.exec_mut(key) {
+            exec.manual_at = None;
+            exec.set(
+                Status::Pending,
+                Some("restarting at the operator's request".into()),
+                None,
+            );
+        }
+        self.state.exec_mut(key).manual_stop = false;
+        self.launch(key, true);
+        self.mark_dirty(&key.deployment);
+    }
+
+    /// The executables a request is about.
+    fn operator_targets(&self, request: &OperatorRequest) -> Result<Vec<ExecKey>, OperatorError> {
+        let id = &request.deployment;
+        let dep = self
+            .deployments
+            .get(id)
+            .filter(|_| *id != ROS_MASTER_DEPLOYMENT)
+            .ok_or_else(|| OperatorError::NoDeployment {
+                deployment: id.clone(),
+            })?;
+        let action = request.action.as_str();
+        if dep.removing {
+            return Err(OperatorError::NotRunnable {
+                deployment: id.clone(),
+                action,
+                reason: "it is being deprovisioned".into(),
+            });
+        }
+        if dep.execs.is_empty() {
+            return Err(OperatorError::NotRunnable {
+                deployment: id.clone(),
+                action,
+                reason: dep
+                    .failure
+                    .clone()
+                    .unwrap_or_else(|| format!("phase {:?}", dep.phase)),
+            });
+        }
+        let label = |k: &ExecKey| format!("{}/{}", k.component, k.executable);
+        let all: Vec<ExecKey> = dep.execs.iter().map(|e| e.key.clone()).collect();
+        let Some(wanted) = &request.executable else {
+            return Ok(all);
+        };
+        let choices = || all.iter().map(label).collect::<Vec<_>>().join(", ");
+        let matching: Vec<ExecKey> = all
+            .iter()
+            .filter(|k| label(k) == *wanted || k.executable == *wanted)
+            .cloned()
+            .collect();
+        match matching.len() {
+            0 => Err(OperatorError::NoExecutable {
+                deployment: id.clone(),
+                executable: wanted.clone(),
+                choices: choices(),
+            }),
+            1 => Ok(matching),
+            _ => Err(OperatorError::Ambiguous {
+                deployment: id.clone(),
+                executable: wanted.clone(),
+                choices: choices(),
+            }),
+        }
+    }
+
+    /// The document of a deployment as it would be published now.
+    fn operator_document(&self, id: &str) -> OperatorReply {
+        let dep = self
+            .deployments
+            .get(id)
+            .filter(|_| id != ROS_MASTER_DEPLOYMENT)
+            .ok_or_else(|| OperatorError::NoDeployment {
+                deployment: id.to_string(),
+            })?;
+        let (_, mut doc) = dep.document(&self.config.device_id, &self.state);
+        if let Some(failed) = self.failed_dependency(id) {
+            doc.status = Status::Error;
+            doc.error_code = Some(ErrorCode::DependencyFailed);
+            doc.reason = Some(format!("{failed} is in Error"));
+        }
+        Ok(serde_json::to_value(doc).expect("documents serialize"))
+    }
+}
