@@ -286,10 +286,7 @@ pub fn check_deployment_text(
             ),
         )]);
     }
-    let mut specs: Deployments = others
-        .into_iter()
-        .map(|(id, l)| (id, l.spec))
-        .collect();
+    let mut specs: Deployments = others.into_iter().map(|(id, l)| (id, l.spec)).collect();
     specs.insert(id.clone(), located.spec.clone());
     let mut errors = Vec::new();
     for problem in dependency_problems(&specs) {
@@ -1252,13 +1249,13 @@ fn parse_deployment_located(path: &Path, text: &str) -> Result<Located, Vec<Conf
     c.finish(located)
 }
 
-fn is_deployment_id(s: &str) -> bool {
+pub fn is_deployment_id(s: &str) -> bool {
     is_name(s, false)
 }
 
 /// `[a-z0-9][a-z0-9-]{0,62}`, with `_` too when `underscore`. Names become
 /// parts of container names, which `.` separates.
-fn is_name(s: &str, underscore: bool) -> bool {
+pub fn is_name(s: &str, underscore: bool) -> bool {
     let mut chars = s.chars();
     let first_ok = chars
         .next()

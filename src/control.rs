@@ -7,8 +7,12 @@
 //! `<state_dir>/berth.sock` (mode 0600) with those documents, exactly as MQTT
 //! carries them, so `berth status` works with the broker away.
 //!
-//! On the operator's side, `query_status` asks the socket and `render_status`
-//! lays the answer out for a terminal. `logs` and `exec` talk to the Docker
+//! The same socket carries the operator actions `stop`, `start` and
+//! `restart` (a line `restart DEPLOYMENT [EXECUTABLE]`) to the supervisor
+//! and answers with the deployment's document after the effect.
+//!
+//! On the operator's side, `query_status` and `query_action` ask the socket
+//! and `render_status` lays the answer out for a terminal. `logs` and `exec` talk to the Docker
 //! engine directly, finding an executable's container by berth's labels, so
 //! they work while the daemon is down too.
 
@@ -31,13 +35,17 @@ use crate::model::labels;
 use crate::report::{Reporter, Topic};
 use crate::runtime::docker::{DockerRuntime, ExecRequest, LogRequest, OutputStream, TermSize};
 use crate::runtime::{ContainerInfo, ContainerRuntime, RuntimeError};
+use crate::supervisor::{Action, Operator, OperatorRequest};
 
 /// The socket's file name in `state_dir`.
 pub const SOCKET_NAME: &str = "berth.sock";
 /// A client gets this long to send its request and read the answer.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Requests are one short word; anything longer is cut off here.
+/// Requests are one short line; anything longer is cut off here.
 const MAX_REQUEST_BYTES: u64 = 256;
+/// How long an operator action may take before the client gives up: a stop
+/// waits for the executables' grace periods, a start may create containers.
+const ACTION_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long `berth exec` waits for the engine to record the exit code after
 /// the command's output has ended.
 const EXIT_CODE_WAIT: Duration = Duration::from_secs(5);
@@ -54,6 +62,8 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 pub struct Snapshot<P> {
     inner: Arc<P>,
     latest: Mutex<Latest>,
+    /// Counts the deployment documents published, for those who wait for one.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -69,7 +79,20 @@ impl<P> Snapshot<P> {
         Snapshot {
             inner,
             latest: Mutex::new(Latest::default()),
+            changes: tokio::sync::watch::channel(0).0,
         }
+    }
+
+    /// The latest document of deployment `id`.
+    pub fn deployment(&self, id: &str) -> Option<Value> {
+        let latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+        latest.deployments.get(id).cloned()
+    }
+
+    /// Changes whenever a deployment document is published: subscribe
+    /// first, then look with [`Snapshot::deployment`], then wait.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The answer to `status`: `{"agent": …, "deployments": [ … ],
@@ -97,7 +120,11 @@ impl<P: Reporter> Reporter for Snapshot<P> {
                 Topic::Events => {}
             }
         }
+        let deployment = matches!(topic, Topic::Deployment(_));
         self.inner.publish(topic, payload);
+        if deployment {
+            self.changes.send_modify(|n| *n += 1);
+        }
     }
 }
 
@@ -129,10 +156,12 @@ fn io_error(operation: &'static str, path: &Path) -> impl FnOnce(std::io::Error)
 
 /// Listens on `<state_dir>/berth.sock` and answers until `shutdown`, then
 /// removes the socket file. The accept loop and every connection are tracked
-/// on `tracker`. Returns the socket's path.
+/// on `tracker`. Returns the socket's path. Without `operator`, actions are
+/// refused.
 pub fn serve<P: Reporter>(
     state_dir: &Path,
     snapshot: Arc<Snapshot<P>>,
+    operator: Option<Operator>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<PathBuf, ControlError> {
@@ -155,6 +184,7 @@ pub fn serve<P: Reporter>(
         path.clone(),
         owner,
         snapshot,
+        operator,
         shutdown,
         tracker.clone(),
     ));
@@ -187,6 +217,7 @@ async fn accept_loop<P: Reporter>(
     path: PathBuf,
     owner: u32,
     snapshot: Arc<Snapshot<P>>,
+    operator: Option<Operator>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -219,8 +250,10 @@ async fn accept_loop<P: Reporter>(
             }
         }
         let snapshot = Arc::clone(&snapshot);
+        let operator = operator.clone();
         tracker.spawn(async move {
-            match tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, &snapshot)).await {
+            let answered = answer(stream, &snapshot, operator.as_ref());
+            match tokio::time::timeout(ACTION_TIMEOUT, answered).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!(error = %e, "control socket: request failed"),
                 Err(_) => debug!("control socket: client too slow; closed"),
@@ -235,16 +268,45 @@ async fn accept_loop<P: Reporter>(
 }
 
 /// Reads one request line and writes one answer line.
-async fn answer<P>(stream: UnixStream, snapshot: &Snapshot<P>) -> std::io::Result<()> {
+async fn answer<P>(
+    stream: UnixStream,
+    snapshot: &Snapshot<P>,
+    operator: Option<&Operator>,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut request = String::new();
-    tokio::io::BufReader::new(read.take(MAX_REQUEST_BYTES))
-        .read_line(&mut request)
-        .await?;
-    let reply = match request.trim() {
-        "status" => snapshot.status(),
-        other => json!({
-            "error": format!("unknown request {other:?}; this berth answers `status`")
+    let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST_BYTES));
+    let reading = reader.read_line(&mut request);
+    tokio::time::timeout(EXCHANGE_TIMEOUT, reading)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request too slow"))??;
+    let words: Vec<&str> = request.split_whitespace().collect();
+    let reply = match words.as_slice() {
+        ["status"] => snapshot.status(),
+        [action, deployment, rest @ ..] if Action::parse(action).is_some() && rest.len() <= 1 => {
+            match operator {
+                Some(operator) => {
+                    let action = Action::parse(action).expect("checked");
+                    let request = OperatorRequest {
+                        action,
+                        deployment: deployment.to_string(),
+                        executable: rest.first().map(|e| e.to_string()),
+                        by: format!("berth {} (local)", action.as_str()),
+                    };
+                    match operator.request(request).await {
+                        Ok(doc) => json!({"ok": true, "deployment": doc}),
+                        Err(e) => json!({"error": e.to_string()}),
+                    }
+                }
+                None => json!({"error": "this berth takes no operator actions"}),
+            }
+        }
+        _ => json!({
+            "error": format!(
+                "unknown request {:?}; this berth answers `status`, and `stop`, `start` or \
+                 `restart` DEPLOYMENT [EXECUTABLE]",
+                request.trim()
+            )
         }),
     };
     let mut line = reply.to_string();
@@ -273,6 +335,39 @@ pub enum QueryError {
 
 /// Asks the daemon behind `socket` for its status documents.
 pub fn query_status(socket: &Path) -> Result<Value, QueryError> {
+    exchange(socket, "status", EXCHANGE_TIMEOUT)
+}
+
+/// Asks the daemon behind `socket` to `stop`, `start` or `restart` a
+/// deployment (or one of its executables: `NAME` or `COMPONENT/NAME`), and
+/// returns the deployment's document after the effect.
+pub fn query_action(
+    socket: &Path,
+    action: Action,
+    deployment: &str,
+    executable: Option<&str>,
+) -> Result<Value, QueryError> {
+    let bad = |what: &str| QueryError::Refused {
+        path: socket.to_path_buf(),
+        message: format!("{what} must be one word"),
+    };
+    if deployment.is_empty() || deployment.contains(char::is_whitespace) {
+        return Err(bad("the deployment"));
+    }
+    if executable.is_some_and(|e| e.is_empty() || e.contains(char::is_whitespace)) {
+        return Err(bad("the executable"));
+    }
+    let mut line = format!("{} {deployment}", action.as_str());
+    if let Some(executable) = executable {
+        line.push(' ');
+        line.push_str(executable);
+    }
+    let answer = exchange(socket, &line, ACTION_TIMEOUT)?;
+    Ok(answer["deployment"].clone())
+}
+
+/// One request line, one answer line.
+fn exchange(socket: &Path, request: &str, timeout: Duration) -> Result<Value, QueryError> {
     use std::io::Write as _;
     use std::os::unix::net::UnixStream;
 
@@ -293,17 +388,17 @@ pub fn query_status(socket: &Path) -> Result<Value, QueryError> {
             })
         }
     };
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream
-        .set_read_timeout(Some(EXCHANGE_TIMEOUT))
+        .write_all(format!("{request}\n").as_bytes())
         .map_err(io)?;
-    stream.write_all(b"status\n").map_err(io)?;
     let mut line = String::new();
     std::io::BufReader::new(stream)
         .read_line(&mut line)
         .map_err(io)?;
     let answer: Value = serde_json::from_str(&line).map_err(|e| QueryError::Refused {
         path: path.clone(),
-        message: format!("not a status document ({e})"),
+        message: format!("not an answer berth gives ({e})"),
     })?;
     if let Some(message) = answer.get("error").and_then(Value::as_str) {
         return Err(QueryError::Refused {
@@ -505,6 +600,14 @@ fn ros_master_line(ros: &Value, colour: bool) -> String {
         line.push_str(&format!(", reason: {reason}"));
     }
     line
+}
+
+/// One deployment's rows, as `berth status` shows them: what `berth stop`,
+/// `start` and `restart` print after the effect.
+pub fn render_deployment(doc: &Value, colour: bool) -> String {
+    let mut text = layout(&table_rows(std::slice::from_ref(doc)), colour).join("\n");
+    text.push('\n');
+    text
 }
 
 /// What `berth status` prints: the agent's line, the deployments table, and
@@ -1051,7 +1154,7 @@ mod tests {
         );
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let path = serve(dir.path(), snapshot, shutdown.clone(), &tracker).unwrap();
+        let path = serve(dir.path(), snapshot, None, shutdown.clone(), &tracker).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
 

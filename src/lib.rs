@@ -29,9 +29,11 @@
 pub mod backoff;
 pub mod config;
 pub mod control;
+pub mod fleet;
 pub mod model;
 pub mod notify;
 pub mod policy;
+pub mod remote;
 pub mod report;
 pub mod runtime;
 pub mod state;

@@ -94,7 +94,9 @@ pub enum OperatorError {
         executable: String,
         choices: String,
     },
-    #[error("deployment {deployment} has several executables named {executable}; name one of {choices}")]
+    #[error(
+        "deployment {deployment} has several executables named {executable}; name one of {choices}"
+    )]
     Ambiguous {
         deployment: String,
         executable: String,
@@ -307,8 +309,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             self.exec_mut(key).is_some_and(|exec| {
                 exec.busy
                     && !exec.deferred.iter().any(|event| {
-                        event.container_id == *id
-                            && matches!(event.action, EventAction::Die { .. })
+                        event.container_id == *id && matches!(event.action, EventAction::Die { .. })
                     })
             })
         });
