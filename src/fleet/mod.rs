@@ -177,6 +177,8 @@ struct Session {
     client: AsyncClient,
     eventloop: rumqttc::EventLoop,
     broker: String,
+    /// Messages that came before the subscription was acknowledged.
+    early: std::collections::VecDeque<rumqttc::Publish>,
 }
 
 impl Session {
@@ -193,7 +195,7 @@ impl Session {
             message,
         };
         let deadline = Instant::now() + CONNECT_TIMEOUT;
-        let mut acked = 0;
+        let mut early = std::collections::VecDeque::new();
         loop {
             let event = tokio::time::timeout_at(deadline, eventloop.poll())
                 .await
@@ -201,13 +203,16 @@ impl Session {
                 .map_err(|e| fail(e.to_string()))?;
             match event {
                 Event::Incoming(Packet::ConnAck(_)) => {
-                    for filter in filters {
-                        client
-                            .subscribe(filter.clone(), qos)
-                            .await
-                            .map_err(|e| fail(e.to_string()))?;
-                    }
+                    // One SUBSCRIBE for all filters: one acknowledgement.
+                    let filters = filters
+                        .iter()
+                        .map(|f| rumqttc::SubscribeFilter::new(f.clone(), qos));
+                    client
+                        .subscribe_many(filters)
+                        .await
+                        .map_err(|e| fail(e.to_string()))?;
                 }
+                Event::Incoming(Packet::Publish(publish)) => early.push_back(publish),
                 Event::Incoming(Packet::SubAck(ack)) => {
                     if ack
                         .return_codes
@@ -219,14 +224,12 @@ impl Session {
                             filter: filters.join(" "),
                         });
                     }
-                    acked += 1;
-                    if acked == filters.len() {
-                        return Ok(Session {
-                            client,
-                            eventloop,
-                            broker: broker.url.clone(),
-                        });
-                    }
+                    return Ok(Session {
+                        client,
+                        eventloop,
+                        broker: broker.url.clone(),
+                        early,
+                    });
                 }
                 _ => {}
             }
@@ -238,6 +241,9 @@ impl Session {
         &mut self,
         deadline: Instant,
     ) -> Result<Option<rumqttc::Publish>, FleetError> {
+        if let Some(publish) = self.early.pop_front() {
+            return Ok(Some(publish));
+        }
         loop {
             match tokio::time::timeout_at(deadline, self.eventloop.poll()).await {
                 Err(_) => return Ok(None),
