@@ -408,9 +408,7 @@ fn the_fleet_view_collects_a_thousand_devices() {
     let publisher = std::thread::spawn(move || {
         for d in 0..1000 {
             let device = format!("robot-{d:04}");
-            let agent = format!(
-                r#"{{"state":"online","version":"0.1.0","boot_id":"b","docker":"connected","since":"2026-11-28T16:00:00.000Z"}}"#
-            );
+            let agent = r#"{"state":"online","version":"0.1.0","boot_id":"b","docker":"connected","since":"2026-11-28T16:00:00.000Z"}"#;
             client
                 .publish(
                     format!("{prefix}/{device}/agent"),
