@@ -409,3 +409,53 @@ fn local_operator_actions_follow_the_manual_rows() {
     assert_eq!(doc["restart_count"], 2, "the reboot's restart is counted");
     assert_eq!(container_state(&container)["Running"], true);
 }
+
+/// SPEC 8 and 10: a signed apply of an update whose new version starts and
+/// then exits within `min_ready_secs` is rolled back; the reply carries
+/// `FailedToUpdate` and the previous version runs again. The rollback of a
+/// version that exits after starting is not on this branch yet (only an
+/// update whose image cannot be had is refused, which the test above
+/// covers), nor the `[update]` table of the deployment file.
+#[test]
+#[ignore = "needs the update rollback of SPEC 8 ([update] min_ready_secs); remove this line once it is merged"]
+fn a_signed_update_that_exits_early_is_rolled_back() {
+    let mut h = Harness::new("rollback", |c| c);
+    let keys = h.berth.dir().join("keys");
+    let trusted = h.berth.dir().join("trusted");
+    fs::create_dir_all(&keys).unwrap();
+    fs::create_dir_all(&trusted).unwrap();
+    let key = openssl_key(&keys, &trusted, "ops");
+    enable_remote(&h.berth, &trusted, &[]);
+    h.berth.start();
+    wait_online(&h);
+    let device = h.berth.device_id().to_string();
+    let id = unique_id("rb");
+    let v1 = pull_never(&deployment_toml(&id, "", TEST_IMAGE, LONG_RUNNING));
+    let reply = send(
+        &h,
+        "apply",
+        &envelope(&device, "apply", "v1", SystemTime::now(), &v1, &key),
+    );
+    assert_eq!(reply["deployment"]["phase"], "Succeeded", "{reply:#}");
+    let old = h.container_id(&id);
+
+    let crashing = pull_never(&deployment_toml(&id, "", TEST_IMAGE, "sleep 1; exit 3"))
+        .replace("1.2.3", "2.0.0")
+        + "\n[update]\nmin_ready_secs = 5\n";
+    let reply = send(
+        &h,
+        "apply",
+        &envelope(&device, "apply", "v2", SystemTime::now(), &crashing, &key),
+    );
+    assert_eq!(reply["ok"], false, "{reply:#}");
+    assert_eq!(reply["deployment"]["phase"], "FailedToUpdate", "{reply:#}");
+    assert_eq!(reply["deployment"]["update"]["package_version"], "2.0.0");
+    assert_eq!(reply["deployment"]["update"]["state"], "rolled-back");
+    let doc = h.wait(&id, |d| exe(d)["status"] == "Running");
+    assert_eq!(exe(&doc)["image"], TEST_IMAGE);
+    assert_eq!(
+        container_state(&old)["Running"],
+        true,
+        "the previous version runs"
+    );
+}
