@@ -1573,6 +1573,11 @@ mod tests {
             ("unknown_restart", "device_id = \"r\"\n[restart]\nbackoff_ms = 1\n", "unknown field `backoff_ms`", 3, 1),
             ("unknown_ros", "device_id = \"r\"\n[ros]\nimage = \"x\"\n", "unknown field `image`", 3, 1),
             ("unknown_log", "device_id = \"r\"\n[log]\nlevels = \"x\"\n", "unknown field `levels`", 3, 1),
+            ("unknown_remote", "device_id = \"r\"\n[remote]\nenable = true\n", "unknown field `enable`", 3, 1),
+            ("remote_enabled_string", "device_id = \"r\"\n[remote]\nenabled = \"yes\"\n", "invalid type: string \"yes\", expected a boolean", 3, 11),
+            ("remote_relative_path", "device_id = \"r\"\n[remote]\nallowed_host_paths = [\"/data\", \"data\"]\n", "allowed_host_paths: \"data\" must be an absolute path without '..'", 3, 32),
+            ("remote_parent_path", "device_id = \"r\"\n[remote]\nallowed_host_paths = [\"/data/../etc\"]\n", "allowed_host_paths: \"/data/../etc\" must be an absolute path without '..'", 3, 23),
+            ("remote_empty_keys_dir", "device_id = \"r\"\n[remote]\ntrusted_keys_dir = \"\"\n", "trusted_keys_dir must not be empty", 3, 20),
             ("unknown_table", "device_id = \"r\"\n[mqttt]\nurl = \"x\"\n", "unknown field `mqttt`", 2, 2),
             ("empty_state_dir", "device_id = \"r\"\nstate_dir = \"\"\n", "state_dir must not be empty", 2, 13),
             (
@@ -1653,6 +1658,30 @@ mod tests {
             ("log_format", "device_id = \"r\"\n[log]\nformat = \"xml\"\n", "invalid log format \"xml\": use text or json", 3, 10),
         ];
         assert_rows(rows, |p| load_agent(p).map(|_| ()));
+    }
+
+    #[test]
+    fn remote_settings_are_validated_and_normalized() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "berth.toml",
+            "device_id = \"r\"\n[remote]\nenabled = true\ntrusted_keys_dir = \"keys\"\n\
+             allowed_host_paths = [\"/data/\", \"/srv/./maps\"]\nallow_devices = true\n",
+        );
+        let config = load_agent(&path).unwrap();
+        assert_eq!(
+            config.remote,
+            RemoteSettings {
+                enabled: true,
+                trusted_keys_dir: base_dir(&path).join("keys"),
+                allowed_host_paths: vec![PathBuf::from("/data"), PathBuf::from("/srv/maps")],
+                allow_devices: true,
+            }
+        );
+        let path = write(dir.path(), "min.toml", "device_id = \"r\"\n");
+        assert_eq!(load_agent(&path).unwrap().remote, RemoteSettings::default());
+        assert!(!RemoteSettings::default().enabled);
     }
 
     #[test]

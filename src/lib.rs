@@ -19,7 +19,12 @@
 //! - [`state`] is what survives berth: restart counts (written before each
 //!   restart, exactly once), manual stops, the boot id, the engine event
 //!   position, the ROS master's owner.
-//! - [`control`] serves the latest documents on a local socket; [`notify`]
+//! - [`remote`] verifies signed commands from MQTT (SPEC 10) and carries
+//!   them out: deployment files written or removed, operator actions
+//!   (`stop`, `start`, `restart`) handed to the supervisor; [`fleet`] is the
+//!   operator's side, `berth fleet`.
+//! - [`control`] serves the latest documents and the operator actions on a
+//!   local socket; [`notify`]
 //!   speaks systemd's notify protocol; [`watch`] turns changes in the
 //!   deployments directory into reloads.
 //!
