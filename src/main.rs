@@ -431,7 +431,10 @@ fn status(config_path: &Path, json: bool) -> ExitCode {
         return ExitCode::FAILURE;
     };
     match control::query_status(&control::socket_path(&config.state_dir)) {
-        Ok(answer) if json => println!("{answer}"),
+        Ok(answer) if json => println!(
+            "{}",
+            serde_json::to_string(&answer).expect("documents serialize")
+        ),
         Ok(answer) => {
             let colour = std::io::stdout().is_terminal();
             print!("{}", control::render_status(&answer, colour));

@@ -63,6 +63,19 @@ pub enum Status {
     Completed,
 }
 
+/// Phases and statuses print as SPEC 5 names them (their serde names).
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
 /// The error codes of SPEC 5, written once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ErrorCode {
@@ -84,6 +97,17 @@ pub enum ErrorCode {
     /// berth's state store could not be read or written.
     #[serde(rename = "DEP_E302")]
     StateStore,
+    /// The deployment file is invalid: syntax, a value, a duplicate id, an
+    /// unknown or cyclic dependency, unsafe file permissions, or a remote
+    /// deployment outside the `[remote]` limits.
+    #[serde(rename = "DEP_E303")]
+    InvalidDeployment,
+    /// A container could not be stopped or removed (`PartiallyDeprovisioned`).
+    #[serde(rename = "DEP_E304")]
+    ContainerNotRemoved,
+    /// Not enough disk space to pull an image, even after garbage collection.
+    #[serde(rename = "DEP_E305")]
+    DiskFull,
 }
 
 impl ErrorCode {
@@ -95,6 +119,9 @@ impl ErrorCode {
             ErrorCode::ImageUnavailable => "DEP_E161",
             ErrorCode::EngineUnreachable => "DEP_E301",
             ErrorCode::StateStore => "DEP_E302",
+            ErrorCode::InvalidDeployment => "DEP_E303",
+            ErrorCode::ContainerNotRemoved => "DEP_E304",
+            ErrorCode::DiskFull => "DEP_E305",
         }
     }
 }
@@ -337,6 +364,9 @@ mod tests {
             ErrorCode::ImageUnavailable,
             ErrorCode::EngineUnreachable,
             ErrorCode::StateStore,
+            ErrorCode::InvalidDeployment,
+            ErrorCode::ContainerNotRemoved,
+            ErrorCode::DiskFull,
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }

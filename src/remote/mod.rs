@@ -168,11 +168,11 @@ pub enum Refusal {
 impl Refusal {
     /// The error code of the refusal's event, where SPEC 5 has one: a
     /// deployment outside the `[remote]` limits or invalid is `DEP_E303`.
-    pub fn error_code(&self) -> Option<&'static str> {
+    pub fn error_code(&self) -> Option<crate::model::ErrorCode> {
+        use crate::model::ErrorCode;
         match self {
-            // DEP_E303 has no `ErrorCode` variant on this branch yet.
-            Refusal::Limits(_) | Refusal::Invalid(_) => Some("DEP_E303"),
-            Refusal::Store(_) => Some(crate::model::ErrorCode::StateStore.as_str()),
+            Refusal::Limits(_) | Refusal::Invalid(_) => Some(ErrorCode::InvalidDeployment),
+            Refusal::Store(_) => Some(ErrorCode::StateStore),
             _ => None,
         }
     }

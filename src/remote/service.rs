@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -286,19 +286,20 @@ impl<P: Reporter> Shared<P> {
             kind = refusal_kind(refusal),
             "remote command refused"
         );
-        let mut event = json!({
-            "event": "error",
-            "device_id": self.device_id,
-            "time": timestamp(SystemTime::now()),
-            "reason": format!("remote command {command} refused: {refusal}"),
-            "command": command,
-            "request_id": request_id,
-            "key_id": key_id,
-        });
-        if let Some(code) = refusal.error_code() {
-            event["error_code"] = code.into();
-        }
-        self.snapshot.publish(Topic::Events, event);
+        let event = RefusalEvent {
+            event: "error",
+            device_id: &self.device_id,
+            time: timestamp(SystemTime::now()),
+            error_code: refusal.error_code(),
+            reason: format!("remote command {command} refused: {refusal}"),
+            command,
+            request_id,
+            key_id,
+        };
+        self.snapshot.publish(
+            Topic::Events,
+            serde_json::to_value(event).expect("events serialize"),
+        );
         if let Some(request_id) = request_id {
             let reply = Reply {
                 request_id: request_id.to_string(),
@@ -312,6 +313,21 @@ impl<P: Reporter> Shared<P> {
             );
         }
     }
+}
+
+/// The `error` event of a refused command: SPEC 9's error event, with the
+/// command, its request id and its key.
+#[derive(serde::Serialize)]
+struct RefusalEvent<'a> {
+    event: &'static str,
+    device_id: &'a str,
+    time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_code: Option<crate::model::ErrorCode>,
+    reason: String,
+    command: &'a str,
+    request_id: Option<&'a str>,
+    key_id: &'a str,
 }
 
 fn phase_of(doc: &Value) -> Option<Phase> {

@@ -16,7 +16,7 @@ use crate::model::{
     container_labels, container_name, labels, network_name, ExecKey, Network, Phase, Status,
     ROS_MASTER_DEPLOYMENT,
 };
-use crate::report::Reporter;
+use crate::report::{Event, Reporter};
 use crate::runtime::{ContainerRuntime, RuntimeError};
 
 /// berth's own stops: SIGTERM, then SIGKILL after this many seconds.
@@ -54,19 +54,22 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     error!("{line}");
                 }
                 error!("reload: the agent config is invalid; the running config stays in force");
-                self.event(serde_json::json!({
-                    "event": "error",
-                    "reason": format!("agent config rejected on reload: {}", text.join("; ")),
-                }));
+                self.event(Event::device_error(
+                    None,
+                    format!("agent config rejected on reload: {}", text.join("; ")),
+                ));
             }
         }
         if !self.config.deployments_dir.is_dir() {
             // An unmounted or missing directory must not deprovision everything.
             error!(dir = %self.config.deployments_dir.display(), "reload: deployments_dir is missing; nothing changed");
-            self.event(serde_json::json!({
-                "event": "error",
-                "reason": format!("deployments_dir {} is missing; nothing changed", self.config.deployments_dir.display()),
-            }));
+            self.event(Event::device_error(
+                None,
+                format!(
+                    "deployments_dir {} is missing; nothing changed",
+                    self.config.deployments_dir.display()
+                ),
+            ));
             return;
         }
         let (specs, invalid) = load_files(&self.config.deployments_dir);

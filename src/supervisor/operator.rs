@@ -28,7 +28,7 @@ use tracing::info;
 use super::converge::STOP_GRACE_SECS;
 use super::{Msg, Supervisor, MANUAL_STOP_REASON};
 use crate::model::{ErrorCode, ExecKey, Status, ROS_MASTER_DEPLOYMENT};
-use crate::report::Reporter;
+use crate::report::{Event, Reporter};
 use crate::runtime::{ContainerRuntime, EventAction, RuntimeError};
 
 /// How long a request waits for executables busy with another engine call.
@@ -383,15 +383,14 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         // What an operator did: on disk at once.
         self.save_state();
         info!(executable = %key, by, "stopped by the operator; restart policy suspended until reboot");
-        self.event(serde_json::json!({
-            "event": "manual_stop",
-            "deployment": key.deployment,
-            "component": key.component,
-            "executable": key.executable,
-            "exit_code": code,
-            "reason": MANUAL_STOP_REASON,
-            "by": by,
-        }));
+        self.event(Event::ManualStop {
+            deployment: key.deployment.clone(),
+            component: key.component.clone(),
+            executable: key.executable.clone(),
+            exit_code: code,
+            reason: MANUAL_STOP_REASON.into(),
+            by: Some(by.to_string()),
+        });
         self.mark_dirty(&key.deployment);
     }
 
@@ -415,14 +414,13 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         record.backoff.reset();
         self.save_state();
         info!(executable = %key, by, "started by the operator");
-        self.event(serde_json::json!({
-            "event": "start",
-            "deployment": key.deployment,
-            "component": key.component,
-            "executable": key.executable,
-            "reason": "started by the operator",
-            "by": by,
-        }));
+        self.event(Event::Start {
+            deployment: key.deployment.clone(),
+            component: key.component.clone(),
+            executable: key.executable.clone(),
+            reason: "started by the operator".into(),
+            by: by.to_string(),
+        });
         self.launch(key, false);
         self.mark_dirty(&key.deployment);
     }
@@ -432,16 +430,15 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     fn operator_restart(&mut self, key: &ExecKey, by: &str) {
         let count = self.state.exec(key).map_or(0, |r| r.restart_count) + 1;
         info!(executable = %key, by, restart_count = count, "restarting at the operator's request");
-        self.event(serde_json::json!({
-            "event": "restart",
-            "deployment": key.deployment,
-            "component": key.component,
-            "executable": key.executable,
-            "exit_code": null,
-            "reason": "restarting at the operator's request",
-            "restart_count": count,
-            "by": by,
-        }));
+        self.event(Event::Restart {
+            deployment: key.deployment.clone(),
+            component: key.component.clone(),
+            executable: key.executable.clone(),
+            exit_code: None,
+            reason: "restarting at the operator's request".into(),
+            restart_count: count,
+            by: Some(by.to_string()),
+        });
         if let Some(exec) = self.exec_mut(key) {
             exec.manual_at = None;
             exec.set(

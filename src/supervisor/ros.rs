@@ -87,21 +87,24 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             (_, Some(e)) => e.reason.clone(),
             _ => None,
         };
-        let doc = serde_json::json!({
-            "device_id": self.config.device_id,
-            "policy": record.map(|r| r.policy).unwrap_or(master.spec.restart),
-            "owner": record.map(|r| r.owner.clone()),
-            "users": self.ros_users(),
-            "status": status,
-            "reason": reason,
-            "error_code": exec.and_then(|e| e.error_code),
-            "container_id": exec.and_then(|e| e.container_id.clone()),
-            "restart_count": exec
+        let doc = crate::report::RosMasterDoc {
+            device_id: self.config.device_id.clone(),
+            policy: record.map(|r| r.policy).unwrap_or(master.spec.restart),
+            owner: record.map(|r| r.owner.clone()),
+            users: self.ros_users(),
+            status,
+            reason,
+            error_code: exec.and_then(|e| e.error_code),
+            container_id: exec.and_then(|e| e.container_id.clone()),
+            restart_count: exec
                 .and_then(|e| self.state.exec(&e.key))
                 .map_or(0, |r| r.restart_count),
-            "updated_at": crate::report::timestamp(std::time::SystemTime::now()),
-        });
-        self.reporter.publish(Topic::RosMaster, doc);
+            updated_at: crate::report::timestamp(std::time::SystemTime::now()),
+        };
+        self.reporter.publish(
+            Topic::RosMaster,
+            serde_json::to_value(doc).expect("documents serialize"),
+        );
     }
 }
 
