@@ -287,6 +287,56 @@ fn a_fleet_of_three_bridged_devices_seen_and_commanded_through_the_central_broke
     assert_eq!(reply["deployment"]["restart_count"], 1, "{reply:#}");
     assert_eq!(reply["deployment"]["device_id"], devices[0].as_str());
 
+    // Round trips through the bridge (the `berth fleet` process included):
+    // restarts, and applies of new deployments until Succeeded.
+    let command = |args: &[&str], file: Option<&Path>| {
+        let started = Instant::now();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+        cmd.arg("fleet")
+            .args(args)
+            .args([
+                "--broker",
+                &central.url(),
+                "--username",
+                OPERATOR,
+                "--password-file",
+            ])
+            .arg(&password)
+            .args(["--device", &devices[1], "--key"])
+            .arg(keys.join("ops.key"));
+        if let Some(file) = file {
+            cmd.arg(file);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        started.elapsed()
+    };
+    let mut restarts: Vec<Duration> = (0..10)
+        .map(|_| command(&["restart", "app"], None))
+        .collect();
+    let mut applies: Vec<Duration> = (0..5)
+        .map(|i| {
+            let id = format!("extra-{i}");
+            let file = scratch.path().join(format!("{id}.toml"));
+            fs::write(
+                &file,
+                pull_never(&deployment_toml(&id, "", TEST_IMAGE, LONG_RUNNING)),
+            )
+            .unwrap();
+            command(&["apply"], Some(&file))
+        })
+        .collect();
+    restarts.sort();
+    applies.sort();
+    eprintln!(
+        "round trip through the bridge: restart p50 {:?} max {:?} (10); apply until Succeeded p50 {:?} max {:?} (5)",
+        restarts[5], restarts[9], applies[2], applies[4]
+    );
+
     // One robot's bridge goes down (its local broker stops): the central
     // view keeps its last state; its updates arrive when the bridge is back.
     let (_, local, _) = &mut robots[2];
