@@ -524,3 +524,211 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         Ok(serde_json::to_value(doc).expect("documents serialize"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Operator actions driven through the loop against the fake engine.
+
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use serde_json::Value;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::report::{MemoryReporter, Topic};
+    use crate::runtime::fake::{Call, FakeRuntime};
+    use crate::state::StateStore;
+    use crate::supervisor::Parts;
+
+    const IMAGE: &str = "registry.example.com/app:1.0";
+    const NAME: &str = "berth.robot-1.app.main.app";
+
+    fn request(action: Action, executable: Option<&str>) -> OperatorRequest {
+        OperatorRequest {
+            action,
+            deployment: "app".into(),
+            executable: executable.map(str::to_string),
+            by: "test".into(),
+        }
+    }
+
+    struct Loop {
+        runtime: Arc<FakeRuntime>,
+        reporter: Arc<MemoryReporter>,
+        operator: Operator,
+        token: CancellationToken,
+    }
+
+    fn start(dir: &Path) -> Loop {
+        let agent = dir.join("berth.toml");
+        std::fs::create_dir_all(dir.join("deployments.d")).unwrap();
+        std::fs::write(
+            &agent,
+            "device_id = \"robot-1\"\ndeployments_dir = \"deployments.d\"\nstate_dir = \"state\"\n\
+             [restart]\nbackoff_initial_ms = 100\nbackoff_max_secs = 1\n",
+        )
+        .unwrap();
+        let file = dir.join("deployments.d/app.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "id = \"app\"\npackage = \"p\"\npackage_version = \"1\"\n\
+                 [[components]]\nname = \"main\"\n\
+                 [[components.executables]]\nname = \"app\"\nimage = \"{IMAGE}\"\n"
+            ),
+        )
+        .unwrap();
+        let config = crate::config::load_agent(&agent).unwrap();
+        let spec = crate::config::load_deployment(&file).unwrap();
+        let store = StateStore::open(&config.state_dir).unwrap();
+        let runtime = Arc::new(FakeRuntime::new().with_registry_image(IMAGE));
+        let reporter = Arc::new(MemoryReporter::default());
+        let supervisor = Supervisor::from_parts(Parts {
+            config,
+            deployments: BTreeMap::from([("app".to_string(), spec)]),
+            runtime: runtime.clone(),
+            reporter: reporter.clone(),
+            state: store.load().unwrap(),
+            store,
+            boot_id: "boot-1".into(),
+            registries: Vec::new(),
+            notifier: crate::notify::Notifier::disabled(),
+            invalid: BTreeMap::new(),
+        });
+        let operator = supervisor.operator();
+        let token = CancellationToken::new();
+        tokio::spawn(supervisor.run(token.clone()));
+        Loop {
+            runtime,
+            reporter,
+            operator,
+            token,
+        }
+    }
+
+    impl Loop {
+        async fn wait(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let latest = self.reporter.latest(&Topic::Deployment("app".into()));
+                if let Some(doc) = latest.as_ref().filter(|d| pred(d)) {
+                    return doc.clone();
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out waiting for {what}: {latest:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
+        fn starts(&self) -> usize {
+            let calls = self.runtime.calls();
+            calls.iter().filter(|c| matches!(c, Call::Start(_))).count()
+        }
+
+        fn events(&self, kind: &str) -> Vec<Value> {
+            let published = self.reporter.published.lock().unwrap();
+            published
+                .iter()
+                .filter(|(t, v)| *t == Topic::Events && v["event"] == kind)
+                .map(|(_, v)| v.clone())
+                .collect()
+        }
+    }
+
+    fn exe(doc: &Value) -> &Value {
+        &doc["executables"][0]
+    }
+
+    #[tokio::test]
+    async fn stop_start_and_restart_follow_the_manual_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = start(dir.path());
+        l.wait("Running", |d| d["status"] == "Running").await;
+
+        // stop: Stopped with the manual-stop reason, its own kill and die
+        // read as neither a stop by someone else nor a crash.
+        let doc = l
+            .operator
+            .request(request(Action::Stop, None))
+            .await
+            .unwrap();
+        assert_eq!(exe(&doc)["status"], "Stopped", "{doc:#}");
+        assert_eq!(exe(&doc)["reason"], MANUAL_STOP_REASON);
+        assert_eq!(exe(&doc)["exit_code"], 143);
+        assert_eq!(doc["restart_count"], 0);
+        let stops = l.events("manual_stop");
+        assert_eq!(stops.len(), 1, "{stops:?}");
+        assert_eq!(stops[0]["by"], "test");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(l.starts(), 1, "not restarted under always");
+        assert!(!l.runtime.container(NAME).unwrap().running);
+
+        // start: running again, not counted; the policy applies again.
+        let doc = l
+            .operator
+            .request(request(Action::Start, Some("app")))
+            .await
+            .unwrap();
+        assert_eq!(exe(&doc)["status"], "Running", "{doc:#}");
+        assert_eq!(doc["restart_count"], 0);
+        assert_eq!(l.events("start")[0]["by"], "test");
+        l.runtime.exit(NAME, 1);
+        l.wait("restarted after a crash", |d| {
+            d["restart_count"] == 1 && exe(d)["status"] == "Running"
+        })
+        .await;
+
+        // restart: stopped and started now, counted once.
+        let doc = l
+            .operator
+            .request(request(Action::Restart, Some("main/app")))
+            .await
+            .unwrap();
+        assert_eq!(doc["restart_count"], 2, "{doc:#}");
+        assert_eq!(exe(&doc)["status"], "Running");
+        let restarts = l.events("restart");
+        assert_eq!(restarts.last().unwrap()["by"], "test");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            l.starts(),
+            4,
+            "first start, crash restart, operator restart"
+        );
+        let latest = l.reporter.latest(&Topic::Deployment("app".into())).unwrap();
+        assert_eq!(latest["restart_count"], 2, "counted once: {latest:#}");
+        l.token.cancel();
+    }
+
+    #[tokio::test]
+    async fn unknown_targets_are_refused_with_the_choices() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = start(dir.path());
+        l.wait("Running", |d| d["status"] == "Running").await;
+        let mut other = request(Action::Stop, None);
+        other.deployment = "nope".into();
+        assert_eq!(
+            l.operator.request(other).await,
+            Err(OperatorError::NoDeployment {
+                deployment: "nope".into()
+            })
+        );
+        let err = l
+            .operator
+            .request(request(Action::Restart, Some("x")))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "deployment app has no executable x; it has main/app"
+        );
+        let mut master = request(Action::Stop, None);
+        master.deployment = ROS_MASTER_DEPLOYMENT.into();
+        assert!(l.operator.request(master).await.is_err());
+        assert_eq!(l.starts(), 1);
+        l.token.cancel();
+    }
+}
