@@ -368,7 +368,7 @@ fn local_operator_actions_follow_the_manual_rows() {
     );
     h.sub.wait_for(
         &h.berth.topic("events"),
-        |e| e["event"] == "manual_stop" && e["by"] == "berth stop (local)",
+        |e| e["event"] == "manual_stop" && e["deployment"] == id.as_str(),
         WAIT,
     );
     assert_eq!(h.events.starts(&container), 1, "not restarted");
@@ -411,13 +411,9 @@ fn local_operator_actions_follow_the_manual_rows() {
 }
 
 /// SPEC 8 and 10: a signed apply of an update whose new version starts and
-/// then exits within `min_ready_secs` is rolled back; the reply carries
-/// `FailedToUpdate` and the previous version runs again. The rollback of a
-/// version that exits after starting is not on this branch yet (only an
-/// update whose image cannot be had is refused, which the test above
-/// covers), nor the `[update]` table of the deployment file.
+/// then exits within `min_ready_secs` (10 s by default) is rolled back; the reply carries
+/// `FailedToUpdate` and the previous version runs again.
 #[test]
-#[ignore = "needs the update rollback of SPEC 8 ([update] min_ready_secs); remove this line once it is merged"]
 fn a_signed_update_that_exits_early_is_rolled_back() {
     let mut h = Harness::new("rollback", |c| c);
     let keys = h.berth.dir().join("keys");
@@ -440,8 +436,7 @@ fn a_signed_update_that_exits_early_is_rolled_back() {
     let old = h.container_id(&id);
 
     let crashing = pull_never(&deployment_toml(&id, "", TEST_IMAGE, "sleep 1; exit 3"))
-        .replace("1.2.3", "2.0.0")
-        + "\n[update]\nmin_ready_secs = 5\n";
+        .replace("1.2.3", "2.0.0");
     let reply = send(
         &h,
         "apply",
@@ -451,11 +446,17 @@ fn a_signed_update_that_exits_early_is_rolled_back() {
     assert_eq!(reply["deployment"]["phase"], "FailedToUpdate", "{reply:#}");
     assert_eq!(reply["deployment"]["update"]["package_version"], "2.0.0");
     assert_eq!(reply["deployment"]["update"]["state"], "rolled-back");
-    let doc = h.wait(&id, |d| exe(d)["status"] == "Running");
+    let doc = h.wait(&id, |d| {
+        exe(d)["status"] == "Running" && exe(d)["container_id"] == old.as_str()
+    });
     assert_eq!(exe(&doc)["image"], TEST_IMAGE);
-    assert_eq!(
-        container_state(&old)["Running"],
-        true,
+    assert!(
+        wait_until(WAIT, || container_state(&old)["Running"] == true),
         "the previous version runs"
+    );
+    assert_eq!(
+        container_ids(&device),
+        vec![old.clone()],
+        "the new one is gone"
     );
 }

@@ -116,8 +116,11 @@ impl Fleet {
 }
 
 fn mqtt_options(broker: &BrokerOptions, client_id: &str) -> Result<MqttOptions, FleetError> {
-    let endpoint = crate::config::parse_mqtt_url(&broker.url).map_err(FleetError::Url)?;
-    let mut options = MqttOptions::new(client_id, endpoint.host, endpoint.port);
+    let endpoint: crate::config::MqttEndpoint = broker
+        .url
+        .parse()
+        .map_err(|e: crate::config::MqttUrlError| FleetError::Url(e.to_string()))?;
+    let mut options = MqttOptions::new(client_id, endpoint.connect_host(), endpoint.port);
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_clean_session(true)

@@ -194,6 +194,16 @@ pub enum Event {
         reason: String,
         by: String,
     },
+    /// An update failed and the previous version runs again.
+    Rollback {
+        deployment: String,
+        component: String,
+        executable: String,
+        /// The version that failed.
+        package_version: String,
+        error_code: ErrorCode,
+        reason: String,
+    },
     /// A deployment's phase changed.
     Phase {
         deployment: String,

@@ -1,4 +1,6 @@
-//! Engine events about an executable and the restart decisions they lead to.
+//! Exits and restarts: engine events about an executable become inputs of
+//! its lifecycle ([`lifecycle::step`]), and the effects that come out are
+//! carried out here (restarts committed and started, documents and events).
 
 use super::*;
 
@@ -17,196 +19,178 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         let Some(exec) = self.exec_mut(&key) else {
             return;
         };
-        if exec.busy {
+        if exec.busy() {
             exec.deferred.push(event);
             return;
         }
-        if exec
-            .container_id
-            .as_deref()
-            .is_some_and(|id| id != event.container_id)
-        {
+        let Some(container) = exec.container.as_mut() else {
+            return;
+        };
+        if container.id != event.container_id {
             return; // about an older container of this executable
         }
-        let stale = event.time_nanos < exec.started_nanos;
-        match event.action {
-            EventAction::Kill { .. } if !exec.berth_stopping && !stale => {
-                exec.killed_by_other = true;
-            }
-            EventAction::Die { exit_code } if !stale => {
-                if matches!(
-                    exec.status,
-                    Status::Stopped | Status::Completed | Status::Error
-                ) && exec.due.is_none()
-                {
-                    return; // already settled
-                }
-                let code = exit_code.unwrap_or(0);
-                let happening = if exec.killed_by_other {
-                    exec.manual_at = Some(event.time_nanos);
-                    Happening::StoppedByHand
-                } else {
-                    Happening::Exited { code }
-                };
-                let ran_for = (exec.started_nanos > 0).then(|| {
-                    Duration::from_nanos((event.time_nanos - exec.started_nanos).max(0) as u64)
-                });
-                exec.killed_by_other = false;
-                self.apply(&key, happening, Some(code), ran_for);
-            }
-            EventAction::Start if !stale => {
-                if exec.status == Status::Running {
+        if event.time_nanos < container.started_nanos {
+            return; // before the start berth knows of
+        }
+        let input = match event.action {
+            EventAction::Kill { signal } => Input::Killed(Kill {
+                at: event.time_nanos,
+                signal: signal.and_then(|s| s.parse().ok()),
+            }),
+            EventAction::Die { exit_code } => Input::Died {
+                code: exit_code.unwrap_or(0),
+                at: event.time_nanos,
+                ran_for: (container.started_nanos > 0).then(|| {
+                    Duration::from_nanos((event.time_nanos - container.started_nanos).max(0) as u64)
+                }),
+            },
+            EventAction::Start => {
+                if matches!(exec.life, Life::Running { .. } | Life::Proving { .. }) {
                     return; // berth's own start, already applied
                 }
-                exec.started_nanos = event.time_nanos;
-                exec.started_at = Some(timestamp(
+                container.started_nanos = event.time_nanos;
+                container.started_at = Some(timestamp(
                     SystemTime::UNIX_EPOCH + Duration::from_nanos(event.time_nanos as u64),
                 ));
-                exec.exit_code = None;
                 exec.launched = true;
-                self.apply(&key, Happening::StartedByHand, None, None);
+                exec.shown.exit_code = None;
+                Input::StartedByHand
             }
-            EventAction::Destroy if !exec.berth_stopping => {
-                exec.container_id = None;
-                exec.started_at = None;
-                let already_stopped = exec.status == Status::Stopped;
-                let record = self.state.exec_mut(&key);
-                record.container_id = None;
-                if !already_stopped {
-                    self.apply(&key, Happening::StoppedByHand, None, None);
-                }
+            EventAction::Destroy => {
+                exec.container = None;
+                Input::Removed
             }
-            _ => {}
-        }
+            _ => return,
+        };
+        self.feed(&key, input);
     }
 
-    /// Applies a restart decision to one executable.
-    pub(super) fn apply(
-        &mut self,
-        key: &ExecKey,
-        happening: Happening,
-        code: Option<i64>,
-        ran_for: Option<Duration>,
-    ) {
+    /// Feeds one happening into an executable's lifecycle and carries out
+    /// what the transition says.
+    pub(super) fn feed(&mut self, key: &ExecKey, input: Input) {
         let Some(dep) = self.deployments.get(&key.deployment) else {
             return;
         };
         let policy = dep.spec.restart;
-        let decision = decide(policy, &happening);
         let settings = self.config.restart;
-        debug!(executable = %key, ?happening, ?decision, "decision");
-        let exec = self.exec_mut(key).expect("exec exists");
-        exec.exit_code = code.filter(|_| !matches!(happening, Happening::StartedByHand));
-        let failed = code.is_some_and(|c| c != 0);
-        let failure_code = failed.then_some(ErrorCode::ExecutableFailed);
-        match decision {
-            Decision::Restart => {
-                let record = self.state.exec_mut(key);
-                let delay = record.backoff.next_delay(&settings, ran_for);
-                record.exit_code = code;
-                let exit = code.map_or("an interruption".to_string(), |c| format!("exit code {c}"));
-                if delay.is_zero() {
-                    self.restart(key, &exit, code);
-                } else {
-                    self.mark_state_dirty();
-                    let exec = self.exec_mut(key).expect("exec exists");
-                    exec.set(
-                        Status::Pending,
-                        Some(format!(
-                            "restarting in {} after {exit} (back-off)",
-                            human(delay)
-                        )),
-                        failure_code,
-                    );
-                    exec.due = Some(Instant::now() + delay);
-                    info!(executable = %key, exit_code = code, delay_ms = delay.as_millis() as u64, "restart after back-off");
+        let min_ready = dep.spec.update.min_ready();
+        let Some(exec) = self.exec_any_mut(key) else {
+            return;
+        };
+        // A back-off runs from the exit, not from when berth got to it (an
+        // exit that waited for a start call in flight is that much older).
+        let now = Instant::now();
+        let now = match &input {
+            Input::Died { at, .. } => {
+                let age = unix_nanos(SystemTime::now()).saturating_sub(*at).max(0);
+                now.checked_sub(Duration::from_nanos(age as u64))
+                    .unwrap_or(now)
+            }
+            _ => now,
+        };
+        let ctx = lifecycle::Ctx {
+            policy,
+            settings: &settings,
+            backoff: exec.backoff,
+            now,
+            min_ready,
+        };
+        let before = std::mem::discriminant(&exec.life);
+        let step = lifecycle::step(&exec.life, input.clone(), &ctx);
+        debug!(executable = %key, ?input, life = ?step.life, effects = ?step.effects, "step");
+        let changed = exec.backoff != step.backoff || std::mem::discriminant(&step.life) != before;
+        exec.life = step.life;
+        exec.backoff = step.backoff;
+        if changed {
+            self.state_dirty = true;
+        }
+        for effect in step.effects {
+            self.carry(key, effect);
+        }
+        self.mark_dirty(&key.deployment);
+    }
+
+    fn carry(&mut self, key: &ExecKey, effect: Effect) {
+        match effect {
+            Effect::Show(shown) => {
+                if let Some(exec) = self.exec_any_mut(key) {
+                    exec.shown = shown;
                 }
             }
-            Decision::Complete => {
-                exec.set(Status::Completed, None, None);
-                self.record_status(key, Status::Completed, code);
+            Effect::Restart { after } => self.restart(key, after),
+            Effect::Start => self.launch(key),
+            Effect::Failed {
+                error_code,
+                exit_code,
+                reason,
+            } => {
+                warn!(executable = %key, reason, "failed");
+                self.event(Event::exec_error(key, error_code, exit_code, reason));
             }
-            Decision::Fail => {
-                let reason = exit_reason(code.unwrap_or(0), policy);
-                exec.set(
-                    Status::Error,
-                    Some(reason.clone()),
-                    Some(ErrorCode::ExecutableFailed),
-                );
-                self.event(Event::exec_error(
-                    key,
-                    ErrorCode::ExecutableFailed,
-                    code,
-                    reason.clone(),
-                ));
-                self.record_status(key, Status::Error, code);
-            }
-            Decision::SuspendUntilReboot => {
-                exec.set(Status::Stopped, Some(MANUAL_STOP_REASON.into()), None);
-                exec.due = None;
-                self.state.exec_mut(key).manual_stop = true;
-                self.record_status(key, Status::Stopped, code);
-                // Rare, and what an operator did by hand: on disk at once.
-                self.save_state();
+            Effect::ManualStop { exit_code } => {
                 info!(executable = %key, "stopped manually; restart policy suspended until reboot");
                 self.event(Event::ManualStop {
                     deployment: key.deployment.clone(),
                     component: key.component.clone(),
                     executable: key.executable.clone(),
-                    exit_code: code,
+                    exit_code,
                     reason: MANUAL_STOP_REASON.into(),
                     by: None,
                 });
             }
-            Decision::LeaveStopped => {
-                exec.set(Status::Stopped, Some(NEVER_INTERRUPTED_REASON.into()), None);
-                self.record_status(key, Status::Stopped, code);
+            Effect::Restarted => {
+                let restart_count = self.exec_mut(key).map_or(0, |e| e.restart_count);
+                self.event(Event::Restarted {
+                    deployment: key.deployment.clone(),
+                    component: key.component.clone(),
+                    executable: key.executable.clone(),
+                    restart_count,
+                });
             }
-            Decision::Resume => {
-                exec.set(Status::Running, None, None);
-                exec.due = None;
-                let record = self.state.exec_mut(key);
-                record.manual_stop = false;
-                self.record_status(key, Status::Running, None);
-                self.save_state();
+            // What an operator did by hand: on disk at once.
+            Effect::SaveNow => self.save_state(),
+            Effect::Repull => {
+                if let Some(dep) = self.deployments.get_mut(&key.deployment) {
+                    dep.images_ready = false;
+                }
             }
-            Decision::Unchanged => {
-                let record = self.state.exec(key).cloned().unwrap_or_default();
-                self.restore_recorded(key, &record, code.unwrap_or(0));
-                return;
-            }
+            Effect::Swap(rep) => self.swap(key, rep),
+            Effect::DropPrevious { previous } => self.drop_previous(key, previous),
+            Effect::RollBack {
+                previous,
+                reason,
+                error_code,
+            } => self.roll_back(key, previous, reason, error_code),
+            Effect::Remove => self.remove_container(key),
         }
-        self.mark_dirty(&key.deployment);
     }
 
     /// Commits to a restart (counted, durably) and starts the container.
-    pub(super) fn restart(&mut self, key: &ExecKey, exit: &str, code: Option<i64>) {
-        let count = self.state.exec(key).map_or(0, |r| r.restart_count) + 1;
-        info!(executable = %key, exit_code = code, restart_count = count, "restarting");
+    pub(super) fn restart(&mut self, key: &ExecKey, after: lifecycle::Exit) {
+        let Some(exec) = self.exec_mut(key) else {
+            return;
+        };
+        let exit_code = after.code();
+        let reason = format!("restarting after {}", after.describe());
+        // A committed restart not yet started (berth went away meanwhile) is
+        // completed, not counted again.
+        if exec.pending_restart.is_none() {
+            exec.restart_count += 1;
+            exec.pending_restart = Some(PendingRestart {
+                prev_started_at: exec.container.as_ref().and_then(|c| c.started_at.clone()),
+            });
+        }
+        let restart_count = exec.restart_count;
+        info!(executable = %key, exit_code, restart_count, "restarting");
         self.event(Event::Restart {
             deployment: key.deployment.clone(),
             component: key.component.clone(),
             executable: key.executable.clone(),
-            exit_code: code,
-            reason: format!("restarting after {exit}"),
-            restart_count: count,
+            exit_code,
+            reason,
+            restart_count,
             by: None,
         });
-        if let Some(exec) = self.exec_mut(key) {
-            // A start that keeps failing stays `Error` while it is retried.
-            if exec.status != Status::Error {
-                exec.set(
-                    Status::Pending,
-                    Some(format!("restarting after {exit}")),
-                    None,
-                );
-            }
-        }
-        self.launch(key, true);
-        self.mark_dirty(&key.deployment);
+        self.launch(key);
     }
-}
-
-pub(super) fn exit_reason(code: i64, policy: crate::model::RestartPolicy) -> String {
-    format!("exited with code {code}; restart policy {policy}")
 }

@@ -2,6 +2,17 @@
 
 use super::*;
 
+/// A start decided, to be sent to the engine.
+#[derive(Debug)]
+pub(super) struct LaunchCall {
+    key: ExecKey,
+    /// The container to start; one is created when there is none.
+    container_id: Option<String>,
+    spec: ContainerSpec,
+    /// Two or more restarts in a row: it takes the crash-loop lane.
+    crash_looping: bool,
+}
+
 impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     /// Pulls what is missing and creates the containers of executables that
     /// have none.
@@ -19,11 +30,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         if let Some(waiting) = unmet {
             // SPEC 7: nothing starts before its dependencies have.
             dep.phase = Phase::InProgress;
-            for exec in dep
-                .execs
-                .iter_mut()
-                .filter(|e| e.container_id.is_none() && !e.busy)
-            {
+            for exec in dep.execs.iter_mut().filter(|e| e.waiting()) {
                 exec.set(
                     Status::Pending,
                     Some(format!("waiting for {waiting}")),
@@ -33,17 +40,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             dep.dirty = true;
             return;
         }
-        let needs: Vec<&Exec> = dep
-            .execs
-            .iter()
-            .filter(|e| {
-                // Waiting for a container, or for an image to retry.
-                e.container_id.is_none()
-                    && !e.busy
-                    && (e.status == Status::Pending
-                        || e.error_code == Some(ErrorCode::ImageUnavailable))
-            })
-            .collect();
+        let needs: Vec<&Exec> = dep.execs.iter().filter(|e| e.waiting()).collect();
         if needs.is_empty() {
             dep.update_phase();
             return;
@@ -65,7 +62,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             for exec in dep
                 .execs
                 .iter_mut()
-                .filter(|e| e.container_id.is_none() && e.status != Status::Error)
+                .filter(|e| e.waiting() && e.shown.status != Status::Error)
             {
                 exec.set(
                     Status::Pending,
@@ -84,13 +81,17 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             });
             return;
         }
-        let keys: Vec<ExecKey> = needs.iter().map(|e| e.key.clone()).collect();
-        for key in keys {
-            let counted = self
-                .state
-                .exec(&key)
-                .is_some_and(|r| r.started_at.is_some());
-            self.launch(&key, counted);
+        let launches: Vec<(ExecKey, Option<lifecycle::Exit>)> = needs
+            .iter()
+            .map(|e| {
+                // A container that ran before and is gone (a reboot, say):
+                // starting it again is a restart.
+                let restart = e.lost_container.then_some(lifecycle::Exit::Interruption);
+                (e.key.clone(), restart)
+            })
+            .collect();
+        for (key, restart) in launches {
+            self.feed(&key, Input::Launch { restart });
         }
     }
 
@@ -118,7 +119,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 dep.pull_due = Some(Instant::now() + delay);
                 let reason = format!("{e}; retrying in {}", human(delay));
                 warn!(deployment = id, image, error = %e, "image unavailable");
-                for exec in dep.execs.iter_mut().filter(|x| x.container_id.is_none()) {
+                for exec in dep.execs.iter_mut().filter(|x| x.waiting()) {
                     if exec.spec.image == image {
                         exec.set(
                             Status::Error,
@@ -142,54 +143,55 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
 
     // ---- starting containers ---------------------------------------------------
 
-    /// Creates the container if there is none, then starts it. `counted`: this
-    /// start is a restart and was already counted (or is counted now).
-    pub(super) fn launch(&mut self, key: &ExecKey, counted: bool) {
+    /// Creates the container if there is none, then starts it. A counted
+    /// restart's commitment (`pending_restart`) is on disk before the start
+    /// is requested; a reconcile makes one write for all the restarts it decides.
+    pub(super) fn launch(&mut self, key: &ExecKey) {
         let device = self.config.device_id.clone();
         let Some(exec) = self.exec_mut(key) else {
             return;
         };
-        exec.busy = true;
-        exec.due = None;
-        exec.killed_by_other = false;
-        let container_id = exec.container_id.clone();
+        let container_id = exec.container_id().map(str::to_string);
         let spec = converge::container_spec(&device, exec);
-        if counted {
-            let record = self.state.exec_mut(key);
-            if record.pending_restart.is_none() {
-                record.restart_count += 1;
-                record.pending_restart = Some(PendingRestart {
-                    prev_started_at: record.started_at.clone(),
-                });
-                // The count and the commitment to start are one durable
-                // write; a reconcile makes one write for all its restarts.
-                if self.held_launches.is_none() {
-                    self.save_state();
-                }
-            }
-        }
-        let call = (key.clone(), container_id, spec);
-        match self.held_launches.as_mut() {
-            Some(held) => held.push(call),
-            None => self.spawn_launch(call),
-        }
-    }
-
-    pub(super) fn spawn_launch(
-        &self,
-        (key, container_id, spec): (ExecKey, Option<String>, ContainerSpec),
-    ) {
-        let runtime = self.runtime.clone();
-        let tx = self.tx.clone();
         // Executables in a crash loop (two or more restarts in a row) share
         // a lane of their own before an engine slot, so that a storm of them
         // never makes a healthy executable wait behind it.
-        let crash_lane = self
-            .state
-            .exec(&key)
-            .is_some_and(|r| r.backoff.consecutive >= 2)
-            .then(|| self.crash_lane.clone());
-        let slots = self.engine_slots.clone();
+        let crash_looping = exec.backoff.consecutive >= 2;
+        let committed = exec.pending_restart.is_some();
+        let call = LaunchCall {
+            key: key.clone(),
+            container_id,
+            spec,
+            crash_looping,
+        };
+        match self.held_launches.as_mut() {
+            Some(held) => held.push(call),
+            None => {
+                if committed {
+                    self.save_state();
+                }
+                self.spawn_launch(call);
+            }
+        }
+    }
+
+    pub(super) fn spawn_launch(&self, call: LaunchCall) {
+        let LaunchCall {
+            key,
+            container_id,
+            spec,
+            crash_looping,
+        } = call;
+        let runtime = self.runtime.clone();
+        let tx = self.tx.clone();
+        let crash_lane = crash_looping.then(|| self.crash_lane.clone());
+        // Creating a container (and pulling its network into being) is the
+        // heavy call; a start of one that exists is light.
+        let slots = if container_id.is_some() {
+            self.start_slots.clone()
+        } else {
+            self.engine_slots.clone()
+        };
         self.tracker.spawn(async move {
             let _lane = match crash_lane {
                 Some(lane) => Some(lane.acquire_owned().await),
@@ -205,135 +207,76 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         });
     }
 
+    /// The engine's answer to a launch, a swap or a rollback.
     pub(super) fn on_launched(
         &mut self,
         key: &ExecKey,
         container_id: Option<String>,
         result: Result<ContainerInfo, RuntimeError>,
     ) {
-        let policy = match self.deployments.get(&key.deployment) {
-            Some(dep) => dep.spec.restart,
-            None => return,
+        let Some(exec) = self.exec_any_mut(key) else {
+            return;
         };
-        // Retired while its start was in flight: remove it now.
-        if let Some(exec) = self.retiring_mut(key) {
-            exec.busy = false;
-            if container_id.is_some() {
-                exec.container_id = container_id;
-            }
+        if let Some(id) = container_id.filter(|id| Some(id.as_str()) != exec.container_id()) {
+            // A container this launch (or an update) created: current spec.
+            exec.container = Some(Container {
+                id,
+                hash: Some(exec.hash.clone()),
+                image: exec.spec.image.clone(),
+                started_at: None,
+                started_nanos: 0,
+            });
+        }
+        if matches!(exec.life, Life::Retiring { .. }) {
+            // Retired while its start was in flight: remove it now.
             self.remove_container(key);
             return;
         }
-        let Some(exec) = self.exec_mut(key) else {
-            return;
-        };
-        exec.busy = false;
-        exec.berth_stopping = false;
-        if container_id.is_some() && container_id != exec.container_id {
-            // A container created by this launch (or an update): current spec.
-            exec.container_id = container_id.clone();
-            exec.container_hash = Some(exec.hash.clone());
-        }
-        let restart_count = self.state.exec(key).map_or(0, |r| r.restart_count);
-        match result {
+        let swapping = matches!(exec.life, Life::Replacing(_));
+        let input = match result {
             Ok(info) => {
-                let exec = self.exec_mut(key).expect("exec exists");
+                exec.container = Some(Container::from_info(&info));
                 exec.launched = true;
-                exec.running_image = Some(info.image.clone());
-                exec.started_at = info.started_at.clone();
-                exec.started_nanos = info.started_at.as_deref().map(parse_nanos).unwrap_or(0);
-                exec.exit_code = None;
-                exec.set(Status::Running, None, None);
-                let record = self.state.exec_mut(key);
-                let was_restart = record.pending_restart.take().is_some();
-                record.started_at = info.started_at.clone();
-                record.container_id = Some(info.id.clone());
-                record.status = Some(Status::Running);
-                record.exit_code = None;
-                self.mark_state_dirty();
-                info!(executable = %key, container = %short(&info.id), restart_count, "started");
-                if was_restart {
-                    self.event(Event::Restarted {
-                        deployment: key.deployment.clone(),
-                        component: key.component.clone(),
-                        executable: key.executable.clone(),
-                        restart_count,
-                    });
+                exec.lost_container = false;
+                exec.pending_restart = None;
+                info!(executable = %key, container = %short(&info.id), restart_count = exec.restart_count, "started");
+                if swapping {
+                    Input::Swapped
+                } else {
+                    Input::Started
                 }
             }
+            // The reconcile after the reconnection decides again; a
+            // committed restart stays pending in the state.
             Err(RuntimeError::Unreachable(e)) => {
-                // The reconcile after the reconnection decides again; a
-                // committed restart stays pending in the state.
                 debug!(executable = %key, error = %e, "engine unreachable during start");
+                Input::Lost
             }
             Err(RuntimeError::ImageUnavailable { message, .. }) => {
-                let exec = self.exec_mut(key).expect("exec exists");
-                exec.set(
-                    Status::Error,
-                    Some(message),
-                    Some(ErrorCode::ImageUnavailable),
-                );
-                if let Some(dep) = self.deployments.get_mut(&key.deployment) {
-                    dep.images_ready = false;
-                }
-                self.state.exec_mut(key).pending_restart = None;
-                self.mark_state_dirty();
+                exec.pending_restart = None;
+                Input::ImageMissing { reason: message }
             }
             Err(e) => {
                 // A failed start, such as a command missing from `$PATH`.
+                exec.pending_restart = None;
+                exec.shown.exit_code = None;
                 let reason = engine_reason(&e);
-                if let Some(exec) = self.exec_mut(key) {
-                    // The retry follows this failed start, not an earlier exit.
-                    exec.exit_code = None;
-                }
-                warn!(executable = %key, reason, "start failed");
-                let record = self.state.exec_mut(key);
-                record.pending_restart = None;
-                record.status = Some(Status::Error);
-                self.event(Event::exec_error(
-                    key,
-                    ErrorCode::ExecutableFailed,
-                    None,
-                    reason.clone(),
-                ));
-                match decide(policy, &Happening::StartFailed) {
-                    Decision::Restart => {
-                        let settings = self.config.restart;
-                        let record = self.state.exec_mut(key);
-                        let delay = record.backoff.next_delay(&settings, None);
-                        self.mark_state_dirty();
-                        let exec = self.exec_mut(key).expect("exec exists");
-                        exec.set(
-                            Status::Error,
-                            Some(format!("{reason} (retrying in {})", human(delay))),
-                            Some(ErrorCode::ExecutableFailed),
-                        );
-                        exec.due = Some(Instant::now() + delay);
-                    }
-                    _ => {
-                        let exec = self.exec_mut(key).expect("exec exists");
-                        exec.set(
-                            Status::Error,
-                            Some(reason),
-                            Some(ErrorCode::ExecutableFailed),
-                        );
-                        self.mark_state_dirty();
-                    }
+                if swapping {
+                    Input::SwapFailed { reason }
+                } else {
+                    Input::StartRefused { reason }
                 }
             }
-        }
-        self.mark_dirty(&key.deployment);
+        };
+        self.state_dirty = true;
+        self.feed(key, input);
         if let Some(dep) = self.deployments.get_mut(&key.deployment) {
             dep.update_phase();
-        }
-        // An update waiting for this start to finish applies now.
-        if self.exec_mut(key).is_some_and(|e| e.pending_swap.is_some()) {
-            self.swap(key);
-            return;
         }
         // Events that arrived meanwhile, in their order.
         let deferred = self
             .exec_mut(key)
+            .filter(|e| !e.busy())
             .map(|e| std::mem::take(&mut e.deferred))
             .unwrap_or_default();
         for event in deferred {

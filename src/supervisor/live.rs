@@ -3,44 +3,201 @@
 
 use super::*;
 
-/// Live state of one executable.
+/// Live state of one executable: every fact about it has its home here, and
+/// what berth persists of it ([`Exec::record`]) is derived from these.
 #[derive(Debug)]
 pub(super) struct Exec {
     pub(super) key: ExecKey,
     pub(super) spec: ExecutableSpec,
     pub(super) env: BTreeMap<String, String>,
+    /// The hash of `spec` and `env`, the label its container carries.
     pub(super) hash: String,
-    pub(super) container_id: Option<String>,
-    pub(super) status: Status,
-    pub(super) reason: Option<String>,
-    pub(super) error_code: Option<ErrorCode>,
-    pub(super) exit_code: Option<i64>,
-    pub(super) started_at: Option<String>,
-    /// Engine time of the start berth knows of: older events are stale.
-    pub(super) started_nanos: i64,
-    /// An engine call for this executable is in flight.
-    pub(super) busy: bool,
-    /// Events that arrived while busy, applied afterwards in order.
-    pub(super) deferred: Vec<EngineEvent>,
-    /// When a back-off restart is due.
-    pub(super) due: Option<Instant>,
-    /// A kill not sent by berth was seen: the next exit is a manual stop.
-    pub(super) killed_by_other: bool,
-    /// berth itself is stopping or removing the container.
-    pub(super) berth_stopping: bool,
-    /// Has been started successfully at least once in this deployment's life.
+    /// Where it is in its life.
+    pub(super) life: Life,
+    /// What its document shows.
+    pub(super) shown: Shown,
+    /// The container berth knows of.
+    pub(super) container: Option<Container>,
+    /// Restarts so far, including one committed but not yet started
+    /// (`pending_restart`): a restart is counted in the same durable write
+    /// that commits berth to it.
+    pub(super) restart_count: u64,
+    pub(super) backoff: Backoff,
+    /// A counted restart whose start may not have reached the engine yet.
+    pub(super) pending_restart: Option<PendingRestart>,
+    /// Has been started at least once in its deployment's life.
     pub(super) launched: bool,
-    /// The spec hash of the current container: differs from `hash` while an
-    /// update has not been applied to it.
-    pub(super) container_hash: Option<String>,
-    /// A created container of an update, waiting to replace the current one.
-    pub(super) pending_swap: Option<String>,
-    /// Engine time of the manual stop berth saw for it, if any: an engine
-    /// shutdown's own stops look like manual ones until the engine is back.
-    pub(super) manual_at: Option<i64>,
-    /// The image of the current container (the previous one's while an
-    /// update has not been applied).
-    pub(super) running_image: Option<String>,
+    /// Its container ran before and is gone (a reboot, say): starting it
+    /// again is a counted restart.
+    pub(super) lost_container: bool,
+    /// Engine events that arrived while an engine call for it was in
+    /// flight, applied after its answer, in order.
+    pub(super) deferred: Vec<EngineEvent>,
+    /// The spec hash of an update that was rolled back: not tried again
+    /// until the file changes (or berth restarts).
+    pub(super) rejected: Option<String>,
+}
+
+/// The container of an executable, as the engine last described it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Container {
+    pub(super) id: String,
+    /// The spec hash it was created from: differs from the executable's
+    /// while an update has not reached it.
+    pub(super) hash: Option<String>,
+    /// The image it runs (the previous version's during an update).
+    pub(super) image: String,
+    /// The engine's `StartedAt` of its last start, when it has started.
+    pub(super) started_at: Option<String>,
+    /// The same in engine nanoseconds: older events are stale.
+    pub(super) started_nanos: i64,
+}
+
+impl Container {
+    pub(super) fn from_info(info: &ContainerInfo) -> Container {
+        let started_at = info.started_at.clone().filter(|_| info.has_started());
+        Container {
+            id: info.id.clone(),
+            hash: converge::container_hash(info),
+            image: info.image.clone(),
+            started_nanos: started_at.as_deref().map(parse_nanos).unwrap_or(0),
+            started_at,
+        }
+    }
+}
+
+impl Exec {
+    /// A new executable, carrying over what was recorded of it.
+    pub(super) fn new(
+        key: ExecKey,
+        spec: ExecutableSpec,
+        env: BTreeMap<String, String>,
+        record: Option<ExecRecord>,
+    ) -> Exec {
+        let hash = spec_hash(&spec, &env);
+        let record = record.unwrap_or_default();
+        let life = recorded_life(&record);
+        Exec {
+            key,
+            spec,
+            env,
+            hash,
+            life,
+            shown: Shown::new(
+                Status::Pending,
+                Some("waiting for the docker engine".into()),
+                None,
+            ),
+            container: record.container_id.map(|id| Container {
+                id,
+                hash: None,
+                image: String::new(),
+                started_nanos: record.started_at.as_deref().map(parse_nanos).unwrap_or(0),
+                started_at: record.started_at,
+            }),
+            restart_count: record.restart_count,
+            backoff: record.backoff,
+            pending_restart: record.pending_restart,
+            launched: false,
+            lost_container: false,
+            deferred: Vec::new(),
+            rejected: None,
+        }
+    }
+
+    /// A container found without a spec: only ever stopped and removed.
+    pub(super) fn orphan(key: ExecKey, container_id: String) -> Self {
+        let spec = ExecutableSpec {
+            name: String::new(),
+            image: String::new(),
+            pull: PullPolicy::Never,
+            command: None,
+            env: BTreeMap::new(),
+            limits: Default::default(),
+            volumes: Vec::new(),
+            devices: Vec::new(),
+            network: Default::default(),
+        };
+        let mut exec = Exec::new(key, spec, BTreeMap::new(), None);
+        exec.container = Some(Container {
+            id: container_id,
+            hash: None,
+            image: String::new(),
+            started_at: None,
+            started_nanos: 0,
+        });
+        exec.shown = Shown::new(Status::Pending, Some("stopping".into()), None);
+        exec.life = Life::Retiring { retry_at: None };
+        exec
+    }
+
+    pub(super) fn set(
+        &mut self,
+        status: Status,
+        reason: Option<String>,
+        error_code: Option<ErrorCode>,
+    ) {
+        self.shown = Shown {
+            status,
+            reason,
+            error_code,
+            exit_code: self.shown.exit_code,
+        };
+    }
+
+    pub(super) fn container_id(&self) -> Option<&str> {
+        self.container.as_ref().map(|c| c.id.as_str())
+    }
+
+    /// Waiting to be provisioned: no container, nothing under way.
+    pub(super) fn waiting(&self) -> bool {
+        self.container.is_none() && self.life == Life::Idle
+    }
+
+    /// An engine call for it is in flight: its events wait.
+    pub(super) fn busy(&self) -> bool {
+        matches!(
+            self.life,
+            Life::Starting { .. } | Life::Replacing(_) | Life::RollingBack
+        ) || (matches!(self.life, Life::Retiring { retry_at: None }) && self.container.is_some())
+    }
+
+    /// What berth persists of it: derived, never written by hand.
+    pub(super) fn record(&self) -> ExecRecord {
+        ExecRecord {
+            restart_count: self.restart_count,
+            container_id: self.container.as_ref().map(|c| c.id.clone()),
+            started_at: self.container.as_ref().and_then(|c| c.started_at.clone()),
+            pending_restart: self.pending_restart.clone(),
+            manual_stop: matches!(self.life, Life::Suspended { .. }),
+            backoff: self.backoff,
+            status: match self.life {
+                Life::Idle => None,
+                Life::Exited { code: Some(0) } => Some(Status::Completed),
+                Life::Exited { .. } => Some(Status::Error),
+                Life::Suspended { .. } | Life::Interrupted => Some(Status::Stopped),
+                _ => Some(Status::Running),
+            },
+            exit_code: match self.life {
+                Life::Exited { code } => code,
+                _ => self.shown.exit_code,
+            },
+        }
+    }
+}
+
+/// The life an executable had when berth last recorded it.
+fn recorded_life(record: &ExecRecord) -> Life {
+    match record.status {
+        _ if record.manual_stop => Life::Suspended { at: None },
+        Some(Status::Completed) => Life::Exited { code: Some(0) },
+        Some(Status::Error) => Life::Exited {
+            code: record.exit_code,
+        },
+        Some(Status::Stopped) => Life::Interrupted,
+        Some(Status::Running) => Life::Running { killed: None },
+        _ => Life::Idle,
+    }
 }
 
 /// Live state of one deployment.
@@ -65,109 +222,31 @@ pub(super) struct Deployment {
     pub(super) retiring: Vec<Exec>,
     /// The phase of the last published document: a change is an event.
     pub(super) published_phase: Option<Phase>,
-}
-
-impl Exec {
-    /// A container found without a spec: only ever stopped and removed.
-    pub(super) fn orphan(key: ExecKey, container_id: String) -> Self {
-        Exec {
-            key,
-            spec: ExecutableSpec {
-                name: String::new(),
-                image: String::new(),
-                pull: PullPolicy::Never,
-                command: None,
-                env: BTreeMap::new(),
-                limits: Default::default(),
-                volumes: Vec::new(),
-                devices: Vec::new(),
-                network: Default::default(),
-            },
-            env: BTreeMap::new(),
-            hash: String::new(),
-            container_id: Some(container_id),
-            status: Status::Unknown,
-            reason: None,
-            error_code: None,
-            exit_code: None,
-            started_at: None,
-            started_nanos: 0,
-            busy: false,
-            deferred: Vec::new(),
-            due: None,
-            killed_by_other: false,
-            berth_stopping: true,
-            launched: false,
-            container_hash: None,
-            pending_swap: None,
-            manual_at: None,
-            running_image: None,
-        }
-    }
-
-    pub(super) fn set(
-        &mut self,
-        status: Status,
-        reason: Option<String>,
-        error_code: Option<ErrorCode>,
-    ) {
-        self.status = status;
-        self.reason = reason;
-        self.error_code = error_code;
-    }
+    /// The last update that failed and was rolled back (SPEC 9 `update`).
+    pub(super) update: Option<crate::report::UpdateDoc>,
 }
 
 impl Deployment {
-    /// `exports`: what the deployments this one depends on export.
+    /// `exports`: what the deployments this one depends on export;
+    /// `recorded`: what berth recorded of executables, each taken by its own.
     pub(super) fn new(
         config: &AgentConfig,
         spec: DeploymentSpec,
         exports: &BTreeMap<String, String>,
+        recorded: &mut BTreeMap<String, ExecRecord>,
     ) -> Self {
         let execs = spec
             .executables()
             .map(|(component, exe)| {
                 let env = merged_env(config, &spec, exe, exports);
-                Exec {
-                    key: ExecKey::new(&spec.id, &component.name, &exe.name),
-                    hash: spec_hash(exe, &env),
-                    spec: exe.clone(),
-                    env,
-                    container_id: None,
-                    status: Status::Pending,
-                    reason: Some("waiting for the docker engine".into()),
-                    error_code: None,
-                    exit_code: None,
-                    started_at: None,
-                    started_nanos: 0,
-                    busy: false,
-                    deferred: Vec::new(),
-                    due: None,
-                    killed_by_other: false,
-                    berth_stopping: false,
-                    launched: false,
-                    container_hash: None,
-                    pending_swap: None,
-                    manual_at: None,
-                    running_image: None,
-                }
+                let key = ExecKey::new(&spec.id, &component.name, &exe.name);
+                let record = recorded.remove(&key.to_string());
+                Exec::new(key, exe.clone(), env, record)
             })
             .collect();
-        Deployment {
-            spec,
-            phase: Phase::InProgress,
-            images_ready: false,
-            pulling: false,
-            pull_backoff: Backoff::default(),
-            pull_due: None,
-            execs,
-            dirty: true,
-            failure: None,
-            removing: false,
-            updating: false,
-            retiring: Vec::new(),
-            published_phase: None,
-        }
+        let mut dep = Deployment::new_empty(spec);
+        dep.execs = execs;
+        dep
     }
 
     /// The stand-in for a deployment whose file cannot be applied.
@@ -182,6 +261,7 @@ impl Deployment {
             env: BTreeMap::new(),
             exports: BTreeMap::new(),
             components: Vec::new(),
+            update: Default::default(),
             source,
         };
         let mut dep = Deployment::new_empty(spec);
@@ -205,13 +285,18 @@ impl Deployment {
             updating: false,
             retiring: Vec::new(),
             published_phase: None,
+            update: None,
         }
     }
 
-    /// `Succeeded` once every executable has been started.
+    /// `Succeeded` once every executable has been started (and an update's
+    /// new containers have proven themselves).
     pub(super) fn update_phase(&mut self) {
         if matches!(self.phase, Phase::InProgress | Phase::Provisioning)
-            && self.execs.iter().all(|e| e.launched)
+            && self
+                .execs
+                .iter()
+                .all(|e| e.launched && !matches!(e.life, Life::Replacing(_) | Life::Proving { .. }))
         {
             self.phase = Phase::Succeeded;
             self.dirty = true;
@@ -224,7 +309,7 @@ impl Deployment {
             .execs
             .iter()
             .chain(&self.retiring)
-            .map(|e| e.status)
+            .map(|e| e.shown.status)
             .min()
         {
             Some(status) => status,
@@ -234,7 +319,7 @@ impl Deployment {
         }
     }
 
-    pub(super) fn document(&self, device_id: &str, state: &State) -> (String, DeploymentDoc) {
+    pub(super) fn document(&self, device_id: &str) -> (String, DeploymentDoc) {
         let executables: Vec<ExecutableDoc> = self
             .execs
             .iter()
@@ -242,29 +327,42 @@ impl Deployment {
             .map(|e| ExecutableDoc {
                 component: e.key.component.clone(),
                 name: e.key.executable.clone(),
-                container_id: e.container_id.clone(),
+                container_id: e.container.as_ref().map(|c| c.id.clone()),
                 image: e
-                    .running_image
-                    .clone()
+                    .container
+                    .as_ref()
+                    .map(|c| c.image.clone())
+                    .filter(|i| !i.is_empty())
                     .unwrap_or_else(|| e.spec.image.clone()),
-                status: e.status,
-                reason: e.reason.clone(),
-                error_code: e.error_code,
-                exit_code: e.exit_code,
-                restart_count: state.exec(&e.key).map_or(0, |r| r.restart_count),
-                started_at: e.started_at.as_deref().map(normalize_time),
+                status: e.shown.status,
+                reason: e.shown.reason.clone(),
+                error_code: e.shown.error_code,
+                exit_code: e.shown.exit_code,
+                restart_count: e.restart_count,
+                started_at: e
+                    .container
+                    .as_ref()
+                    .and_then(|c| c.started_at.as_deref())
+                    .map(normalize_time),
                 health: None,
             })
             .collect();
         let worst = executables.iter().min_by_key(|e| e.status);
         let status = self.status();
-        let error_code = executables
-            .iter()
-            .filter(|e| e.status == status)
-            .find_map(|e| e.error_code);
+        let error_code = if executables.is_empty() && self.failure.is_some() {
+            // The file itself cannot be applied.
+            Some(ErrorCode::InvalidDeployment)
+        } else {
+            executables
+                .iter()
+                .filter(|e| e.status == status)
+                .find_map(|e| e.error_code)
+        };
         // A file that cannot be applied says why; otherwise the reason of the
         // executable that gives the deployment its status.
-        let reason = self.failure.clone().or_else(|| {
+        let stopped = (self.phase == Phase::DeploymentStopped)
+            .then(|| "deprovisioned: every container stopped and removed".to_string());
+        let reason = self.failure.clone().or(stopped).or_else(|| {
             worst.filter(|e| e.reason.is_some()).map(|e| {
                 format!(
                     "{}/{}: {}",
@@ -286,7 +384,7 @@ impl Deployment {
             restart_policy: self.spec.restart,
             restart_count: executables.iter().map(|e| e.restart_count).sum(),
             executables,
-            update: None,
+            update: self.update.clone(),
             updated_at: timestamp(SystemTime::now()),
         };
         (self.spec.id.clone(), doc)

@@ -25,6 +25,7 @@ use crate::config::{AgentConfig, Deployments};
 mod converge;
 mod exits;
 mod launch;
+mod lifecycle;
 mod live;
 mod operator;
 mod publish;
@@ -36,9 +37,9 @@ use crate::model::{
     PullPolicy, Status, ROS_MASTER_DEPLOYMENT,
 };
 use crate::notify::Notifier;
-use crate::policy::{decide, Decision, Happening};
+use crate::policy::Happening;
 use crate::report::{
-    timestamp, AgentDoc, DeploymentDoc, Event, EventDoc, ExecutableDoc, Reporter, Topic,
+    timestamp, AgentDoc, DeploymentDoc, Event, EventDoc, ExecutableDoc, Reporter, Topic, UpdateDoc,
 };
 use crate::runtime::{
     ContainerInfo, ContainerRuntime, ContainerSpec, EngineEvent, EventAction, RegistryAuth,
@@ -46,8 +47,8 @@ use crate::runtime::{
 };
 use crate::state::{ExecRecord, PendingRestart, State, StateStore};
 pub use converge::load_files;
-use exits::*;
 use launch::*;
+use lifecycle::{Effect, Input, Kill, Life, Shown, MANUAL_STOP_REASON};
 use live::*;
 pub use operator::{Action, Operator, OperatorError, OperatorRequest};
 
@@ -56,9 +57,17 @@ const ENGINE_RETRY_INITIAL: Duration = Duration::from_millis(250);
 const ENGINE_RETRY_MAX: Duration = Duration::from_secs(10);
 /// Engine calls (pull, create, start) in flight at once.
 const ENGINE_CALLS: usize = 4;
-/// How long before its event stream ends an engine's shutdown may stop
-/// containers (dockerd's default shutdown timeout is 15 s).
-const ENGINE_SHUTDOWN_WINDOW: Duration = Duration::from_secs(30);
+/// Starts of existing containers in flight at once: a start holds little,
+/// and many executables exiting together (a shared dependency died, a power
+/// glitch) are restarted together, not four at a time.
+const START_CALLS: usize = 32;
+/// How long before its event stream ends an engine's shutdown may have sent
+/// the kills that stopped containers: dockerd's default shutdown timeout
+/// (15 s), and a second for the stream to end. A manual stop whose kill came
+/// earlier than that is certainly an operator's.
+const ENGINE_SHUTDOWN_WINDOW: Duration = Duration::from_secs(16);
+/// How many events the engine keeps in memory (moby's events buffer).
+const ENGINE_EVENT_MEMORY: usize = 256;
 /// How often changes to the state that need not be durable at once are saved.
 const POSITION_SAVE_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -150,9 +159,11 @@ pub struct Supervisor<R, P> {
     state_dirty: bool,
     notifier: Notifier,
     /// Starts decided during a reconcile, spawned after its one state write.
-    held_launches: Option<Vec<(ExecKey, Option<String>, ContainerSpec)>>,
+    held_launches: Option<Vec<LaunchCall>>,
     /// Limits the engine calls in flight (see `spawn_engine_call`).
     engine_slots: Arc<tokio::sync::Semaphore>,
+    /// Limits the starts of existing containers (see `spawn_launch`).
+    start_slots: Arc<tokio::sync::Semaphore>,
     /// Limits the starts of crash-looping executables (see `spawn_launch`).
     crash_lane: Arc<tokio::sync::Semaphore>,
     /// `READY=1` went out.
@@ -207,6 +218,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             notifier,
             held_launches: None,
             engine_slots: Arc::new(tokio::sync::Semaphore::new(ENGINE_CALLS)),
+            start_slots: Arc::new(tokio::sync::Semaphore::new(START_CALLS)),
             crash_lane: Arc::new(tokio::sync::Semaphore::new(ENGINE_CALLS / 2)),
             ready_sent: false,
             down_position: None,
@@ -290,11 +302,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             ..
         } = msg
         {
-            let record = self.state.exec_mut(&key);
-            record.pending_restart = None;
-            record.started_at = info.started_at.clone();
-            record.container_id = Some(info.id);
-            record.status = Some(Status::Running);
+            if let Some(exec) = self.exec_any_mut(&key) {
+                exec.pending_restart = None;
+                exec.container = Some(Container::from_info(&info));
+                exec.life = Life::Running { killed: None };
+            }
         }
     }
 
@@ -423,48 +435,56 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 dep.pull_due = None;
                 pulls.push(dep.spec.id.clone());
             }
-            for exec in &mut dep.execs {
-                if exec.due.is_some_and(|t| t <= now) {
-                    exec.due = None;
-                    due.push((exec.key.clone(), exec.exit_code));
-                }
-            }
-            for exec in &mut dep.retiring {
-                if exec.due.is_some_and(|t| t <= now) {
-                    exec.due = None;
-                    removals.push(exec.key.clone());
+            for exec in dep.execs.iter().chain(&dep.retiring) {
+                match exec.life {
+                    Life::BackingOff { due: t, .. } if t <= now => {
+                        due.push((exec.key.clone(), Input::Due));
+                    }
+                    Life::Proving { until, .. } if until <= now => {
+                        due.push((exec.key.clone(), Input::Proven));
+                    }
+                    Life::Retiring { retry_at: Some(t) } if t <= now => {
+                        removals.push(exec.key.clone());
+                    }
+                    _ => {}
                 }
             }
         }
         for key in removals {
             self.remove_container(&key);
         }
-        for (key, code) in due {
-            let exit = code.map_or("a failed start".to_string(), |c| format!("exit code {c}"));
-            self.restart(&key, &exit, code);
+        for (key, input) in due {
+            self.feed(&key, input);
+            if let Some(dep) = self.deployments.get_mut(&key.deployment) {
+                dep.update_phase();
+            }
         }
         for id in pulls {
             self.maybe_provision(&id);
         }
     }
 
+    /// The next timer of any executable or deployment. While the engine is
+    /// away, no restart is due: the reconcile after it decides again.
     fn next_due(&self) -> Option<Instant> {
+        let engine_up = self.engine_up;
         self.deployments
             .values()
             .flat_map(|d| {
                 d.execs
                     .iter()
                     .chain(&d.retiring)
-                    .filter_map(|e| e.due)
+                    .filter_map(move |e| match e.life {
+                        Life::BackingOff { due, .. } if engine_up => Some(due),
+                        Life::Proving { until, .. } if engine_up => Some(until),
+                        Life::Retiring { retry_at } => retry_at,
+                        _ => None,
+                    })
                     .chain(d.pull_due)
             })
             .min()
     }
 }
-
-const MANUAL_STOP_REASON: &str = "stopped manually; restart policy suspended until reboot";
-const NEVER_INTERRUPTED_REASON: &str =
-    "interrupted by a reboot or engine restart; restart policy never";
 
 /// Nanoseconds since the epoch of an RFC 3339 time; 0 when unparsable.
 fn parse_nanos(t: &str) -> i64 {
@@ -487,13 +507,7 @@ fn normalize_time(t: &str) -> String {
         .unwrap_or_else(|_| t.to_string())
 }
 
-fn human(d: Duration) -> String {
-    if d.as_millis().is_multiple_of(1000) {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{:.1}s", d.as_secs_f64())
-    }
-}
+use lifecycle::human;
 
 fn short(id: &str) -> &str {
     &id[..id.len().min(12)]

@@ -11,13 +11,19 @@
 //! - `restart`: stop and start now, counted; its `restart` event says who
 //!   asked (`by`).
 //!
-//! The loop never waits: the engine's stop runs as a task, and the request
-//! travels on as messages (`OperatorMsg`) until its effect is there, then the
-//! reply carries the deployment's document. While berth stops a container
-//! the executable is `busy`, so the engine's `kill` and `die` of that stop
-//! are held back; the stop is applied once its `die` has arrived (or after
-//! [`DIE_WAIT`]), and those two events are then dropped, not read as a stop
-//! by someone else or as a crash.
+//! Each goes through the executable's lifecycle (`lifecycle.rs`):
+//! - a `stop` of a running executable is the engine's stop of its container,
+//!   whose `kill` and `die` the table reads as any stop by someone else
+//!   (`Suspended`, a `manual_stop` event, the state written at once); an
+//!   executable that runs nothing is suspended as after a removal by hand;
+//! - a `start` is the `Launch` of a start by hand (not counted);
+//! - a `restart` commits a counted restart (durably, with its event naming
+//!   who asked), then stops and starts the container while the executable
+//!   is `Starting`, so the events of that stop are not read as an exit.
+//!
+//! The loop never waits: engine calls run as tasks, and the request travels
+//! on as messages (`OperatorMsg`) until its effect is there; then the reply
+//! carries the deployment's document.
 
 use std::time::Duration;
 
@@ -26,16 +32,15 @@ use tokio::time::Instant;
 use tracing::info;
 
 use super::converge::STOP_GRACE_SECS;
-use super::{Msg, Supervisor, MANUAL_STOP_REASON};
+use super::lifecycle::{Input, Life, Shown};
+use super::{Msg, Supervisor};
 use crate::model::{ErrorCode, ExecKey, Status, ROS_MASTER_DEPLOYMENT};
 use crate::report::{Event, Reporter};
-use crate::runtime::{ContainerRuntime, EventAction, RuntimeError};
+use crate::runtime::{ContainerRuntime, RuntimeError};
+use crate::state::PendingRestart;
 
 /// How long a request waits for executables busy with another engine call.
 const BUSY_WAIT: Duration = Duration::from_secs(30);
-/// How long, after the engine's stop returned, berth waits for its `die`
-/// event before applying the stop anyway.
-const DIE_WAIT: Duration = Duration::from_secs(2);
 /// How long the reply waits for the starts an action began.
 const SETTLE_WAIT: Duration = Duration::from_secs(60);
 /// Between two looks at a request that waits.
@@ -160,9 +165,7 @@ pub(super) enum OperatorMsg {
         reply: oneshot::Sender<OperatorReply>,
         deadline: Instant,
     },
-    /// The engine's stop calls returned; waiting for their `die` events.
-    Stopped(Pending),
-    /// Waiting for the starts the action began.
+    /// Waiting for the effect of the action.
     Settle(Pending),
 }
 
@@ -171,9 +174,12 @@ pub(super) struct Pending {
     request: OperatorRequest,
     reply: oneshot::Sender<OperatorReply>,
     keys: Vec<ExecKey>,
-    /// Executables whose container berth is stopping, with that container.
-    stopping: Vec<(ExecKey, String)>,
     deadline: Instant,
+}
+
+/// Whose container runs.
+fn running(life: &Life) -> bool {
+    matches!(life, Life::Running { .. } | Life::Proving { .. })
 }
 
 impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
@@ -193,7 +199,6 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 reply,
                 deadline,
             } => self.operator_begin(request, reply, deadline),
-            OperatorMsg::Stopped(pending) => self.operator_stopped(pending),
             OperatorMsg::Settle(pending) => self.operator_settle(pending),
         }
     }
@@ -223,7 +228,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         // for it, so that each executable keeps one ordered history.
         if let Some(busy) = keys
             .iter()
-            .find(|k| self.exec_mut(k).is_some_and(|e| e.busy))
+            .find(|k| self.exec_mut(k).is_some_and(|e| e.busy()))
         {
             if Instant::now() >= deadline {
                 let _ = reply.send(Err(OperatorError::Busy {
@@ -245,115 +250,57 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             by = %request.by,
             "operator action"
         );
-        let mut pending = Pending {
+        let by = request.by.clone();
+        let mut stops = Vec::new();
+        for key in &keys {
+            let Some(exec) = self.exec_mut(key) else {
+                continue;
+            };
+            let container = exec.container_id().map(str::to_string);
+            match (request.action, container) {
+                (Action::Stop, Some(id)) if running(&exec.life) => stops.push(id),
+                (Action::Stop, _) => {
+                    if !matches!(exec.life, Life::Suspended { .. }) {
+                        // Nothing runs: suspended as after a removal by hand.
+                        self.feed(key, Input::Removed);
+                    }
+                }
+                (Action::Start, _) => self.operator_start(key, &by),
+                (Action::Restart, container) => self.operator_restart(key, container, &by),
+                (Action::Document, _) => {}
+            }
+        }
+        if !stops.is_empty() {
+            // The engine's stop: its kill and die come back as events, and
+            // the lifecycle reads them as a stop by hand.
+            let runtime = self.runtime.clone();
+            self.tracker.spawn(async move {
+                for id in stops {
+                    if let Err(e) = runtime.stop(&id, STOP_GRACE_SECS).await {
+                        if !matches!(e, RuntimeError::NotFound(_)) {
+                            tracing::warn!(error = %e, "operator stop: engine refused");
+                        }
+                    }
+                }
+            });
+        }
+        self.operator_settle(Pending {
             request,
             reply,
             keys,
-            stopping: Vec::new(),
             deadline: Instant::now() + SETTLE_WAIT,
-        };
-        match pending.request.action {
-            Action::Start => {
-                for key in pending.keys.clone() {
-                    self.operator_start(&key, &pending.request.by);
-                }
-                self.operator_settle(pending);
-            }
-            Action::Stop | Action::Restart => {
-                for key in pending.keys.clone() {
-                    let exec = self.exec_mut(&key).expect("target exists");
-                    match exec.container_id.clone() {
-                        Some(id) if exec.status == Status::Running => {
-                            exec.busy = true;
-                            exec.berth_stopping = true;
-                            exec.due = None;
-                            pending.stopping.push((key, id));
-                        }
-                        _ if pending.request.action == Action::Stop => {
-                            if exec.status != Status::Stopped {
-                                self.operator_manual_stop(&key, None, &pending.request.by);
-                            }
-                        }
-                        _ => self.operator_restart(&key, &pending.request.by),
-                    }
-                }
-                if pending.stopping.is_empty() {
-                    self.operator_settle(pending);
-                    return;
-                }
-                let runtime = self.runtime.clone();
-                let tx = self.tx.clone();
-                let ids: Vec<String> = pending.stopping.iter().map(|(_, id)| id.clone()).collect();
-                self.tracker.spawn(async move {
-                    // SIGTERM, the grace period, then SIGKILL, all at once.
-                    let stops = ids.iter().map(|id| runtime.stop(id, STOP_GRACE_SECS));
-                    for result in futures_util::future::join_all(stops).await {
-                        if let Err(e) = result {
-                            if !matches!(e, RuntimeError::NotFound(_)) {
-                                tracing::warn!(error = %e, "operator stop: engine refused");
-                            }
-                        }
-                    }
-                    pending.deadline = Instant::now() + DIE_WAIT;
-                    let _ = tx.send(Msg::Operator(OperatorMsg::Stopped(pending)));
-                });
-            }
-            Action::Document => unreachable!("answered above"),
-        }
+        });
     }
 
-    /// The engine's stops returned: once each container's `die` has come
-    /// in (or after `DIE_WAIT`), the stop is applied.
-    fn operator_stopped(&mut self, mut pending: Pending) {
-        let waiting = pending.stopping.iter().any(|(key, id)| {
-            self.exec_mut(key).is_some_and(|exec| {
-                exec.busy
-                    && !exec.deferred.iter().any(|event| {
-                        event.container_id == *id && matches!(event.action, EventAction::Die { .. })
-                    })
-            })
+    /// Replies once the action's effect is there: no target busy with an
+    /// engine call, and for a stop, none running.
+    fn operator_settle(&mut self, pending: Pending) {
+        let stop = pending.request.action == Action::Stop;
+        let waiting = pending.keys.iter().any(|k| {
+            self.exec_mut(k)
+                .is_some_and(|e| e.busy() || (stop && running(&e.life)))
         });
         if waiting && Instant::now() < pending.deadline {
-            self.operator_later(OperatorMsg::Stopped(pending));
-            return;
-        }
-        for (key, id) in std::mem::take(&mut pending.stopping) {
-            let Some(exec) = self.exec_mut(&key) else {
-                continue;
-            };
-            exec.busy = false;
-            exec.berth_stopping = false;
-            let deferred = std::mem::take(&mut exec.deferred);
-            let mut code = None;
-            let mut others = Vec::new();
-            for event in deferred {
-                match event.action {
-                    EventAction::Die { exit_code } if event.container_id == id => {
-                        code = exit_code;
-                    }
-                    EventAction::Kill { .. } if event.container_id == id => {}
-                    _ => others.push(event),
-                }
-            }
-            match pending.request.action {
-                Action::Stop => self.operator_manual_stop(&key, code, &pending.request.by),
-                _ => self.operator_restart(&key, &pending.request.by),
-            }
-            for event in others {
-                self.on_event(event);
-            }
-        }
-        pending.deadline = Instant::now() + SETTLE_WAIT;
-        self.operator_settle(pending);
-    }
-
-    /// Replies once no target has an engine call in flight.
-    fn operator_settle(&mut self, pending: Pending) {
-        let busy = pending
-            .keys
-            .iter()
-            .any(|k| self.exec_mut(k).is_some_and(|e| e.busy));
-        if busy && Instant::now() < pending.deadline {
             self.operator_later(OperatorMsg::Settle(pending));
             return;
         }
@@ -370,49 +317,14 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         });
     }
 
-    /// The manual-stop row of SPEC 6, on the operator's behalf.
-    fn operator_manual_stop(&mut self, key: &ExecKey, code: Option<i64>, by: &str) {
-        let Some(exec) = self.exec_mut(key) else {
-            return;
-        };
-        exec.set(Status::Stopped, Some(MANUAL_STOP_REASON.into()), None);
-        exec.due = None;
-        exec.exit_code = code;
-        self.state.exec_mut(key).manual_stop = true;
-        self.record_status(key, Status::Stopped, code);
-        // What an operator did: on disk at once.
-        self.save_state();
-        info!(executable = %key, by, "stopped by the operator; restart policy suspended until reboot");
-        self.event(Event::ManualStop {
-            deployment: key.deployment.clone(),
-            component: key.component.clone(),
-            executable: key.executable.clone(),
-            exit_code: code,
-            reason: MANUAL_STOP_REASON.into(),
-            by: Some(by.to_string()),
-        });
-        self.mark_dirty(&key.deployment);
-    }
-
     /// A start by hand: the policy applies again; not counted.
     fn operator_start(&mut self, key: &ExecKey, by: &str) {
         let Some(exec) = self.exec_mut(key) else {
             return;
         };
-        if exec.status == Status::Running {
+        if running(&exec.life) {
             return;
         }
-        exec.due = None;
-        exec.manual_at = None;
-        exec.set(
-            Status::Pending,
-            Some("starting at the operator's request".into()),
-            None,
-        );
-        let record = self.state.exec_mut(key);
-        record.manual_stop = false;
-        record.backoff.reset();
-        self.save_state();
         info!(executable = %key, by, "started by the operator");
         self.event(Event::Start {
             deployment: key.deployment.clone(),
@@ -421,35 +333,68 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             reason: "started by the operator".into(),
             by: by.to_string(),
         });
-        self.launch(key, false);
-        self.mark_dirty(&key.deployment);
+        self.feed(key, Input::Launch { restart: None });
     }
 
-    /// Starts an executable again now, counted like any restart; the
-    /// restart event names who asked.
-    fn operator_restart(&mut self, key: &ExecKey, by: &str) {
-        let count = self.state.exec(key).map_or(0, |r| r.restart_count) + 1;
-        info!(executable = %key, by, restart_count = count, "restarting at the operator's request");
+    /// Starts an executable again now, counted like any restart (the count
+    /// and the commitment in one durable write before the engine is asked);
+    /// the restart event names who asked. A running container is stopped
+    /// and started again by one task while the executable is `Starting`.
+    fn operator_restart(&mut self, key: &ExecKey, container: Option<String>, by: &str) {
+        let Some(exec) = self.exec_mut(key) else {
+            return;
+        };
+        let was_running = running(&exec.life);
+        if exec.pending_restart.is_none() {
+            exec.restart_count += 1;
+            exec.pending_restart = Some(PendingRestart {
+                prev_started_at: exec.container.as_ref().and_then(|c| c.started_at.clone()),
+            });
+        }
+        let restart_count = exec.restart_count;
+        exec.life = Life::Starting {
+            counted: true,
+            then: None,
+        };
+        exec.shown = Shown::new(
+            Status::Pending,
+            Some("restarting at the operator's request".into()),
+            None,
+        );
+        info!(executable = %key, by, restart_count, "restarting at the operator's request");
         self.event(Event::Restart {
             deployment: key.deployment.clone(),
             component: key.component.clone(),
             executable: key.executable.clone(),
             exit_code: None,
             reason: "restarting at the operator's request".into(),
-            restart_count: count,
+            restart_count,
             by: Some(by.to_string()),
         });
-        if let Some(exec) = self.exec_mut(key) {
-            exec.manual_at = None;
-            exec.set(
-                Status::Pending,
-                Some("restarting at the operator's request".into()),
-                None,
-            );
-        }
-        self.state.exec_mut(key).manual_stop = false;
-        self.launch(key, true);
         self.mark_dirty(&key.deployment);
+        match container.filter(|_| was_running) {
+            Some(id) => {
+                self.save_state();
+                let runtime = self.runtime.clone();
+                let tx = self.tx.clone();
+                let key = key.clone();
+                self.tracker.spawn(async move {
+                    let result = async {
+                        runtime.stop(&id, STOP_GRACE_SECS).await?;
+                        runtime.start(&id).await?;
+                        runtime.inspect(&id).await
+                    }
+                    .await;
+                    let _ = tx.send(Msg::Launched {
+                        key,
+                        container_id: Some(id),
+                        result,
+                    });
+                });
+            }
+            // Nothing runs: started (created if need be) as any restart.
+            None => self.launch(key),
+        }
     }
 
     /// The executables a request is about.
@@ -515,7 +460,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             .ok_or_else(|| OperatorError::NoDeployment {
                 deployment: id.to_string(),
             })?;
-        let (_, mut doc) = dep.document(&self.config.device_id, &self.state);
+        let (_, mut doc) = dep.document(&self.config.device_id);
         if let Some(failed) = self.failed_dependency(id) {
             doc.status = Status::Error;
             doc.error_code = Some(ErrorCode::DependencyFailed);
@@ -657,12 +602,14 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(exe(&doc)["status"], "Stopped", "{doc:#}");
-        assert_eq!(exe(&doc)["reason"], MANUAL_STOP_REASON);
+        assert_eq!(
+            exe(&doc)["reason"],
+            super::super::lifecycle::MANUAL_STOP_REASON
+        );
         assert_eq!(exe(&doc)["exit_code"], 143);
         assert_eq!(doc["restart_count"], 0);
         let stops = l.events("manual_stop");
         assert_eq!(stops.len(), 1, "{stops:?}");
-        assert_eq!(stops[0]["by"], "test");
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(l.starts(), 1, "not restarted under always");
         assert!(!l.runtime.container(NAME).unwrap().running);

@@ -12,11 +12,13 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             .find(|e| e.key == *key)
     }
 
-    pub(super) fn record_status(&mut self, key: &ExecKey, status: Status, code: Option<i64>) {
-        let record = self.state.exec_mut(key);
-        record.status = Some(status);
-        record.exit_code = code;
-        self.mark_state_dirty();
+    /// An executable, current or retiring.
+    pub(super) fn exec_any_mut(&mut self, key: &ExecKey) -> Option<&mut Exec> {
+        let dep = self.deployments.get_mut(&key.deployment)?;
+        dep.execs
+            .iter_mut()
+            .chain(dep.retiring.iter_mut())
+            .find(|e| e.key == *key)
     }
 
     pub(super) fn note_position(&mut self, nanos: i64) {
@@ -34,9 +36,22 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         self.state_dirty = true;
     }
 
+    /// The persisted record, derived from the live model; the records of
+    /// executables that no deployment holds right now are kept as they were.
+    pub(super) fn snapshot(&self) -> State {
+        let mut state = self.state.clone();
+        for dep in self.deployments.values() {
+            for exec in dep.execs.iter().chain(&dep.retiring) {
+                state
+                    .executables
+                    .insert(exec.key.to_string(), exec.record());
+            }
+        }
+        state
+    }
+
     pub(super) fn save_state(&mut self) {
-        // Restart counts live in the state alone; mirror them for the docs.
-        if let Err(e) = self.store.save(&self.state) {
+        if let Err(e) = self.store.save(&self.snapshot()) {
             warn!(error = %e, "cannot save state");
             self.event(Event::device_error(
                 Some(ErrorCode::StateStore),
@@ -80,7 +95,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         let device = self.config.device_id.clone();
         let mut docs = Vec::new();
         for dep in self.deployments.values().filter(|d| d.dirty) {
-            let (id, mut doc) = dep.document(&device, &self.state);
+            let (id, mut doc) = dep.document(&device);
             if let Some(failed) = self.failed_dependency(&id) {
                 doc.status = Status::Error;
                 doc.error_code = Some(ErrorCode::DependencyFailed);
@@ -127,11 +142,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 .values()
                 .filter(|d| d.spec.id != ROS_MASTER_DEPLOYMENT)
                 .map(|dep| {
-                    let restarts = dep
-                        .execs
-                        .iter()
-                        .map(|e| self.state.exec(&e.key).map_or(0, |r| r.restart_count))
-                        .sum();
+                    let restarts = dep.execs.iter().map(|e| e.restart_count).sum();
                     (dep.status(), restarts)
                 }),
         );

@@ -20,15 +20,17 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             self.down_position = self.state.event_position;
         }
         warn!(error, "docker engine unreachable; retrying with back-off");
-        for dep in self.deployments.values_mut() {
-            dep.pull_due = None;
-            for exec in &mut dep.execs {
-                exec.due = None;
-                exec.status = Status::Unknown;
-                exec.reason = Some("docker engine unreachable".into());
-                exec.error_code = Some(ErrorCode::EngineUnreachable);
-            }
-            dep.dirty = true;
+        let keys: Vec<ExecKey> = self
+            .deployments
+            .values_mut()
+            .flat_map(|dep| {
+                dep.pull_due = None;
+                dep.dirty = true;
+                dep.execs.iter().map(|e| e.key.clone())
+            })
+            .collect();
+        for key in keys {
+            self.feed(&key, Input::EngineLost);
         }
         if !self.reconciled {
             // berth is up and reporting the engine unreachable: ready, so that
@@ -77,22 +79,21 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         if !replay.is_empty() {
             return;
         }
+        // Only a kill sent within the engine's shutdown time before its
+        // stream ended can have been the engine's.
         let since = down - ENGINE_SHUTDOWN_WINDOW.as_nanos() as i64;
         let keys: Vec<ExecKey> = self
             .deployments
             .values()
             .flat_map(|d| d.execs.iter())
-            .filter(|e| e.manual_at.is_some_and(|t| t >= since))
+            .filter(|e| matches!(e.life, Life::Suspended { at: Some(t) } if t >= since))
             .map(|e| e.key.clone())
             .collect();
         for key in keys {
             info!(executable = %key, "stopped by the engine's shutdown, not by hand");
             if let Some(exec) = self.exec_mut(&key) {
-                exec.manual_at = None;
+                exec.life = Life::Running { killed: None };
             }
-            let record = self.state.exec_mut(&key);
-            record.manual_stop = false;
-            record.status = Some(Status::Running);
             self.interrupted.insert(key);
         }
     }
@@ -113,7 +114,14 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         self.held_launches = Some(Vec::new());
         let mut by_key: HashMap<ExecKey, ContainerInfo> = HashMap::new();
         let mut orphans = Vec::new();
+        let mut prevs = Vec::new();
         for info in containers {
+            if info.name.ends_with(converge::PREV_SUFFIX) {
+                // The previous container of an update berth did not see
+                // through: it runs again if the current one is gone.
+                prevs.push(info);
+                continue;
+            }
             if info.name.ends_with(converge::NEXT_SUFFIX) {
                 // An update's new container that never replaced the old one:
                 // the update is prepared again.
@@ -131,6 +139,29 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 None => {}
             }
         }
+        for info in prevs {
+            let key = key_from_labels(&info.labels);
+            let runtime = self.runtime.clone();
+            match key {
+                Some(key)
+                    if self.deployments.contains_key(&key.deployment)
+                        && !by_key.contains_key(&key) =>
+                {
+                    info!(container = %info.name, "restoring the previous container of an unfinished update");
+                    let name = crate::model::container_name(&self.config.device_id, &key);
+                    let id = info.id.clone();
+                    self.tracker.spawn(async move {
+                        let _ = runtime.rename(&id, &name).await;
+                    });
+                    by_key.insert(key, info);
+                }
+                _ => {
+                    self.tracker.spawn(async move {
+                        let _ = runtime.remove(&info.id).await;
+                    });
+                }
+            }
+        }
         if self.config.deployments_dir.is_dir() {
             for (key, info) in orphans {
                 self.remove_orphan(key, info);
@@ -143,8 +174,23 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 "deployments_dir is missing; containers without a deployment left alone"
             );
         }
-        let replayed = classify_replay(replay);
         let position = self.state.event_position;
+        // The engine keeps its last 256 events: a replay that does not reach
+        // back to the last event berth saw has lost some. What it holds cannot
+        // tell a manual stop from a crash then, so every exit is decided by
+        // its exit code (as after an engine restart).
+        let truncated = position.is_some_and(|p| {
+            replay.len() >= ENGINE_EVENT_MEMORY || replay.first().is_some_and(|e| e.time_nanos > p)
+        });
+        let replayed = if truncated {
+            warn!(
+                events = replay.len(),
+                "the engine's event history does not reach back to the last event berth saw; exits are decided by their exit codes"
+            );
+            HashMap::new()
+        } else {
+            classify_replay(replay)
+        };
         let keys: Vec<ExecKey> = self
             .deployments
             .values()
@@ -153,14 +199,14 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         for key in keys {
             let info = by_key.remove(&key);
             // A container removed meanwhile is found by the id berth recorded.
-            let id = info
-                .as_ref()
-                .map(|i| i.id.clone())
-                .or_else(|| self.state.exec(&key).and_then(|r| r.container_id.clone()));
+            let id = info.as_ref().map(|i| i.id.clone()).or_else(|| {
+                self.exec_mut(&key)
+                    .and_then(|e| e.container_id().map(str::to_string))
+            });
             let seen = id
                 .and_then(|id| replayed.get(&id).copied())
                 .unwrap_or_default();
-            self.reconcile_exec(&key, info, seen, position);
+            self.reconcile_exec(&key, info, seen, position.filter(|_| !truncated));
         }
         let ids: Vec<String> = self.deployments.keys().cloned().collect();
         for id in ids {
@@ -183,83 +229,86 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         position: Option<i64>,
     ) {
         let rebooted = self.rebooted;
-        let record = self.state.exec(key).cloned().unwrap_or_default();
+        let interrupted = self.interrupted.remove(key);
+        let Some(policy) = self
+            .deployments
+            .get(&key.deployment)
+            .map(|d| d.spec.restart)
+        else {
+            return;
+        };
         let Some(exec) = self.exec_mut(key) else {
             return;
         };
-        if exec.busy {
+        if exec.busy() {
             return;
         }
-        exec.due = None;
-        exec.killed_by_other = false;
+        let life = exec.life.clone();
+        // What berth last knew: it was running (or about to be restarted).
+        let was_running = matches!(
+            life,
+            Life::Running { .. } | Life::Proving { .. } | Life::BackingOff { .. }
+        );
+        let suspended = matches!(life, Life::Suspended { .. });
         let Some(info) = info else {
-            exec.container_id = None;
-            exec.started_at = None;
+            let ran_before = exec
+                .container
+                .take()
+                .is_some_and(|c| c.started_at.is_some());
             if seen.destroyed && !rebooted {
                 // Removed by hand while berth was away.
-                self.state.exec_mut(key).container_id = None;
-                self.apply(key, Happening::StoppedByHand, None, None);
-            } else if record.manual_stop && !rebooted {
-                exec.set(Status::Stopped, Some(MANUAL_STOP_REASON.into()), None);
+                self.feed(key, Input::Removed);
+            } else if suspended && !rebooted {
+                exec.shown = lifecycle::settled(&life, policy);
             } else {
-                // No container: provisioning creates it. Set Pending so that
-                // `maybe_provision` picks it up.
+                // No container: provisioning creates it, and starting one
+                // that ran before is a restart.
+                exec.lost_container = exec.lost_container || ran_before;
+                exec.life = Life::Idle;
                 exec.set(Status::Pending, Some("waiting for container".into()), None);
             }
             self.mark_dirty(&key.deployment);
             return;
         };
-        exec.container_id = Some(info.id.clone());
-        exec.container_hash = converge::container_hash(&info);
-        exec.running_image = Some(info.image.clone());
-        exec.started_at = info.started_at.clone().filter(|_| info.has_started());
-        exec.started_nanos = exec.started_at.as_deref().map(parse_nanos).unwrap_or(0);
-        exec.exit_code = None;
+        exec.container = Some(Container::from_info(&info));
         if info.has_started() {
             exec.launched = true;
         }
 
         // A restart berth had committed to (and counted) before it went away.
-        if let Some(pending) = &record.pending_restart {
+        if let Some(pending) = exec.pending_restart.clone() {
             let happened = info.started_at != pending.prev_started_at;
-            let record = self.state.exec_mut(key);
             if happened {
-                record.pending_restart = None;
-                record.started_at = info.started_at.clone();
+                exec.pending_restart = None;
             } else if !info.running {
                 info!(executable = %key, "completing a restart committed before berth stopped");
-                self.launch(key, false);
+                exec.life = Life::Idle;
+                self.feed(key, Input::Launch { restart: None });
                 return;
             }
         }
 
-        let exec = self.exec_mut(key).expect("exec exists");
         if info.running {
-            exec.set(Status::Running, None, None);
-            let record = self.state.exec_mut(key);
-            if record.manual_stop {
-                // Started by hand while berth was away: the policy applies again.
-                record.manual_stop = false;
-            }
-            record.started_at = info.started_at.clone();
-            record.container_id = Some(info.id.clone());
-            record.status = Some(Status::Running);
+            // Still running, or started by hand while berth was away (the
+            // policy applies again).
+            exec.life = Life::Running { killed: None };
+            exec.shown = Shown::running();
             self.mark_dirty(&key.deployment);
             return;
         }
 
         let code = info.exit_code.unwrap_or(0);
-        let happening = if record.manual_stop && !rebooted {
+        let happening = if suspended && !rebooted {
             None // still suspended
         } else if rebooted {
-            Some(match record.status {
-                Some(Status::Completed) => Happening::ExitedBeforeReboot { code: 0 },
-                Some(Status::Error) => Happening::ExitedBeforeReboot {
-                    code: record.exit_code.unwrap_or(1),
+            Some(match life {
+                Life::Exited { code: Some(0) } => Happening::ExitedBeforeReboot { code: 0 },
+                Life::Exited { code } => Happening::ExitedBeforeReboot {
+                    code: code.unwrap_or(1),
                 },
                 _ => Happening::Interrupted,
             })
-        } else if self.interrupted.remove(key) {
+        } else if interrupted {
             Some(Happening::Interrupted)
         } else if seen.manual {
             Some(Happening::StoppedByHand)
@@ -268,11 +317,12 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 Some(Happening::StartFailed)
             } else {
                 // Created but never started (berth stopped in between).
-                self.launch(key, false);
+                exec.life = Life::Idle;
+                self.feed(key, Input::Launch { restart: None });
                 return;
             }
         } else if !seen.died
-            && record.status == Some(Status::Running)
+            && was_running
             && position
                 .is_some_and(|p| info.finished_at.as_deref().map(parse_nanos).unwrap_or(0) > p)
         {
@@ -280,7 +330,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             // history has no `die` for it: the engine restarted meanwhile and
             // its shutdown stopped the container.
             Some(Happening::Interrupted)
-        } else if record.status == Some(Status::Running) || seen.died {
+        } else if was_running || seen.died || life == Life::Idle {
             Some(Happening::Exited { code })
         } else {
             // Exited before berth last looked: keep what was decided then.
@@ -288,44 +338,27 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         };
         match happening {
             Some(happening) => {
+                // The reconcile's verdict replaces whatever was under way.
+                if was_running {
+                    exec.life = Life::Idle;
+                }
                 let ran_for = ran_for(&info);
-                self.apply(key, happening, Some(code), ran_for);
+                self.feed(
+                    key,
+                    Input::Found {
+                        happening,
+                        code: Some(code),
+                        ran_for,
+                    },
+                );
             }
-            None => self.restore_recorded(key, &record, code),
-        }
-    }
-
-    /// Shows again what was decided about an executable that has not run
-    /// since berth last looked (it exited before, and nothing changed).
-    pub(super) fn restore_recorded(&mut self, key: &ExecKey, record: &ExecRecord, code: i64) {
-        let Some(policy) = self
-            .deployments
-            .get(&key.deployment)
-            .map(|d| d.spec.restart)
-        else {
-            return;
-        };
-        let exec = self.exec_mut(key).expect("exec exists");
-        exec.exit_code = Some(code);
-        match record.status {
-            Some(Status::Stopped) | None if record.manual_stop => {
-                exec.set(Status::Stopped, Some(MANUAL_STOP_REASON.into()), None)
-            }
-            Some(Status::Completed) => exec.set(Status::Completed, None, None),
-            Some(Status::Error) => exec.set(
-                Status::Error,
-                Some(exit_reason(code, policy)),
-                Some(ErrorCode::ExecutableFailed),
-            ),
-            Some(Status::Stopped) => {
-                exec.set(Status::Stopped, Some(NEVER_INTERRUPTED_REASON.into()), None)
-            }
-            _ => {
-                self.apply(key, Happening::Exited { code }, Some(code), None);
-                return;
+            None => {
+                let mut shown = lifecycle::settled(&life, policy);
+                shown.exit_code = Some(code);
+                exec.shown = shown;
+                self.mark_dirty(&key.deployment);
             }
         }
-        self.mark_dirty(&key.deployment);
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::Path;
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
+use super::lifecycle::NEVER_INTERRUPTED_REASON;
 use super::*;
 use crate::config::{DockerSettings, LogSettings, MqttSettings, RestartSettings, RosSettings};
 use crate::model::{labels, Command, ComponentSpec, Limits, RestartPolicy};
@@ -34,7 +35,7 @@ fn config(state_dir: &Path) -> AgentConfig {
             registries: Vec::new(),
         },
         mqtt: MqttSettings {
-            url: "mqtt://127.0.0.1:1883".into(),
+            endpoint: "mqtt://127.0.0.1:1883".parse().unwrap(),
             client_id: format!("berth-{DEVICE}"),
             topic_prefix: "berth".into(),
             username: None,
@@ -90,6 +91,7 @@ fn deployment(restart: RestartPolicy, pull: PullPolicy, program: &str) -> Deploy
                 network: Default::default(),
             }],
         }],
+        update: Default::default(),
         source: "/etc/berth/deployments.d/talker.toml".into(),
     }
 }

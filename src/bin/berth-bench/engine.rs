@@ -414,8 +414,13 @@ pub fn all_started(events: &[Event], names: &BTreeSet<String>, after: i64) -> Op
 // --- a second dockerd -----------------------------------------------------------------
 
 /// A `dockerd` of the bench's own: its own socket, data root, exec root (and
-/// so its own containerd), no bridge and no iptables rules, so that it
-/// coexists with the machine's engine and can be restarted freely.
+/// so its own containerd), network namespace (`unshare --net`), no bridge
+/// and no iptables rules, so that it coexists with the machine's engine and
+/// can be restarted freely. The namespace matters: moby deletes `docker0`
+/// when its bridge is disabled, which in the machine's namespace would be
+/// the machine engine's bridge. The bench reaches it through its unix
+/// socket; its containers' host network is that namespace, with no
+/// interface up, which none of the bench's containers needs.
 pub struct Dockerd {
     dir: PathBuf,
     child: Option<Child>,
@@ -450,8 +455,12 @@ impl Dockerd {
             bail!("the bench's dockerd is already running");
         }
         let d = |name: &str| self.dir.join(name).display().to_string();
-        let mut command = Command::new("dockerd");
+        // unshare execs dockerd: the child's pid is dockerd's.
+        let mut command = Command::new("unshare");
         command.args([
+            "--net",
+            "--",
+            "dockerd",
             "--host",
             &self.host(),
             "--config-file",

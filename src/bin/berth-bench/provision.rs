@@ -147,7 +147,7 @@ fn compose_up(ctx: &Ctx, dir: &std::path::Path, total: usize) -> Result<f64> {
         Command::new("docker-compose").arg("version"),
         Duration::from_secs(60),
     )
-    .context("docker-compose is needed for this comparison: run scripts/setup.sh")?;
+    .context("docker-compose is needed for this comparison: run scripts/setup.sh --tests")?;
     // Compose v1 names containers <project>_<service>_1.
     let project = format!("{}-c", ctx.run_id);
     let _containers = Containers::guard(&ctx.engine, &format!("{project}_"));

@@ -6,8 +6,9 @@
 //!
 //! The machine's engine is shared with other work and must not be restarted,
 //! so both run against a second `dockerd` of the bench's own (own socket,
-//! data root, exec root, containerd; no bridge, no iptables), loaded with the
-//! test image, which berth reaches through `[docker] host`.
+//! data root, exec root, containerd and network namespace; no bridge, no
+//! iptables), loaded with the test image, which berth reaches through
+//! `[docker] host`.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
