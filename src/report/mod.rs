@@ -174,17 +174,14 @@ pub enum Event {
         executable: String,
         restart_count: u64,
     },
-    /// Stopped by anyone but berth, or by berth for an operator: the policy
-    /// is suspended until a start or a reboot.
+    /// Stopped by anyone but berth (an operator's `stop` included): the
+    /// policy is suspended until a start or a reboot.
     ManualStop {
         deployment: String,
         component: String,
         executable: String,
         exit_code: Option<i64>,
         reason: String,
-        /// Who asked, for an operator's stop.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        by: Option<String>,
     },
     /// An operator started an executable again; the policy applies again.
     Start {

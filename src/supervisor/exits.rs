@@ -135,7 +135,6 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     executable: key.executable.clone(),
                     exit_code,
                     reason: MANUAL_STOP_REASON.into(),
-                    by: None,
                 });
             }
             Effect::Restarted => {
