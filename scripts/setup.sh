@@ -84,6 +84,8 @@ need_root() {
     command -v sudo >/dev/null ||
         die "$1 needs root, and sudo is not installed: run scripts/setup.sh as root"
     say "$1 needs root: running again with sudo"
+    # exec skips the EXIT trap.
+    rm -rf "${CLEANUP[@]}"
     # The caller's cargo environment, for the cargo tools (sudo resets it).
     exec sudo -- env "SETUP_CALLER_PATH=$PATH" \
         "SETUP_CALLER_CARGO_HOME=${CARGO_HOME:-}" \

@@ -143,14 +143,154 @@ impl Default for RemoteSettings {
 /// affects its deployment alone.
 pub type Deployments = BTreeMap<String, DeploymentSpec>;
 
-/// One problem in one file, at a 1-based line and column.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}:{line}:{col}: {message}", file.display())]
+/// One problem in one file: at a 1-based line and column when it has a
+/// place in the text, else about the file as a whole (its type, size, owner
+/// or permissions, or that it cannot be read).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub file: PathBuf,
-    pub line: usize,
-    pub col: usize,
+    /// `(line, column)`, both from 1.
+    pub at: Option<(usize, usize)>,
     pub message: String,
+}
+
+/// `file:line:col: message`, or `file: message` without a place.
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.at {
+            Some((line, col)) => {
+                write!(f, "{}:{line}:{col}: {}", self.file.display(), self.message)
+            }
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    fn whole_file(file: &Path, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_path_buf(),
+            at: None,
+            message: message.into(),
+        }
+    }
+}
+
+/// The largest deployment file berth reads (SPEC 8).
+pub const MAX_DEPLOYMENT_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Why a deployment file was not read (SPEC 8): berth reads only regular
+/// files (a symlink to one is followed) of at most 1 MiB, owned by root or
+/// by berth's own user and not writable by group or others, because whoever
+/// can write a deployment can mount any host path: root on the device.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot open file: {}", io_message(.0))]
+    Open(#[source] io::Error),
+    #[error("not a regular file but {kind}; only regular files (or symlinks to one) are read")]
+    NotRegular { kind: &'static str },
+    #[error("file is larger than 1 MiB ({size} bytes)")]
+    TooLarge { size: u64 },
+    #[error(
+        "file is owned by uid {owner}, not by root or berth's user (uid {euid}): \
+         whoever can write a deployment is root on the device"
+    )]
+    Owner { owner: u32, euid: u32 },
+    #[error("file is writable by {who} (mode {mode:04o}): run chmod go-w on it")]
+    Writable { who: &'static str, mode: u32 },
+    #[error("cannot read file: {}", io_message(.0))]
+    Read(#[source] io::Error),
+    #[error("file is not UTF-8 text (invalid byte at offset {offset})")]
+    NotUtf8 { offset: usize },
+}
+
+impl FileError {
+    /// The file was removed between the listing and the read: there is
+    /// nothing to apply, it is not an invalid deployment.
+    pub fn is_gone(&self) -> bool {
+        matches!(self, FileError::Open(e) if e.kind() == io::ErrorKind::NotFound)
+    }
+}
+
+/// Reads one deployment file safely: it is opened without blocking (a FIFO
+/// never waits for a writer), its type, owner, mode and size are taken from
+/// the opened descriptor (no race with a rename), and at most 1 MiB + 1 bytes
+/// are read, so a file that grows meanwhile is still bounded.
+pub fn read_deployment_file(path: &Path) -> Result<String, FileError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY).bits())
+        .open(path)
+        .map_err(FileError::Open)?;
+    let meta = file.metadata().map_err(FileError::Read)?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let kind = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "a special file"
+        };
+        return Err(FileError::NotRegular { kind });
+    }
+    check_owner_and_mode(meta.uid(), meta.mode(), nix::unistd::geteuid().as_raw())?;
+    if meta.len() > MAX_DEPLOYMENT_FILE_BYTES {
+        return Err(FileError::TooLarge { size: meta.len() });
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_DEPLOYMENT_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(FileError::Read)?;
+    if bytes.len() as u64 > MAX_DEPLOYMENT_FILE_BYTES {
+        return Err(FileError::TooLarge {
+            size: bytes.len() as u64,
+        });
+    }
+    String::from_utf8(bytes).map_err(|e| FileError::NotUtf8 {
+        offset: e.utf8_error().valid_up_to(),
+    })
+}
+
+/// Who may write a deployment file: its owner, root or berth's own user
+/// (`euid`), and nobody else.
+fn check_owner_and_mode(owner: u32, mode: u32, euid: u32) -> Result<(), FileError> {
+    if owner != 0 && owner != euid {
+        return Err(FileError::Owner { owner, euid });
+    }
+    let mode = mode & 0o7777;
+    if mode & 0o022 != 0 {
+        let who = match (mode & 0o020 != 0, mode & 0o002 != 0) {
+            (true, true) => "group and others",
+            (true, false) => "its group",
+            _ => "others",
+        };
+        return Err(FileError::Writable { who, mode });
+    }
+    Ok(())
+}
+
+/// The `id` a deployment file claims, when it can be read safely and parses
+/// as TOML: an invalid file is reported under it. `None` otherwise (the
+/// file's stem is then used).
+pub fn deployment_id_of(path: &Path) -> Option<String> {
+    let text = read_deployment_file(path).ok()?;
+    if too_deep(&text).is_some() {
+        return None;
+    }
+    let table = text.parse::<toml::Table>().ok()?;
+    table.get("id")?.as_str().map(str::to_string)
 }
 
 /// Reads and validates the agent config. Relative paths in it are resolved
@@ -162,6 +302,18 @@ pub fn load_agent(path: &Path) -> Result<AgentConfig, Vec<ConfigError>> {
 /// Reads and validates one deployment file.
 pub fn load_deployment(path: &Path) -> Result<DeploymentSpec, Vec<ConfigError>> {
     load_deployment_located(path).map(|located| located.spec)
+}
+
+/// Validates the text of an agent config as if read from `path` (relative
+/// paths resolve against its directory). Touches no file.
+pub fn parse_agent(path: &Path, text: &str) -> Result<AgentConfig, Vec<ConfigError>> {
+    parse_agent_inner(path, text).1
+}
+
+/// Validates the text of a deployment file as if read from `path`. Touches
+/// no file.
+pub fn parse_deployment(path: &Path, text: &str) -> Result<DeploymentSpec, Vec<ConfigError>> {
+    parse_deployment_located(path, text).map(|located| located.spec)
 }
 
 /// Loads every `*.toml` file of `dir` (not recursive, sorted by name, hidden
@@ -376,13 +528,10 @@ struct Pos {
 }
 
 impl Pos {
-    const START: Pos = Pos { line: 1, col: 1 };
-
     fn error(self, file: &Path, message: impl Into<String>) -> ConfigError {
         ConfigError {
             file: file.to_path_buf(),
-            line: self.line,
-            col: self.col,
+            at: Some((self.line, self.col)),
             message: message.into(),
         }
     }
@@ -416,6 +565,12 @@ impl Source<'_> {
     }
 
     fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        if let Some(offset) = too_deep(self.text) {
+            return Err(self.error(
+                offset..offset,
+                format!("arrays and inline tables nested more than {MAX_NESTING} levels deep"),
+            ));
+        }
         toml::from_str(self.text).map_err(|e| {
             // toml's messages may span lines; ours are one line each.
             let message = e
@@ -433,7 +588,7 @@ impl Source<'_> {
 
 fn read(path: &Path) -> Result<String, ConfigError> {
     fs::read_to_string(path)
-        .map_err(|e| Pos::START.error(path, format!("cannot read file: {}", io_message(&e))))
+        .map_err(|e| ConfigError::whole_file(path, format!("cannot read file: {}", io_message(&e))))
 }
 
 /// The OS's message, lowercased like ours.
@@ -444,6 +599,68 @@ fn io_message(e: &io::Error) -> String {
         Some(first) => first.to_lowercase().chain(chars).collect(),
         None => s,
     }
+}
+
+/// The deepest nesting of arrays and inline tables a file may have: a real
+/// deployment needs 3 (`volumes = [{ ... }]` in an executable). The `toml`
+/// parser recurses once per level and stops only at 80, which in a debug
+/// build takes more than 1 MiB of stack; 16 levels take a few hundred KiB.
+pub const MAX_NESTING: usize = 16;
+
+/// The byte offset of the first bracket that opens level `MAX_NESTING + 1`,
+/// if any. A cheap scan before parsing that skips comments and all four
+/// kinds of strings, so that brackets inside them do not count. Malformed
+/// text is left to the parser.
+fn too_deep(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'#' => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            quote @ (b'"' | b'\'') => {
+                let basic = quote == b'"';
+                let multi = bytes[i..].starts_with(if basic { b"\"\"\"" } else { b"'''" });
+                i += if multi { 3 } else { 1 };
+                while i < bytes.len() {
+                    match bytes[i] {
+                        b'\\' if basic => i += 1,
+                        b'\n' if !multi => break,
+                        b if b == quote => {
+                            if !multi {
+                                break;
+                            }
+                            if bytes[i..].starts_with(if basic { b"\"\"\"" } else { b"'''" }) {
+                                // A closing delimiter may have up to two more
+                                // quotes before it, inside the string.
+                                while bytes.get(i + 3) == Some(&quote) {
+                                    i += 1;
+                                }
+                                i += 2;
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                    i += 1;
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Some(i);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 /// Collects the validation errors of one file.
@@ -643,14 +860,17 @@ struct RawRemote {
 /// Also returns the deployments directory whenever the file parsed, so that
 /// `check_all` can check the deployments even when another key is wrong.
 fn load_agent_inner(path: &Path) -> (Option<PathBuf>, Result<AgentConfig, Vec<ConfigError>>) {
-    let text = match read(path) {
-        Ok(text) => text,
-        Err(e) => return (None, Err(vec![e])),
-    };
-    let src = Source {
-        file: path,
-        text: &text,
-    };
+    match read(path) {
+        Ok(text) => parse_agent_inner(path, &text),
+        Err(e) => (None, Err(vec![e])),
+    }
+}
+
+fn parse_agent_inner(
+    path: &Path,
+    text: &str,
+) -> (Option<PathBuf>, Result<AgentConfig, Vec<ConfigError>>) {
+    let src = Source { file: path, text };
     let raw: RawAgent = match src.parse() {
         Ok(raw) => raw,
         Err(e) => return (None, Err(vec![e])),
@@ -1083,7 +1303,8 @@ struct Located {
 }
 
 fn load_deployment_located(path: &Path) -> Result<Located, Vec<ConfigError>> {
-    let text = read(path).map_err(|e| vec![e])?;
+    let text = read_deployment_file(path)
+        .map_err(|e| vec![ConfigError::whole_file(path, e.to_string())])?;
     parse_deployment_located(path, &text)
 }
 
@@ -1350,6 +1571,28 @@ fn check_volume_path(c: &mut Checker, path: &Spanned<String>, key: &str) -> Stri
 }
 
 fn load_dir_located(dir: &Path) -> (BTreeMap<String, Located>, BadFiles) {
+    load_dir_located_with(dir, load_listed)
+}
+
+/// One listed file; `None` when it was removed since the listing (nothing
+/// to apply: it is as if the listing had not seen it).
+fn load_listed(path: &Path) -> Option<Result<Located, Vec<ConfigError>>> {
+    match read_deployment_file(path) {
+        Ok(text) => Some(parse_deployment_located(path, &text)),
+        Err(e) if e.is_gone() => {
+            tracing::debug!(file = %path.display(), "deployment file removed since the listing");
+            None
+        }
+        Err(e) => Some(Err(vec![ConfigError::whole_file(path, e.to_string())])),
+    }
+}
+
+/// `load_dir_located` with the loading of one file given, so that a test
+/// can put a race between the listing and the read.
+fn load_dir_located_with(
+    dir: &Path,
+    load: impl Fn(&Path) -> Option<Result<Located, Vec<ConfigError>>>,
+) -> (BTreeMap<String, Located>, BadFiles) {
     let mut good: BTreeMap<String, Located> = BTreeMap::new();
     let mut bad = Vec::new();
     let entries = match fs::read_dir(dir) {
@@ -1359,7 +1602,10 @@ fn load_dir_located(dir: &Path) -> (BTreeMap<String, Located>, BadFiles) {
                 io::ErrorKind::NotFound => "deployments directory does not exist".to_string(),
                 _ => format!("cannot read deployments directory: {}", io_message(&e)),
             };
-            bad.push((dir.to_path_buf(), vec![Pos::START.error(dir, message)]));
+            bad.push((
+                dir.to_path_buf(),
+                vec![ConfigError::whole_file(dir, message)],
+            ));
             return (good, bad);
         }
     };
@@ -1370,15 +1616,17 @@ fn load_dir_located(dir: &Path) -> (BTreeMap<String, Located>, BadFiles) {
                 let path = entry.path();
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                // Hidden files are editors' and tools' scratch files.
-                if name.starts_with('.') || !name.ends_with(".toml") || path.is_dir() {
+                // Hidden files are editors' and tools' scratch files. Any other
+                // `*.toml`, even a directory or a FIFO, is a deployment file:
+                // the read says what is wrong with it.
+                if name.starts_with('.') || !name.ends_with(".toml") {
                     continue;
                 }
                 files.push(path);
             }
             Err(e) => bad.push((
                 dir.to_path_buf(),
-                vec![Pos::START.error(
+                vec![ConfigError::whole_file(
                     dir,
                     format!("cannot read deployments directory: {}", io_message(&e)),
                 )],
@@ -1388,7 +1636,10 @@ fn load_dir_located(dir: &Path) -> (BTreeMap<String, Located>, BadFiles) {
     files.sort();
 
     for file in files {
-        match load_deployment_located(&file) {
+        let Some(loaded) = load(&file) else {
+            continue;
+        };
+        match loaded {
             Ok(located) => {
                 if let Some(first) = good.get(&located.spec.id) {
                     let error = located.id_pos.error(
@@ -1444,7 +1695,7 @@ mod tests {
                 Err(errors) => {
                     let ok = errors.len() == 1
                         && errors[0].message.contains(expected)
-                        && (errors[0].line, errors[0].col) == (*line, *col)
+                        && errors[0].at == Some((*line, *col))
                         && errors[0].file == path;
                     if !ok {
                         failures.push(format!(
@@ -1610,23 +1861,29 @@ mod tests {
             "device_id = \"a b\"\n[log]\nlevel = \"loud\"\nformat = \"xml\"\n",
         );
         let errors = load_agent(&path).unwrap_err();
-        let lines: Vec<_> = errors.iter().map(|e| (e.line, e.col)).collect();
-        assert_eq!(lines, [(1, 13), (3, 9), (4, 10)], "{}", messages(&errors));
+        let lines: Vec<_> = errors.iter().map(|e| e.at).collect();
+        assert_eq!(
+            lines,
+            [Some((1, 13)), Some((3, 9)), Some((4, 10))],
+            "{}",
+            messages(&errors)
+        );
     }
 
     #[test]
     fn error_display_is_file_line_col_message() {
         let e = ConfigError {
             file: PathBuf::from("/etc/berth/berth.toml"),
-            line: 3,
-            col: 7,
+            at: Some((3, 7)),
             message: "invalid mqtt url".into(),
         };
         assert_eq!(e.to_string(), "/etc/berth/berth.toml:3:7: invalid mqtt url");
+        let e = ConfigError { at: None, ..e };
+        assert_eq!(e.to_string(), "/etc/berth/berth.toml: invalid mqtt url");
     }
 
     #[test]
-    fn unreadable_file_is_an_error_at_1_1() {
+    fn unreadable_file_is_an_error_without_a_position() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("absent.toml");
         for errors in [
@@ -1634,11 +1891,14 @@ mod tests {
             load_deployment(&path).unwrap_err(),
         ] {
             assert_eq!(errors.len(), 1);
-            assert_eq!((errors[0].line, errors[0].col), (1, 1));
+            assert_eq!(errors[0].at, None);
             assert!(
                 errors[0]
                     .message
-                    .starts_with("cannot read file: no such file"),
+                    .starts_with("cannot read file: no such file")
+                    || errors[0]
+                        .message
+                        .starts_with("cannot open file: no such file"),
                 "{}",
                 errors[0]
             );
@@ -1654,19 +1914,14 @@ mod tests {
             "device_id = \"r\" # été\n[log]\n\"é\" = 1\n",
         );
         let errors = load_agent(&path).unwrap_err();
-        assert_eq!((errors[0].line, errors[0].col), (3, 1));
+        assert_eq!(errors[0].at, Some((3, 1)));
         let path = write(
             dir.path(),
             "c.toml",
             "device_id = \"r\"\n[log]\nlevel = \"é\" ; x\n",
         );
         let errors = load_agent(&path).unwrap_err();
-        assert_eq!(
-            (errors[0].line, errors[0].col),
-            (3, 13),
-            "{}",
-            messages(&errors)
-        );
+        assert_eq!(errors[0].at, Some((3, 13)), "{}", messages(&errors));
     }
 
     #[test]
@@ -2153,11 +2408,20 @@ devices = ["/dev/ttyUSB0"]
         assert_eq!(good.keys().collect::<Vec<_>>(), ["alpha", "beta"]);
         assert_eq!(good["alpha"].source, d.join("a.toml"));
         let files: Vec<_> = bad.iter().map(|(f, _)| f.clone()).collect();
-        assert_eq!(files, [broken, dup.clone()]);
-        let dup_errors = &bad[1].1;
+        // A directory named *.toml is not read into: it is a deployment
+        // file that is not a regular file.
+        assert_eq!(files, [broken, d.join("sub.toml"), dup.clone()]);
+        assert_eq!(
+            bad[1].1[0].to_string(),
+            format!(
+                "{}: not a regular file but a directory; only regular files (or symlinks to one) are read",
+                d.join("sub.toml").display()
+            )
+        );
+        let dup_errors = &bad[2].1;
         assert_eq!(dup_errors.len(), 1);
         let e = &dup_errors[0];
-        assert_eq!((e.file.clone(), e.line, e.col), (dup, 1, 6));
+        assert_eq!((e.file.clone(), e.at), (dup, Some((1, 6))));
         assert_eq!(
             e.message,
             format!(
@@ -2165,6 +2429,204 @@ devices = ["/dev/ttyUSB0"]
                 d.join("a.toml").display()
             )
         );
+    }
+
+    fn read_error(path: &Path) -> String {
+        match read_deployment_file(path) {
+            Ok(text) => panic!("{} was read: {} bytes", path.display(), text.len()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.toml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Without O_NONBLOCK this open would wait forever for a writer.
+        assert!(read_error(&fifo).contains("not a regular file but a FIFO"));
+    }
+
+    #[test]
+    fn a_symlink_to_a_device_is_refused_and_to_a_file_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let zero = dir.path().join("z.toml");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        assert!(read_error(&zero).contains("not a regular file but a character device"));
+
+        let target = write(dir.path(), "real", "id = \"x\"\n");
+        let link = dir.path().join("x.toml");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert_eq!(read_deployment_file(&link).unwrap(), "id = \"x\"\n");
+    }
+
+    #[test]
+    fn a_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("x.toml");
+        fs::create_dir(&sub).unwrap();
+        assert!(read_error(&sub).contains("not a regular file but a directory"));
+    }
+
+    #[test]
+    fn a_file_over_1_mib_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.toml");
+        // Sparse: 100 MB that take no disk.
+        let file = fs::File::create(&big).unwrap();
+        file.set_len(100_000_000).unwrap();
+        assert_eq!(
+            read_error(&big),
+            "file is larger than 1 MiB (100000000 bytes)"
+        );
+        file.set_len(MAX_DEPLOYMENT_FILE_BYTES + 1).unwrap();
+        assert!(read_error(&big).contains("larger than 1 MiB"));
+        file.set_len(MAX_DEPLOYMENT_FILE_BYTES).unwrap();
+        assert_eq!(
+            read_deployment_file(&big).unwrap().len() as u64,
+            MAX_DEPLOYMENT_FILE_BYTES
+        );
+    }
+
+    #[test]
+    fn a_file_writable_by_group_or_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "w.toml", "id = \"w\"\n");
+        for (mode, who) in [
+            (0o666, "group and others"),
+            (0o646, "others"),
+            (0o664, "its group"),
+        ] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(
+                read_error(&path),
+                format!("file is writable by {who} (mode {mode:04o}): run chmod go-w on it")
+            );
+        }
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read_deployment_file(&path).is_ok());
+    }
+
+    #[test]
+    fn only_root_and_berths_user_may_own_a_deployment_file() {
+        // (owner, mode, berth's euid, accepted)
+        let rows = [
+            (0, 0o644, 0, true),
+            (0, 0o644, 1000, true),
+            (1000, 0o600, 1000, true),
+            (1001, 0o644, 1000, false),
+            (1000, 0o644, 0, false),
+            (0, 0o664, 0, false),
+            (0, 0o4755, 0, true),
+        ];
+        for (owner, mode, euid, accepted) in rows {
+            let got = check_owner_and_mode(owner, mode, euid);
+            assert_eq!(
+                got.is_ok(),
+                accepted,
+                "owner {owner} mode {mode:o} euid {euid}: {got:?}"
+            );
+        }
+        assert_eq!(
+            check_owner_and_mode(1001, 0o644, 1000)
+                .unwrap_err()
+                .to_string(),
+            "file is owned by uid 1001, not by root or berth's user (uid 1000): \
+             whoever can write a deployment is root on the device"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_utf8_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.toml");
+        fs::write(&path, b"id = \"\xff\"\n").unwrap();
+        assert_eq!(
+            read_error(&path),
+            "file is not UTF-8 text (invalid byte at offset 6)"
+        );
+    }
+
+    #[test]
+    fn a_file_removed_between_listing_and_read_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(d, "a.toml", &deployment("alpha", &[]));
+        write(d, "b.toml", &deployment("beta", &[]));
+        let (good, bad) = load_dir_located_with(d, |path| {
+            if path.ends_with("a.toml") {
+                fs::remove_file(path).unwrap();
+            }
+            load_listed(path)
+        });
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(good.keys().collect::<Vec<_>>(), ["beta"]);
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        // toml_edit stops at 80 levels (unless its `unbounded` feature is
+        // on, which berth must never enable): 10 000 levels of every kind
+        // of nesting are one error, parsed on a small stack.
+        const DEPTH: usize = 10_000;
+        let forms = [
+            format!("a = {}1{}\n", "[".repeat(DEPTH), "]".repeat(DEPTH)),
+            format!("a = {}1{}\n", "{b = ".repeat(DEPTH), "}".repeat(DEPTH)),
+            format!("[{}]\n", vec!["a"; DEPTH].join(".")),
+            format!("{} = 1\n", vec!["a"; DEPTH].join(".")),
+            format!("[[{}]]\n", vec!["a"; DEPTH].join(".")),
+            (0..DEPTH)
+                .map(|i| format!("[{}]\n", vec!["a"; i + 1].join(".")))
+                .take(200)
+                .collect(),
+        ];
+        let first = forms[0].clone();
+        let handle = std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(move || {
+                forms
+                    .iter()
+                    .map(|text| {
+                        let agent = parse_agent(Path::new("deep.toml"), text).is_err();
+                        let deployment = parse_deployment(Path::new("deep.toml"), text).is_err();
+                        agent && deployment
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .expect("spawn");
+        assert_eq!(handle.join().expect("no stack overflow"), [true; 6]);
+        let error = &parse_deployment(Path::new("d.toml"), &first).unwrap_err()[0];
+        assert_eq!(
+            error.to_string(),
+            "d.toml:1:21: arrays and inline tables nested more than 16 levels deep"
+        );
+    }
+
+    #[test]
+    fn nesting_scan_skips_strings_and_comments() {
+        let deep = "[".repeat(MAX_NESTING + 1);
+        let ok = "[".repeat(MAX_NESTING);
+        // (text, offset of the bracket too deep)
+        let rows: Vec<(String, Option<usize>)> = vec![
+            (format!("a = {ok}1"), None),
+            (format!("a = {deep}"), Some(4 + MAX_NESTING)),
+            (format!("a = \"{deep}\""), None),
+            (format!("a = '{deep}'"), None),
+            (format!("a = \"\"\"\n{deep}\n\"\"\""), None),
+            (format!("a = '''{deep}'''"), None),
+            (format!("# {deep}\na = 1"), None),
+            (format!("a = \"\\\"{deep}\""), None),
+            (
+                format!("a = \"\"\"x\"\"\"\"\nb = {deep}"),
+                Some(17 + MAX_NESTING),
+            ),
+            (format!("a = \"x\nb = {deep}"), Some(11 + MAX_NESTING)),
+            (format!("{}{}{ok}", "]".repeat(50), "}".repeat(50)), None),
+        ];
+        for (text, want) in rows {
+            assert_eq!(too_deep(&text), want, "{text:?}");
+        }
     }
 
     #[test]
@@ -2178,7 +2640,7 @@ devices = ["/dev/ttyUSB0"]
         assert_eq!(
             bad[0].1[0].to_string(),
             format!(
-                "{}:1:1: deployments directory does not exist",
+                "{}: deployments directory does not exist",
                 missing.display()
             )
         );

@@ -43,8 +43,16 @@ use crate::supervisor::{Action, Operator, OperatorRequest};
 pub const SOCKET_NAME: &str = "berth.sock";
 /// A client gets this long to send its request and read the answer.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Requests are one short line; anything longer is cut off here.
+/// Requests are one short line; a longer one is answered with an error
+/// after reading no more than this (and one byte).
 const MAX_REQUEST_BYTES: u64 = 256;
+/// Exchanges served at once. Each holds a descriptor and a task for at most
+/// `EXCHANGE_TIMEOUT`; a client beyond these is told at once that berth is
+/// busy, so a flood of clients (or ones that never read) cannot take the
+/// descriptors and the thread the supervisor needs.
+pub const MAX_CLIENTS: usize = 32;
+/// What a client beyond `MAX_CLIENTS` is told, written without waiting.
+const BUSY_ANSWER: &[u8] = b"{\"error\":\"busy: too many control clients at once; try again\"}\n";
 /// How long an operator action may take before the client gives up: a stop
 /// waits for the executables' grace periods, a start may create containers.
 const ACTION_TIMEOUT: Duration = Duration::from_secs(120);
@@ -156,11 +164,21 @@ fn io_error(operation: &'static str, path: &Path) -> impl FnOnce(std::io::Error)
     }
 }
 
-/// Listens on `<state_dir>/berth.sock` and answers until `shutdown`, then
-/// removes the socket file. The accept loop and every connection are tracked
-/// on `tracker`. Returns the socket's path. Without `operator`, actions are
-/// refused.
+/// Listens on `<state_dir>/berth.sock` and answers `status` until
+/// `shutdown`, then removes the socket file. The accept loop and every
+/// connection are tracked on `tracker`. Returns the socket's path. Operator
+/// actions are refused: see [`serve_with_operator`].
 pub fn serve<P: Reporter>(
+    state_dir: &Path,
+    snapshot: Arc<Snapshot<P>>,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<PathBuf, ControlError> {
+    serve_with_operator(state_dir, snapshot, None, shutdown, tracker)
+}
+
+/// As [`serve`], and carries `stop`, `start` and `restart` to `operator`.
+pub fn serve_with_operator<P: Reporter>(
     state_dir: &Path,
     snapshot: Arc<Snapshot<P>>,
     operator: Option<Operator>,
@@ -223,6 +241,7 @@ async fn accept_loop<P: Reporter>(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
         let stream = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -251,11 +270,22 @@ async fn accept_loop<P: Reporter>(
                 continue;
             }
         }
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            // Never waits: a full socket buffer just loses the answer.
+            let _ = stream.try_write(BUSY_ANSWER);
+            debug!("control socket: too many clients; turned one away");
+            continue;
+        };
         let snapshot = Arc::clone(&snapshot);
         let operator = operator.clone();
         tracker.spawn(async move {
+            let _slot = slot;
+            // Reading the request and writing the answer are each bounded
+            // by EXCHANGE_TIMEOUT inside; an operator action may wait for
+            // its effect up to ACTION_TIMEOUT in between.
             let answered = answer(stream, &snapshot, operator.as_ref());
-            match tokio::time::timeout(ACTION_TIMEOUT, answered).await {
+            let limit = ACTION_TIMEOUT + 2 * EXCHANGE_TIMEOUT;
+            match tokio::time::timeout(limit, answered).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!(error = %e, "control socket: request failed"),
                 Err(_) => debug!("control socket: client too slow; closed"),
@@ -276,45 +306,62 @@ async fn answer<P>(
     operator: Option<&Operator>,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut request = String::new();
-    let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST_BYTES));
-    let reading = reader.read_line(&mut request);
-    tokio::time::timeout(EXCHANGE_TIMEOUT, reading)
+    let mut request = Vec::new();
+    let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST_BYTES + 1));
+    let reading = reader.read_until(b'\n', &mut request);
+    // One deadline for the exchange, as for `status`; an operator action
+    // gets a new one for its answer once its effect is there.
+    let mut deadline = tokio::time::Instant::now() + EXCHANGE_TIMEOUT;
+    tokio::time::timeout_at(deadline, reading)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request too slow"))??;
+    let request = String::from_utf8_lossy(&request).into_owned();
     let words: Vec<&str> = request.split_whitespace().collect();
-    let reply = match words.as_slice() {
-        ["status"] => snapshot.status(),
-        [action, deployment, rest @ ..] if Action::parse(action).is_some() && rest.len() <= 1 => {
-            match operator {
-                Some(operator) => {
-                    let action = Action::parse(action).expect("checked");
-                    let request = OperatorRequest {
-                        action,
-                        deployment: deployment.to_string(),
-                        executable: rest.first().map(|e| e.to_string()),
-                        by: format!("berth {} (local)", action.as_str()),
-                    };
-                    match operator.request(request).await {
-                        Ok(doc) => json!({"ok": true, "deployment": doc}),
-                        Err(e) => json!({"error": e.to_string()}),
+    let reply = if request.len() as u64 > MAX_REQUEST_BYTES {
+        json!({ "error": format!("request longer than {MAX_REQUEST_BYTES} bytes") })
+    } else {
+        match words.as_slice() {
+            ["status"] => snapshot.status(),
+            [action, deployment, rest @ ..]
+                if Action::parse(action).is_some() && rest.len() <= 1 =>
+            {
+                match operator {
+                    Some(operator) => {
+                        let action = Action::parse(action).expect("checked");
+                        let request = OperatorRequest {
+                            action,
+                            deployment: deployment.to_string(),
+                            executable: rest.first().map(|e| e.to_string()),
+                            by: format!("berth {} (local)", action.as_str()),
+                        };
+                        let answer = match operator.request(request).await {
+                            Ok(doc) => json!({"ok": true, "deployment": doc}),
+                            Err(e) => json!({"error": e.to_string()}),
+                        };
+                        deadline = tokio::time::Instant::now() + EXCHANGE_TIMEOUT;
+                        answer
                     }
+                    None => json!({"error": "this berth takes no operator actions"}),
                 }
-                None => json!({"error": "this berth takes no operator actions"}),
             }
+            _ => json!({
+                "error": format!(
+                    "unknown request {:?}; this berth answers `status`, and `stop`, `start` or \
+                     `restart` DEPLOYMENT [EXECUTABLE]",
+                    request.trim()
+                )
+            }),
         }
-        _ => json!({
-            "error": format!(
-                "unknown request {:?}; this berth answers `status`, and `stop`, `start` or \
-                 `restart` DEPLOYMENT [EXECUTABLE]",
-                request.trim()
-            )
-        }),
     };
     let mut line = reply.to_string();
     line.push('\n');
-    write.write_all(line.as_bytes()).await?;
-    write.shutdown().await
+    let writing = async {
+        write.write_all(line.as_bytes()).await?;
+        write.shutdown().await
+    };
+    tokio::time::timeout_at(deadline, writing)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client too slow"))?
 }
 
 // --- berth status ----------------------------------------------------------------
@@ -1185,7 +1232,7 @@ mod tests {
         );
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let path = serve(dir.path(), snapshot, None, shutdown.clone(), &tracker).unwrap();
+        let path = serve(dir.path(), snapshot, shutdown.clone(), &tracker).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
 

@@ -99,7 +99,12 @@ Exit status:
       a password_file, ca_file, cert_file, key_file); systemd does not restart
       berth on it
   1   any other failure, such as a state_dir that cannot be created")]
-    Run,
+    Run {
+        /// Append a line per restart step (die received, start request sent)
+        /// to this file, for `berth-bench`; see src/trace.rs.
+        #[arg(long, value_name = "PATH", hide = true)]
+        trace_file: Option<PathBuf>,
+    },
     /// Validate the agent config and every deployment file
     ///
     /// Reads the agent config and every `*.toml` file of its `deployments_dir`
@@ -359,7 +364,13 @@ fn main() -> ExitCode {
         Command::Stop(args) => action(&cli.config, Action::Stop, args),
         Command::Start(args) => action(&cli.config, Action::Start, args),
         Command::Fleet(args) => fleet(args),
-        Command::Run => {
+        Command::Run { trace_file } => {
+            if let Some(path) = &trace_file {
+                if let Err(e) = berth::trace::enable(path) {
+                    eprintln!("berth: cannot open the trace file {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
             let config = match config::load_agent(&cli.config) {
                 Ok(config) => config,
                 Err(errors) => {
@@ -775,7 +786,7 @@ async fn run(config: AgentConfig) -> Result<(), RunError> {
     });
     // The daemon runs without it: only `berth status` and the operator
     // actions depend on it.
-    if let Err(e) = control::serve(
+    if let Err(e) = control::serve_with_operator(
         &state_dir,
         reporter.clone(),
         Some(supervisor.operator()),

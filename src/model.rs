@@ -77,6 +77,15 @@ impl fmt::Display for Status {
     }
 }
 
+impl Status {
+    /// A deployment's status from its executables': the first of SPEC 5's
+    /// order that any of them has (`Error` before `Pending` before …).
+    /// `None` for no executables.
+    pub fn worst(statuses: impl IntoIterator<Item = Status>) -> Option<Status> {
+        statuses.into_iter().min()
+    }
+}
+
 /// The error codes of SPEC 5, written once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ErrorCode {
@@ -179,6 +188,13 @@ pub enum Network {
 }
 
 /// One container's worth of spec.
+///
+/// Its JSON form is hashed into the `berth.spec-hash` label ([`spec_hash`]),
+/// so it is a pinned format: a field added after 0.1.0 (here, in [`Limits`],
+/// [`Volume`] or [`Command`]) must be left out of the JSON while it has its
+/// default value, with `#[serde(skip_serializing_if = "...")]`, or every
+/// container on every robot is recreated on upgrade. The fields of 0.1.0 keep
+/// their form, `null`s included. `spec_hash_pins` checks it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ExecutableSpec {
     pub name: String,
@@ -341,6 +357,8 @@ pub fn key_from_labels(labels: &BTreeMap<String, String>) -> Option<ExecKey> {
 
 /// A stable hash of what the container is made from: the executable's spec
 /// and the environment it is given. Equal hashes mean nothing to recreate.
+/// The first 8 bytes of the SHA-256 of the JSON of `(spec, env)`, in hex;
+/// pinned across versions (see [`ExecutableSpec`]).
 pub fn spec_hash(exe: &ExecutableSpec, env: &BTreeMap<String, String>) -> String {
     let json = serde_json::to_vec(&(exe, env)).expect("specs serialize");
     let digest = Sha256::digest(json);
@@ -396,6 +414,106 @@ mod tests {
             ErrorCode::DiskFull,
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
+    }
+}
+
+/// Spec hashes pinned with the code of berth 0.1.0: a change of any of them
+/// recreates every container of that shape on upgrade, so it must be a
+/// deliberate decision (see docs/DESIGN.md, "The spec hash").
+#[cfg(test)]
+mod spec_hash_pins {
+    use super::*;
+
+    fn minimal() -> ExecutableSpec {
+        ExecutableSpec {
+            name: "talker".into(),
+            image: "registry.example.com/talker:1.0".into(),
+            pull: PullPolicy::IfNotPresent,
+            command: None,
+            env: BTreeMap::new(),
+            limits: Limits::default(),
+            volumes: Vec::new(),
+            devices: Vec::new(),
+            network: Network::Host,
+        }
+    }
+
+    fn full() -> ExecutableSpec {
+        ExecutableSpec {
+            name: "map-server".into(),
+            image: "127.0.0.1:5000/berth/busybox:1".into(),
+            pull: PullPolicy::Always,
+            command: Some(Command::Exec(vec![
+                "roslaunch".into(),
+                "talker".into(),
+                "talker.launch".into(),
+            ])),
+            env: BTreeMap::from([
+                ("LOG_LEVEL".into(), "debug".into()),
+                ("UNICODE".into(), "é \"quoted\" \n".into()),
+            ]),
+            limits: Limits {
+                cpus: Some(0.5),
+                memory_mb: Some(256),
+            },
+            volumes: vec![
+                Volume {
+                    host: "/data/maps".into(),
+                    container: "/maps".into(),
+                    read_only: true,
+                },
+                Volume {
+                    host: "/tmp".into(),
+                    container: "/scratch".into(),
+                    read_only: false,
+                },
+            ],
+            devices: vec!["/dev/ttyUSB0".into()],
+            network: Network::Isolated,
+        }
+    }
+
+    fn bash() -> ExecutableSpec {
+        ExecutableSpec {
+            name: "ticker".into(),
+            image: "busybox".into(),
+            pull: PullPolicy::Never,
+            command: Some(Command::Bash("while true; do date; sleep 1; done".into())),
+            limits: Limits {
+                cpus: None,
+                memory_mb: Some(64),
+            },
+            ..minimal()
+        }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn spec_hashes_are_those_of_0_1_0() {
+        let rows = [
+            (minimal(), env(&[]), "c5a56816cb2542b2"),
+            (
+                minimal(),
+                env(&[("ROS_MASTER_URI", "http://localhost:11311")]),
+                "1b1975e44df35db6",
+            ),
+            (
+                full(),
+                env(&[("LOG_LEVEL", "debug"), ("ROBOT", "r42")]),
+                "257cd7c03d190775",
+            ),
+            (bash(), env(&[("A", "1")]), "ae67802381802014"),
+        ];
+        for (i, (exe, env, want)) in rows.iter().enumerate() {
+            let got = spec_hash(exe, env);
+            assert_eq!(&got, want, "row {i}: the spec hash of {exe:?} changed");
         }
     }
 }

@@ -15,9 +15,18 @@ use crate::backoff::Backoff;
 use crate::model::{ExecKey, RestartPolicy, Status};
 
 const FILE_NAME: &str = "state.json";
-const FORMAT_VERSION: u32 = 1;
 
+/// The format this berth writes, in the file's `version` field. Each format
+/// change bumps it and adds a step to [`migrate`]; berth reads every older
+/// format and refuses a newer one (a downgrade) rather than lose its counts.
+///
+/// - 1: berth 0.1.0. A file without `version` is read as 1.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Fields missing from a file take their defaults, so that a field added in
+/// a later format needs no migration step of its own.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct State {
     pub version: u32,
     /// The boot id berth last ran under; a different one means a reboot.
@@ -58,6 +67,7 @@ impl State {
 
 /// What berth remembers of one executable.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ExecRecord {
     /// Restarts so far, including one that is committed but not yet done
     /// (`pending_restart`): a restart is counted in the same write that
@@ -101,6 +111,55 @@ pub enum StateError {
     },
     #[error("state file {path} is unreadable: {message}")]
     Corrupt { path: PathBuf, message: String },
+    /// Written by a later berth (a downgrade): its format is unknown here.
+    #[error(
+        "state file {path} has format version {version}, newer than {FORMAT_VERSION}: \
+         it was written by a later berth; upgrade berth or move the file aside"
+    )]
+    Newer { path: PathBuf, version: u64 },
+}
+
+/// A JSON object of the state file, as read.
+type Json = serde_json::Map<String, serde_json::Value>;
+
+/// `MIGRATIONS[i]` rewrites format `i + 1` into format `i + 2`: one entry per
+/// format change, never edited once released.
+const MIGRATIONS: [Migration; FORMAT_VERSION as usize - 1] = [];
+
+/// One format step: rewrites the object in place, or says why it cannot.
+type Migration = fn(&mut Json) -> Result<(), String>;
+
+/// Brings a state file of any earlier format to the current one: one step
+/// per format version, applied in order, each a rewrite of the JSON. The
+/// file's own `version` says where to start (none: 1, berth 0.1.0).
+pub fn migrate(path: &Path, mut value: serde_json::Value) -> Result<State, StateError> {
+    let corrupt = |message: String| StateError::Corrupt {
+        path: path.to_path_buf(),
+        message,
+    };
+    let Some(object) = value.as_object_mut() else {
+        return Err(corrupt("not a JSON object".into()));
+    };
+    let version = match object.get("version") {
+        None => 1,
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| corrupt(format!("format version {v} is not a number")))?,
+    };
+    if version > u64::from(FORMAT_VERSION) {
+        return Err(StateError::Newer {
+            path: path.to_path_buf(),
+            version,
+        });
+    }
+    if version == 0 {
+        return Err(corrupt("format version 0 is not known".into()));
+    }
+    for step in &MIGRATIONS[(version - 1) as usize..] {
+        step(object).map_err(corrupt)?;
+    }
+    object.insert("version".into(), FORMAT_VERSION.into());
+    serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))
 }
 
 /// The state file in `state_dir`.
@@ -145,17 +204,11 @@ impl StateStore {
                 })
             }
         };
-        let state: State = serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
+        let value = serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        if state.version != FORMAT_VERSION {
-            return Err(StateError::Corrupt {
-                path,
-                message: format!("format version {} is not {FORMAT_VERSION}", state.version),
-            });
-        }
-        Ok(state)
+        migrate(&path, value)
     }
 
     /// Moves an unreadable state file aside (`state.json.corrupt`) so that
@@ -240,5 +293,48 @@ mod tests {
         let aside = store.set_aside().unwrap();
         assert!(aside.exists());
         assert_eq!(store.load().unwrap(), State::default());
+    }
+
+    #[test]
+    fn a_file_without_version_is_the_first_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        fs::write(
+            store.path(),
+            br#"{"boot_id":"b","executables":{"d/c/e":{"restart_count":3,"manual_stop":true}}}"#,
+        )
+        .unwrap();
+        let state = store.load().unwrap();
+        assert_eq!(state.version, FORMAT_VERSION);
+        let exec = state.exec(&ExecKey::new("d", "c", "e")).unwrap();
+        assert_eq!((exec.restart_count, exec.manual_stop), (3, true));
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_not_read_as_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        fs::write(store.path(), br#"{"version":99,"executables":{}}"#).unwrap();
+        let err = store.load().unwrap_err();
+        assert!(
+            matches!(err, StateError::Newer { version: 99, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_version_that_is_not_a_known_number_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        for text in [
+            &br#"{"version":"1"}"#[..],
+            b"[1,2]",
+            b"{\"version\":-1}",
+            b"{\"version\":0}",
+        ] {
+            fs::write(store.path(), text).unwrap();
+            let err = store.load().unwrap_err();
+            assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
+        }
     }
 }

@@ -217,7 +217,8 @@ fn a_second_engine_leaves_the_host_bridge_alone() {
     assert!(
         host_bridge_exists(),
         "the machine's engine has no docker0 before the test: its default bridge is \
-         gone or disabled (restart the engine: scripts/setup.sh)"
+         disabled, or was deleted (as a dockerd started with --bridge none outside a \
+         network namespace of its own does); a restart of the engine makes it again"
     );
     let mut engine = Engine::start();
     assert!(

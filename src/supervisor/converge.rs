@@ -704,11 +704,7 @@ pub fn load_files(dir: &std::path::Path) -> (Deployments, BTreeMap<String, Strin
             }
             continue;
         }
-        let id = std::fs::read_to_string(&file)
-            .ok()
-            .and_then(|text| text.parse::<toml::Table>().ok())
-            .and_then(|table| table.get("id")?.as_str().map(str::to_string))
-            .unwrap_or_else(|| file_stem(&file));
+        let id = config::deployment_id_of(&file).unwrap_or_else(|| file_stem(&file));
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
         for line in &text {
             error!("{line}");

@@ -359,6 +359,7 @@ pub(super) async fn launch_container<R: ContainerRuntime>(
         },
     };
     debug!(container = %spec.name, "start request");
+    crate::trace::start_request(&spec.labels, &id);
     if let Err(e) = runtime.start(&id).await {
         return (Some(id), Err(e));
     }

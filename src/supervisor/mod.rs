@@ -408,6 +408,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             Msg::EngineUp { replay } => self.on_engine_up(replay).await,
             Msg::EngineDown { error } => self.on_engine_down(&error),
             Msg::Event(event) => {
+                crate::trace::die_received(&event);
                 self.note_position(event.time_nanos);
                 self.on_event(event);
             }
