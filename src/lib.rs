@@ -22,7 +22,12 @@
 //!   position, the ROS master's owner.
 //! - [`probe`] runs the `tcp` and `http` liveness probes (the engine runs
 //!   `exec` ones as healthchecks).
-//! - [`control`] serves the latest documents on a local socket; [`notify`]
+//! - [`remote`] verifies signed commands from MQTT (SPEC 10) and carries
+//!   them out: deployment files written or removed, operator actions
+//!   (`stop`, `start`, `restart`) handed to the supervisor; [`fleet`] is the
+//!   operator's side, `berth fleet`.
+//! - [`control`] serves the latest documents and the operator actions on a
+//!   local socket; [`notify`]
 //!   speaks systemd's notify protocol; [`watch`] turns changes in the
 //!   deployments directory into reloads; [`trace`] is the optional restart
 //!   trace that `berth-bench` reads (`berth run --trace-file`).
@@ -33,10 +38,12 @@
 pub mod backoff;
 pub mod config;
 pub mod control;
+pub mod fleet;
 pub mod model;
 pub mod notify;
 pub mod policy;
 pub mod probe;
+pub mod remote;
 pub mod report;
 pub mod runtime;
 pub mod state;

@@ -174,13 +174,22 @@ pub enum Event {
         executable: String,
         restart_count: u64,
     },
-    /// Stopped by anyone but berth: the policy is suspended until a reboot.
+    /// Stopped by anyone but berth (an operator's `stop` included): the
+    /// policy is suspended until a start or a reboot.
     ManualStop {
         deployment: String,
         component: String,
         executable: String,
         exit_code: Option<i64>,
         reason: String,
+    },
+    /// An operator started an executable again; the policy applies again.
+    Start {
+        deployment: String,
+        component: String,
+        executable: String,
+        reason: String,
+        by: String,
     },
     /// An update failed and the previous version runs again.
     Rollback {

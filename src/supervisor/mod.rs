@@ -30,6 +30,7 @@ mod exits;
 mod launch;
 mod lifecycle;
 mod live;
+mod operator;
 mod publish;
 mod reconcile;
 mod ros;
@@ -53,6 +54,7 @@ pub use converge::load_files;
 use launch::*;
 use lifecycle::{Effect, Input, Kill, Life, Shown, MANUAL_STOP_REASON};
 use live::*;
+pub use operator::{Action, Operator, OperatorError, OperatorRequest};
 use writer::{StateWriter, WriteReport};
 
 /// Back-off of reconnections to the engine.
@@ -145,6 +147,8 @@ enum Msg {
         deployment: String,
         result: Result<Vec<(ExecKey, String)>, String>,
     },
+    /// An operator's stop, start or restart (`operator.rs`).
+    Operator(operator::OperatorMsg),
 }
 
 /// Asks a running supervisor to re-read its files (SIGHUP, a change in
@@ -523,6 +527,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             Msg::StateWrite(report) => self.on_state_write(report),
             Msg::Removed { key, result } => self.on_removed(&key, result),
             Msg::Prepared { deployment, result } => self.on_prepared(&deployment, result),
+            Msg::Operator(msg) => self.on_operator(msg),
         }
         self.provision_waiting();
     }

@@ -59,6 +59,7 @@ fn config(state_dir: &Path) -> AgentConfig {
         containers: Default::default(),
         images: Default::default(),
         metrics: Default::default(),
+        remote: Default::default(),
         source: state_dir.join("berth.toml"),
     }
 }
