@@ -581,8 +581,20 @@ impl Source<'_> {
                 .filter(|l| !l.is_empty())
                 .collect::<Vec<_>>()
                 .join(": ");
-            let message = message.trim_end_matches('.').to_string();
-            self.error(e.span().unwrap_or(0..0), message)
+            let mut message = message.trim_end_matches('.').to_string();
+            let span = e.span().unwrap_or(0..0);
+            if message.is_empty() {
+                // toml says nothing about some bad characters (a NUL in a
+                // comment, say): name the character.
+                message = match self.text.get(span.start..).and_then(|s| s.chars().next()) {
+                    Some(c) if c.is_control() => format!(
+                        "control character U+{:04X} is not allowed in TOML",
+                        u32::from(c)
+                    ),
+                    _ => "invalid TOML".to_string(),
+                };
+            }
+            self.error(span, message)
         })
     }
 }
@@ -2479,6 +2491,17 @@ devices = ["/dev/ttyUSB0"]
         assert_eq!(
             error.to_string(),
             "d.toml:1:21: arrays and inline tables nested more than 16 levels deep"
+        );
+    }
+
+    /// Found by fuzzing: toml's error for a NUL in a comment has no message.
+    #[test]
+    fn a_control_character_is_named_in_the_error() {
+        let errors = parse_deployment(Path::new("d.toml"), "# a comment \0 with a NUL\nid = 1\n")
+            .unwrap_err();
+        assert_eq!(
+            errors[0].to_string(),
+            "d.toml:1:13: control character U+0000 is not allowed in TOML"
         );
     }
 

@@ -393,6 +393,12 @@ fn engine_time(nanos: i64) -> String {
     format!("{}.{:09}", nanos / 1_000_000_000, nanos % 1_000_000_000)
 }
 
+/// Decodes one event as the engine sends it on `/events` (a JSON object)
+/// into berth's own [`EngineEvent`]: what the stream does with each message.
+pub fn decode_event(json: &[u8]) -> serde_json::Result<EngineEvent> {
+    serde_json::from_slice(json).map(to_event)
+}
+
 fn to_event(message: bollard::models::EventMessage) -> EngineEvent {
     let actor = message.actor.unwrap_or_default();
     let attributes: BTreeMap<String, String> =
