@@ -257,6 +257,11 @@ pub enum FileError {
          whoever can write a deployment is root on the device"
     )]
     Owner { owner: u32, euid: u32 },
+    #[error(
+        "file is a symlink made by uid {owner}, not by root or berth's user (uid {euid}): \
+         whoever can write a deployment is root on the device"
+    )]
+    LinkOwner { owner: u32, euid: u32 },
     #[error("file is writable by {who} (mode {mode:04o}): run chmod go-w on it")]
     Writable { who: &'static str, mode: u32 },
     #[error("cannot read file: {}", io_message(.0))]
@@ -281,6 +286,14 @@ pub fn read_deployment_file(path: &Path) -> Result<String, FileError> {
     use std::io::Read;
     use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 
+    let euid = nix::unistd::geteuid().as_raw();
+    // A symlink chooses what berth reads: whoever made it must be trusted
+    // as much as the file's owner. (Its own mode means nothing.)
+    if let Ok(link) = fs::symlink_metadata(path) {
+        if link.file_type().is_symlink() {
+            check_link_owner(link.uid(), euid)?;
+        }
+    }
     let file = fs::OpenOptions::new()
         .read(true)
         .custom_flags((nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY).bits())
@@ -304,7 +317,7 @@ pub fn read_deployment_file(path: &Path) -> Result<String, FileError> {
         };
         return Err(FileError::NotRegular { kind });
     }
-    check_owner_and_mode(meta.uid(), meta.mode(), nix::unistd::geteuid().as_raw())?;
+    check_owner_and_mode(meta.uid(), meta.mode(), euid)?;
     if meta.len() > MAX_DEPLOYMENT_FILE_BYTES {
         return Err(FileError::TooLarge { size: meta.len() });
     }
@@ -320,6 +333,14 @@ pub fn read_deployment_file(path: &Path) -> Result<String, FileError> {
     String::from_utf8(bytes).map_err(|e| FileError::NotUtf8 {
         offset: e.utf8_error().valid_up_to(),
     })
+}
+
+/// Who may make a symlink in `deployments_dir`: root or berth's own user.
+fn check_link_owner(owner: u32, euid: u32) -> Result<(), FileError> {
+    if owner != 0 && owner != euid {
+        return Err(FileError::LinkOwner { owner, euid });
+    }
+    Ok(())
 }
 
 /// Who may write a deployment file: its owner, root or berth's own user
@@ -2349,6 +2370,28 @@ devices = ["/dev/ttyUSB0"]
         let link = dir.path().join("x.toml");
         std::os::unix::fs::symlink(&target, &link).unwrap();
         assert_eq!(read_deployment_file(&link).unwrap(), "id = \"x\"\n");
+    }
+
+    #[test]
+    fn only_root_and_berths_user_may_make_a_symlink_to_a_deployment() {
+        // (link owner, berth's euid, accepted)
+        for (owner, euid, accepted) in [
+            (0, 0, true),
+            (0, 1000, true),
+            (1000, 1000, true),
+            (1001, 1000, false),
+            (1000, 0, false),
+        ] {
+            assert_eq!(
+                check_link_owner(owner, euid).is_ok(),
+                accepted,
+                "owner {owner} euid {euid}"
+            );
+        }
+        assert!(check_link_owner(65534, 0)
+            .unwrap_err()
+            .to_string()
+            .starts_with("file is a symlink made by uid 65534"));
     }
 
     #[test]

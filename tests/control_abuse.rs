@@ -29,7 +29,6 @@ struct Served {
     path: PathBuf,
     shutdown: CancellationToken,
     tracker: TaskTracker,
-    snapshot: Arc<Snapshot<MemoryReporter>>,
     /// The longest gap between two heartbeat ticks so far.
     stall: Arc<Mutex<Duration>>,
 }
@@ -79,7 +78,6 @@ impl Served {
             path,
             shutdown,
             tracker,
-            snapshot,
             stall,
         }
     }
@@ -293,6 +291,5 @@ async fn beyond_the_cap_clients_are_told_busy_at_once_until_a_slot_frees() {
     })
     .await;
     assert_eq!(answer["deployments"][0]["status"], "Running");
-    let _ = &served.snapshot;
     served.stop().await;
 }
