@@ -1,18 +1,44 @@
 #!/usr/bin/env bash
-# Prepares a Debian/Ubuntu machine to run berth and its tests:
-#   - the packages: Docker engine, Mosquitto, a registry, busybox-static,
-#     htpasswd, curl;
+# Prepares a Debian/Ubuntu machine to run berth:
+#   - the packages: Docker engine, Mosquitto (broker and clients), a
+#     registry, busybox-static, curl;
 #   - a running Docker engine (systemd when it runs, otherwise dockerd in the
 #     background);
 #   - the test image berth-test/busybox:1, built from busybox-static;
 #   - a registry on 127.0.0.1:5000 holding it as 127.0.0.1:5000/berth/busybox:1;
 #   - a Mosquitto broker on 127.0.0.1:1883 for the example run.
+# With --tests, also what only the tests and berth-bench need: htpasswd,
+# openssl, systemd-analyze, dpkg-dev and docker-compose, and, for the user
+# who runs cargo, cargo-deb and cargo-nextest (scripts/test.sh passes it).
+#
+# Run it as root or as a user with sudo: whatever needs root (installing
+# packages, starting services, reaching the engine without the docker group)
+# makes the script run itself again under sudo, from the start. Cargo tools
+# go to the user who runs cargo: under sudo, the user who called it.
 # Idempotent: each step checks first and does nothing when its result is
 # already there. Prints nothing when there was nothing to do; otherwise one
 # line per action. Logs of the background services go to /var/log/berth-dev.
 set -euo pipefail
 
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+
+readonly SCRIPT="${BASH_SOURCE[0]}"
+readonly ARGS=("$@")
+FOR_TESTS=false
+for arg in "$@"; do
+    case $arg in
+        --tests) FOR_TESTS=true ;;
+        -h | --help)
+            sed -n '2,/^set /s/^# \{0,1\}//p' "$SCRIPT"
+            exit 0
+            ;;
+        *)
+            echo "setup.sh: error: unknown argument $arg (use --tests or nothing)" >&2
+            exit 2
+            ;;
+    esac
+done
+readonly FOR_TESTS
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly ROOT
@@ -50,8 +76,21 @@ quietly() {
     rm -f "$out"
 }
 
+# Makes sure the script runs as root from here on: as root it returns;
+# otherwise it runs the whole script again under sudo (every step before
+# this one only checked, so running it again is harmless).
 need_root() {
-    [[ $EUID -eq 0 ]] || die "$1 needs root: run sudo scripts/setup.sh"
+    [[ $EUID -eq 0 ]] && return
+    command -v sudo >/dev/null ||
+        die "$1 needs root, and sudo is not installed: run scripts/setup.sh as root"
+    say "$1 needs root: running again with sudo"
+    # exec skips the EXIT trap.
+    rm -rf "${CLEANUP[@]}"
+    # The caller's cargo environment, for the cargo tools (sudo resets it).
+    exec sudo -- env "SETUP_CALLER_PATH=$PATH" \
+        "SETUP_CALLER_CARGO_HOME=${CARGO_HOME:-}" \
+        "SETUP_CALLER_RUSTUP_HOME=${RUSTUP_HOME:-}" \
+        "$SCRIPT" "${ARGS[@]}"
 }
 
 have_systemd() { [[ -d /run/systemd/system ]]; }
@@ -102,22 +141,27 @@ install_packages() {
     # the daemon, not for a package name, so as not to fight an existing install.
     command -v dockerd >/dev/null || missing+=(docker.io)
     command -v mosquitto >/dev/null || missing+=(mosquitto)
+    # mosquitto_sub watches the example; the tests publish with mosquitto_pub.
     command -v mosquitto_pub >/dev/null || missing+=(mosquitto-clients)
     command -v docker-registry >/dev/null || missing+=(docker-registry)
     # The test image needs the static build: the dynamic one has no libc to
     # load inside an image that holds nothing else.
     package_installed busybox-static || missing+=(busybox-static)
-    command -v htpasswd >/dev/null || missing+=(apache2-utils)
+    # This script asks the registry whether it answers.
     command -v curl >/dev/null || missing+=(curl)
-    # tests/mqtt_tls.rs makes its CA and certificates with the openssl CLI.
-    command -v openssl >/dev/null || missing+=(openssl)
-    # tests/systemd_unit.rs checks the unit with `systemd-analyze verify`,
-    # which needs no running systemd.
-    command -v systemd-analyze >/dev/null || missing+=(systemd)
-    # cargo-deb works out the package's libc dependency with dpkg-shlibdeps.
-    command -v dpkg-shlibdeps >/dev/null || missing+=(dpkg-dev)
-    # berth-bench compares provisioning with it (Debian's, Compose v1).
-    command -v docker-compose >/dev/null || missing+=(docker-compose)
+    if $FOR_TESTS; then
+        # tests/common's registries with a login.
+        command -v htpasswd >/dev/null || missing+=(apache2-utils)
+        # tests/mqtt_tls.rs makes its CA and certificates with the openssl CLI.
+        command -v openssl >/dev/null || missing+=(openssl)
+        # tests/systemd_unit.rs checks the unit with `systemd-analyze verify`,
+        # which needs no running systemd.
+        command -v systemd-analyze >/dev/null || missing+=(systemd)
+        # cargo-deb works out the package's libc dependency with dpkg-shlibdeps.
+        command -v dpkg-shlibdeps >/dev/null || missing+=(dpkg-dev)
+        # berth-bench compares provisioning with it (Debian's, Compose v1).
+        command -v docker-compose >/dev/null || missing+=(docker-compose)
+    fi
     ((${#missing[@]} == 0)) && return
     need_root "installing ${missing[*]}"
     say "installing ${missing[*]}"
@@ -126,22 +170,42 @@ install_packages() {
     quietly apt-get install -y -q --no-install-recommends "${missing[@]}"
 }
 
-# --- cargo-deb ---------------------------------------------------------------
+# --- cargo tools (--tests) ------------------------------------------------------
 
-# cargo-deb builds the Debian package (`cargo deb`, tests/package.rs). It goes
-# to whoever runs cargo: under sudo, the user who called sudo.
-install_cargo_deb() {
-    local as=()
-    if [[ $EUID -eq 0 && -n ${SUDO_USER:-} && $SUDO_USER != root ]]; then
-        as=(sudo -u "$SUDO_USER" -H --)
+# Runs a command as the user who runs cargo, with their cargo: under sudo,
+# the user who called sudo, with the environment they ran this script in
+# (or, under a sudo typed by hand, that of their login shell).
+as_cargo_user() {
+    if [[ $EUID -ne 0 || -z ${SUDO_USER:-} || $SUDO_USER == root ]]; then
+        bash -c "$1"
+    elif [[ -n ${SETUP_CALLER_PATH:-} ]]; then
+        local env=("PATH=$SETUP_CALLER_PATH")
+        [[ -n ${SETUP_CALLER_CARGO_HOME:-} ]] && env+=("CARGO_HOME=$SETUP_CALLER_CARGO_HOME")
+        [[ -n ${SETUP_CALLER_RUSTUP_HOME:-} ]] && env+=("RUSTUP_HOME=$SETUP_CALLER_RUSTUP_HOME")
+        sudo -u "$SUDO_USER" -H -- env "${env[@]}" bash -c "$1"
+    else
+        sudo -u "$SUDO_USER" -H -- bash -lc "$1"
     fi
-    "${as[@]}" bash -lc 'cargo deb --version' >/dev/null 2>&1 && return
-    if ! "${as[@]}" bash -lc 'command -v cargo' >/dev/null 2>&1; then
-        say "cargo not found, so cargo-deb is not installed; install Rust, then: cargo install --locked cargo-deb"
+}
+
+# cargo_tool SUBCOMMAND CRATE: installs CRATE from crates.io unless
+# `cargo SUBCOMMAND --version` works already.
+cargo_tool() {
+    local subcommand=$1 crate=$2
+    as_cargo_user "cargo $subcommand --version" >/dev/null 2>&1 && return
+    if ! as_cargo_user 'command -v cargo' >/dev/null 2>&1; then
+        say "cargo not found, so $crate is not installed; install Rust, then: cargo install --locked $crate"
         return
     fi
-    say "installing cargo-deb from crates.io"
-    quietly "${as[@]}" bash -lc 'cargo install --locked --quiet cargo-deb'
+    say "installing $crate from crates.io"
+    quietly as_cargo_user "cargo install --locked --quiet $crate"
+}
+
+install_cargo_tools() {
+    # cargo-deb builds the Debian package (`cargo deb`, tests/package.rs);
+    # cargo-nextest runs the tests (scripts/test.sh).
+    cargo_tool deb cargo-deb
+    cargo_tool nextest cargo-nextest
 }
 
 # --- Docker engine -----------------------------------------------------------
@@ -150,7 +214,10 @@ engine_up() { docker info >/dev/null 2>&1; }
 
 start_engine() {
     engine_up && return
-    need_root "starting the Docker engine"
+    # A user outside the docker group cannot reach a running engine either:
+    # root can, and starts it if it is down.
+    need_root "reaching or starting the Docker engine"
+    engine_up && return
     if have_systemd; then
         say "starting docker.service"
         STARTED_PID=
@@ -288,9 +355,12 @@ start_broker() {
 }
 
 install_packages
-install_cargo_deb
 start_engine
 build_test_image
 start_registry
 push_registry_image
 start_broker
+# Last: every step that may run the script again under sudo is done.
+if $FOR_TESTS; then
+    install_cargo_tools
+fi

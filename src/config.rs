@@ -18,6 +18,10 @@ use serde::de::{self, DeserializeOwned, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use toml::Spanned;
 
+mod mqtt_url;
+
+pub use mqtt_url::{BrokerHost, MqttEndpoint, MqttUrlError, MqttUrlProblem, MQTTS_PORT, MQTT_PORT};
+
 use crate::model::{
     Command, ComponentSpec, DeploymentSpec, ExecutableSpec, Limits, Network, PullPolicy,
     RestartPolicy, Volume,
@@ -28,7 +32,6 @@ pub const DEFAULT_DEPLOYMENTS_DIR: &str = "/etc/berth/deployments.d";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/berth";
 pub const DEFAULT_BOOT_ID_FILE: &str = "/proc/sys/kernel/random/boot_id";
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
-pub const DEFAULT_MQTT_URL: &str = "mqtt://127.0.0.1:1883";
 pub const DEFAULT_TOPIC_PREFIX: &str = "berth";
 const DEFAULT_KEEP_ALIVE_SECS: i64 = 30;
 const DEFAULT_BACKOFF_INITIAL_MS: i64 = 1000;
@@ -78,8 +81,8 @@ pub struct RegistrySettings {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct MqttSettings {
-    /// `mqtt://host:port` or `mqtts://host:port`.
-    pub url: String,
+    /// The broker, from `url`.
+    pub endpoint: MqttEndpoint,
     pub client_id: String,
     pub topic_prefix: String,
     pub username: Option<String>,
@@ -114,94 +117,6 @@ pub struct LogSettings {
 /// affects its deployment alone.
 pub type Deployments = BTreeMap<String, DeploymentSpec>;
 
-impl MqttSettings {
-    /// Host, port and TLS of the broker, read from the url checked at load time.
-    pub fn endpoint(&self) -> Result<MqttEndpoint, String> {
-        parse_mqtt_url(&self.url)
-    }
-}
-
-/// Where the broker is, as the MQTT client wants it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MqttEndpoint {
-    pub host: String,
-    pub port: u16,
-    /// `mqtts://`.
-    pub tls: bool,
-}
-
-/// Reads `mqtt://host[:port]` or `mqtts://host[:port]` (IPv6 hosts in
-/// brackets); the port defaults to 1883 or 8883.
-pub fn parse_mqtt_url(url: &str) -> Result<MqttEndpoint, String> {
-    let (rest, tls, default_port) = if let Some(rest) = url.strip_prefix("mqtts://") {
-        (rest, true, 8883)
-    } else if let Some(rest) = url.strip_prefix("mqtt://") {
-        (rest, false, 1883)
-    } else {
-        return Err(format!(
-            "invalid mqtt url \"{url}\": use mqtt://host[:port], or mqtts://host[:port] for tls"
-        ));
-    };
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    if rest.contains('@') {
-        return Err(format!(
-            "invalid mqtt url \"{url}\": put the user in username and the password \
-             in password_file, not in the url"
-        ));
-    }
-    if rest.contains(['/', '?', '#']) {
-        return Err(format!("invalid mqtt url \"{url}\": a path is not allowed"));
-    }
-    let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
-        let Some((host, after)) = bracketed.split_once(']') else {
-            return Err(format!(
-                "invalid mqtt url \"{url}\": missing ']' after the ipv6 host"
-            ));
-        };
-        match after {
-            "" => (host, None),
-            _ => match after.strip_prefix(':') {
-                Some(port) => (host, Some(port)),
-                None => {
-                    return Err(format!(
-                        "invalid mqtt url \"{url}\": expected ':' after ']'"
-                    ))
-                }
-            },
-        }
-    } else {
-        match rest.split_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (rest, None),
-        }
-    };
-    let host_ok = !host.is_empty()
-        && host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'));
-    if !host_ok {
-        return Err(format!(
-            "invalid mqtt url \"{url}\": missing or invalid host"
-        ));
-    }
-    let port = match port {
-        None => default_port,
-        Some(p) => match p.parse::<u16>() {
-            Ok(p) if p > 0 => p,
-            _ => {
-                return Err(format!(
-                    "invalid mqtt url \"{url}\": the port must be a number from 1 to 65535"
-                ))
-            }
-        },
-    };
-    Ok(MqttEndpoint {
-        host: host.to_string(),
-        port,
-        tls,
-    })
-}
-
 /// One problem in one file: at a 1-based line and column when it has a
 /// place in the text, else about the file as a whole (its type, size, owner
 /// or permissions, or that it cannot be read).
@@ -232,9 +147,29 @@ impl ConfigError {
         ConfigError {
             file: file.to_path_buf(),
             at: None,
-            message: message.into(),
+            message: one_line(message.into()),
         }
     }
+}
+
+/// A message quotes values from the file, which may hold newlines and other
+/// control characters: escaped, so that each error stays one line and no
+/// value can pass for another error (or a log line) of its own.
+fn one_line(message: String) -> String {
+    if !message.chars().any(char::is_control) {
+        return message;
+    }
+    message
+        .chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
 }
 
 /// The largest deployment file berth reads (SPEC 8).
@@ -554,7 +489,7 @@ impl Pos {
         ConfigError {
             file: file.to_path_buf(),
             at: Some((self.line, self.col)),
-            message: message.into(),
+            message: one_line(message.into()),
         }
     }
 }
@@ -986,14 +921,12 @@ fn check_docker(c: &mut Checker, base: &Path, raw: RawDocker) -> DockerSettings 
 }
 
 fn check_mqtt(c: &mut Checker, base: &Path, raw: RawMqtt, device_id: &str) -> MqttSettings {
-    let url = match &raw.url {
-        Some(u) => {
-            if let Err(message) = parse_mqtt_url(u.get_ref()) {
-                c.at(u, message);
-            }
-            u.get_ref().clone()
-        }
-        None => DEFAULT_MQTT_URL.to_string(),
+    let endpoint = match &raw.url {
+        Some(u) => u.get_ref().parse().unwrap_or_else(|e: MqttUrlError| {
+            c.at(u, e.to_string());
+            MqttEndpoint::default()
+        }),
+        None => MqttEndpoint::default(),
     };
     let client_id = match &raw.client_id {
         Some(id) => c.non_empty(id, "client_id"),
@@ -1051,7 +984,7 @@ fn check_mqtt(c: &mut Checker, base: &Path, raw: RawMqtt, device_id: &str) -> Mq
         None => DEFAULT_KEEP_ALIVE_SECS as u64,
     };
     MqttSettings {
-        url,
+        endpoint,
         client_id,
         topic_prefix,
         username,
@@ -1345,6 +1278,7 @@ fn parse_deployment_located(path: &Path, text: &str) -> Result<Located, Vec<Conf
         env,
         exports,
         components,
+        update: Default::default(),
         source: path.to_path_buf(),
     };
     let located = Located {
@@ -1736,7 +1670,10 @@ mod tests {
             ("mqtt_no_host", "device_id = \"r\"\n[mqtt]\nurl = \"mqtt://:1883\"\n", "missing or invalid host", 3, 7),
             ("mqtt_bad_port", "device_id = \"r\"\n[mqtt]\nurl = \"mqtt://broker:99999\"\n", "port must be a number", 3, 7),
             ("mqtt_zero_port", "device_id = \"r\"\n[mqtt]\nurl = \"mqtt://broker:0\"\n", "port must be a number", 3, 7),
-            ("mqtt_path", "device_id = \"r\"\n[mqtt]\nurl = \"mqtt://broker:1883/x\"\n", "a path is not allowed", 3, 7),
+            ("mqtt_path", "device_id = \"r\"\n[mqtt]\nurl = \"mqtt://broker:1883/x\"\n", "a path or query is not allowed", 3, 7),
+            ("mqtt_ipv6_bare", "device_id = \"r\"\n[mqtt]\nurl = \"mqtt://::1\"\n", "an ipv6 address goes in brackets", 3, 7),
+            ("mqtt_ipv6_unclosed", "device_id = \"r\"\n[mqtt]\nurl = \"mqtt://[::1:1883\"\n", "missing ']'", 3, 7),
+            ("mqtt_ipv6_not_an_address", "device_id = \"r\"\n[mqtt]\nurl = \"mqtt://[broker]:1883\"\n", "not an ipv6 address", 3, 7),
             ("mqtt_credentials", "device_id = \"r\"\n[mqtt]\nurl = \"mqtt://u:p@broker\"\n", "password_file", 3, 7),
             (
                 "mqtt_cert_without_key",
@@ -1884,7 +1821,11 @@ mod tests {
                     registries: vec![],
                 },
                 mqtt: MqttSettings {
-                    url: "mqtt://127.0.0.1:1883".into(),
+                    endpoint: MqttEndpoint {
+                        tls: false,
+                        host: BrokerHost::Ip([127, 0, 0, 1].into()),
+                        port: 1883,
+                    },
                     client_id: "berth-robot-42".into(),
                     topic_prefix: "berth".into(),
                     username: None,
@@ -1910,14 +1851,6 @@ mod tests {
                 },
                 source: path.clone(),
             }
-        );
-        assert_eq!(
-            config.mqtt.endpoint(),
-            Ok(MqttEndpoint {
-                host: "127.0.0.1".into(),
-                port: 1883,
-                tls: false
-            })
         );
     }
 
@@ -1965,43 +1898,76 @@ key_file = "client.key"
         assert_eq!(config.mqtt.key_file, Some(base.join("client.key")));
         assert!(config.deployments_dir.is_absolute());
         assert_eq!(
-            config.mqtt.endpoint(),
-            Ok(MqttEndpoint {
-                host: "broker.example.com".into(),
+            config.mqtt.endpoint,
+            MqttEndpoint {
+                tls: true,
+                host: BrokerHost::Name("broker.example.com".into()),
                 port: 8883,
-                tls: true
-            })
+            }
         );
     }
 
     #[test]
-    fn mqtt_urls() {
-        let ok = [
-            ("mqtt://broker", "broker", 1883, false),
-            ("mqtt://broker:1884/", "broker", 1884, false),
-            ("mqtts://10.0.0.1:8884", "10.0.0.1", 8884, true),
-            ("mqtt://[::1]:1883", "::1", 1883, false),
-            ("mqtts://[fe80::1]", "fe80::1", 8883, true),
+    fn the_mqtt_url_becomes_the_endpoint_the_reporter_uses() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = [
+            (
+                "mqtt://[::1]:1884",
+                false,
+                BrokerHost::Ip("::1".parse().unwrap()),
+                1884,
+            ),
+            (
+                "mqtts://[fe80::1]",
+                true,
+                BrokerHost::Ip("fe80::1".parse().unwrap()),
+                8883,
+            ),
+            (
+                "mqtt://10.0.0.1",
+                false,
+                BrokerHost::Ip([10, 0, 0, 1].into()),
+                1883,
+            ),
+            (
+                "mqtts://broker.example.com:8884",
+                true,
+                BrokerHost::Name("broker.example.com".into()),
+                8884,
+            ),
         ];
-        for (url, host, port, tls) in ok {
-            let want = MqttEndpoint {
-                host: host.into(),
-                port,
-                tls,
-            };
-            assert_eq!(parse_mqtt_url(url), Ok(want), "{url}");
+        for (url, tls, host, port) in rows {
+            let path = write(
+                dir.path(),
+                "berth.toml",
+                &format!("device_id = \"r\"\n[mqtt]\nurl = \"{url}\"\n"),
+            );
+            let config = load_agent(&path).unwrap_or_else(|e| panic!("{url}: {}", messages(&e)));
+            assert_eq!(
+                config.mqtt.endpoint,
+                MqttEndpoint { tls, host, port },
+                "{url}"
+            );
         }
-        for url in [
-            "tcp://broker",
-            "mqtt://",
-            "mqtt://broker:",
-            "mqtt://broker:x",
-            "mqtt://[::1",
-            "mqtt://[::1]x",
-            "mqtt://bro ker",
-        ] {
-            assert!(parse_mqtt_url(url).is_err(), "{url}");
-        }
+    }
+
+    #[test]
+    fn a_bad_mqtt_url_names_file_line_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "berth.toml",
+            "device_id = \"r\"\n\n[mqtt]\nurl = \"mqtt://[::1]x\"\n",
+        );
+        let errors = load_agent(&path).unwrap_err();
+        assert_eq!(errors.len(), 1, "{}", messages(&errors));
+        assert_eq!(
+            errors[0].to_string(),
+            format!(
+                "{}:4:7: invalid mqtt url \"mqtt://[::1]x\": only ':' and a port may follow ']'",
+                path.display()
+            )
+        );
     }
 
     const SPEC_AGENT: &str = r#"
@@ -2234,6 +2200,7 @@ devices = ["/dev/ttyUSB0"]
                         network: Network::Host,
                     }],
                 }],
+                update: Default::default(),
                 source: path.clone(),
             }
         );
@@ -2534,6 +2501,21 @@ devices = ["/dev/ttyUSB0"]
         assert_eq!(
             error.to_string(),
             "d.toml:1:21: arrays and inline tables nested more than 16 levels deep"
+        );
+    }
+
+    /// Found by fuzzing: a value with a newline made a message of two
+    /// lines, which could pass for another error of check-config.
+    #[test]
+    fn values_in_messages_are_escaped_to_one_line() {
+        let text = "device_id = \"\"\"a\n/etc/x.toml:1:1: fake\"\"\"\n";
+        let errors = parse_agent(Path::new("b.toml"), text).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(
+            errors[0].to_string(),
+            format!(
+                "b.toml:1:13: invalid device_id \"a\\n/etc/x.toml:1:1: fake\": {DEVICE_ID_RULE}"
+            )
         );
     }
 

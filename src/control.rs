@@ -27,8 +27,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::model::labels;
-use crate::report::{Reporter, Topic};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{labels, ErrorCode, Phase, Status};
+use crate::report::{AgentDoc, DeploymentDoc, Reporter, RosMasterDoc, Topic};
 use crate::runtime::docker::{DockerRuntime, ExecRequest, LogRequest, OutputStream, TermSize};
 use crate::runtime::{ContainerInfo, ContainerRuntime, RuntimeError};
 
@@ -291,8 +293,18 @@ pub enum QueryError {
     Refused { path: PathBuf, message: String },
 }
 
+/// The answer to `status`, as `berth status` reads it back: the latest
+/// document of each retained topic, null (or empty) where nothing was
+/// published yet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusAnswer {
+    pub agent: Option<AgentDoc>,
+    pub deployments: Vec<DeploymentDoc>,
+    pub ros_master: Option<RosMasterDoc>,
+}
+
 /// Asks the daemon behind `socket` for its status documents.
-pub fn query_status(socket: &Path) -> Result<Value, QueryError> {
+pub fn query_status(socket: &Path) -> Result<StatusAnswer, QueryError> {
     use std::io::Write as _;
     use std::os::unix::net::UnixStream;
 
@@ -321,17 +333,23 @@ pub fn query_status(socket: &Path) -> Result<Value, QueryError> {
     std::io::BufReader::new(stream)
         .read_line(&mut line)
         .map_err(io)?;
-    let answer: Value = serde_json::from_str(&line).map_err(|e| QueryError::Refused {
-        path: path.clone(),
-        message: format!("not a status document ({e})"),
-    })?;
-    if let Some(message) = answer.get("error").and_then(Value::as_str) {
-        return Err(QueryError::Refused {
-            path,
-            message: message.to_string(),
-        });
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Answer {
+        Refused { error: String },
+        Status(Box<StatusAnswer>),
     }
-    Ok(answer)
+    match serde_json::from_str(&line) {
+        Ok(Answer::Status(status)) => Ok(*status),
+        Ok(Answer::Refused { error }) => Err(QueryError::Refused {
+            path,
+            message: error,
+        }),
+        Err(e) => Err(QueryError::Refused {
+            path,
+            message: format!("not a status document ({e})"),
+        }),
+    }
 }
 
 const RED: &str = "31";
@@ -359,45 +377,48 @@ impl Cell {
     }
 }
 
-fn status_colour(status: &str) -> Option<&'static str> {
+fn status_colour(status: Status) -> Option<&'static str> {
     match status {
-        "Error" => Some(RED),
-        "Pending" | "Unknown" => Some(YELLOW),
-        "Running" => Some(GREEN),
+        Status::Error => Some(RED),
+        Status::Pending | Status::Unknown => Some(YELLOW),
+        Status::Running => Some(GREEN),
         _ => None,
     }
 }
 
-fn phase_colour(phase: &str) -> Option<&'static str> {
+fn phase_colour(phase: Phase) -> Option<&'static str> {
     match phase {
-        "FailedToStart" | "FailedToUpdate" | "PartiallyDeprovisioned" => Some(RED),
-        "InProgress" | "Provisioning" => Some(YELLOW),
-        "Succeeded" => Some(GREEN),
+        Phase::FailedToStart | Phase::FailedToUpdate | Phase::PartiallyDeprovisioned => Some(RED),
+        Phase::InProgress | Phase::Provisioning => Some(YELLOW),
+        Phase::Succeeded => Some(GREEN),
         _ => None,
     }
 }
 
-/// A field as one line of text: `-` for null or missing. Control characters
-/// (an engine message may hold newlines or escapes) become spaces.
-fn field(doc: &Value, name: &str) -> String {
-    let text = match doc.get(name) {
-        None | Some(Value::Null) => return "-".to_string(),
-        Some(Value::String(s)) => s.clone(),
-        Some(other) => other.to_string(),
-    };
+/// A value as one line of text: control characters (an engine message may
+/// hold newlines or escapes) become spaces.
+fn one_line(text: &str) -> String {
     text.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
 }
 
-fn error_cell(doc: &Value) -> Cell {
-    let code = field(doc, "error_code");
-    let colour = (code != "-").then_some(RED);
-    Cell::coloured(code, colour)
+/// An optional value as one line of text, `-` when absent.
+fn or_dash(text: Option<impl std::fmt::Display>) -> String {
+    text.map_or_else(|| "-".to_string(), |t| one_line(&t.to_string()))
+}
+
+fn error_cell(code: Option<ErrorCode>) -> Cell {
+    let colour = code.is_some().then_some(RED);
+    Cell::coloured(or_dash(code.map(ErrorCode::as_str)), colour)
+}
+
+fn status_cell(status: Status) -> Cell {
+    Cell::coloured(status.to_string(), status_colour(status))
 }
 
 /// One row per deployment, each followed by one row per executable.
-fn table_rows(deployments: &[Value]) -> Vec<Vec<Cell>> {
+fn table_rows(deployments: &[DeploymentDoc]) -> Vec<Vec<Cell>> {
     let mut rows = vec![[
         "DEPLOYMENT",
         "PHASE",
@@ -409,30 +430,26 @@ fn table_rows(deployments: &[Value]) -> Vec<Vec<Cell>> {
     .map(|h| Cell::coloured(h.to_string(), Some(BOLD)))
     .to_vec()];
     for doc in deployments {
-        let phase = field(doc, "phase");
-        let status = field(doc, "status");
         rows.push(vec![
-            Cell::plain(field(doc, "deployment_id")),
-            Cell::coloured(phase.clone(), phase_colour(&phase)),
-            Cell::coloured(status.clone(), status_colour(&status)),
-            Cell::plain(field(doc, "restart_count")),
-            error_cell(doc),
-            Cell::plain(field(doc, "reason")),
+            Cell::plain(one_line(&doc.deployment_id)),
+            Cell::coloured(doc.phase.to_string(), phase_colour(doc.phase)),
+            status_cell(doc.status),
+            Cell::plain(doc.restart_count.to_string()),
+            error_cell(doc.error_code),
+            Cell::plain(or_dash(doc.reason.as_deref())),
         ]);
-        let executables = doc.get("executables").and_then(Value::as_array);
-        for exe in executables.into_iter().flatten() {
-            let status = field(exe, "status");
+        for exe in &doc.executables {
             rows.push(vec![
                 Cell::plain(format!(
                     "  {}/{}",
-                    field(exe, "component"),
-                    field(exe, "name")
+                    one_line(&exe.component),
+                    one_line(&exe.name)
                 )),
                 Cell::plain(""),
-                Cell::coloured(status.clone(), status_colour(&status)),
-                Cell::plain(field(exe, "restart_count")),
-                error_cell(exe),
-                Cell::plain(field(exe, "reason")),
+                status_cell(exe.status),
+                Cell::plain(exe.restart_count.to_string()),
+                error_cell(exe.error_code),
+                Cell::plain(or_dash(exe.reason.as_deref())),
             ]);
         }
     }
@@ -480,66 +497,62 @@ fn paint(text: &str, code: Option<&'static str>, colour: bool) -> String {
     }
 }
 
-fn agent_line(agent: &Value, colour: bool) -> String {
-    if agent.is_null() {
+fn agent_line(agent: Option<&AgentDoc>, colour: bool) -> String {
+    let Some(agent) = agent else {
         return "berth has not reported yet".to_string();
-    }
-    let state = field(agent, "state");
-    if state != "online" {
+    };
+    if agent.state != "online" {
         return format!(
             "berth {} ({})",
-            paint(&state, Some(RED), colour),
-            field(agent, "error_code")
+            paint(&one_line(&agent.state), Some(RED), colour),
+            or_dash(agent.error_code.map(ErrorCode::as_str))
         );
     }
-    let docker = field(agent, "docker");
-    let docker_colour = if docker == "connected" { GREEN } else { RED };
+    let docker_colour = if agent.docker == "connected" {
+        GREEN
+    } else {
+        RED
+    };
     format!(
         "berth {} online since {}, boot {}, docker {}",
-        field(agent, "version"),
-        field(agent, "since"),
-        field(agent, "boot_id"),
-        paint(&docker, Some(docker_colour), colour)
+        one_line(&agent.version),
+        one_line(&agent.since),
+        one_line(&agent.boot_id),
+        paint(&one_line(&agent.docker), Some(docker_colour), colour)
     )
 }
 
-fn ros_master_line(ros: &Value, colour: bool) -> String {
-    let status = field(ros, "status");
-    let users = match ros.get("users").and_then(Value::as_array) {
-        Some(users) if !users.is_empty() => users
-            .iter()
-            .map(|u| u.as_str().map_or_else(|| u.to_string(), str::to_string))
-            .collect::<Vec<_>>()
-            .join(", "),
-        _ => "-".to_string(),
+fn ros_master_line(ros: &RosMasterDoc, colour: bool) -> String {
+    let users = if ros.users.is_empty() {
+        "-".to_string()
+    } else {
+        one_line(&ros.users.join(", "))
     };
     let mut line = format!(
         "ROS master: {}, owner {}, users {}, restarts {}",
-        paint(&status, status_colour(&status), colour),
-        field(ros, "owner"),
+        paint(&ros.status.to_string(), status_colour(ros.status), colour),
+        or_dash(ros.owner.as_deref()),
         users,
-        field(ros, "restart_count"),
+        ros.restart_count,
     );
-    let reason = field(ros, "reason");
-    if reason != "-" {
-        line.push_str(&format!(", reason: {reason}"));
+    if let Some(reason) = &ros.reason {
+        line.push_str(&format!(", reason: {}", one_line(reason)));
     }
     line
 }
 
 /// What `berth status` prints: the agent's line, the deployments table, and
 /// the ROS master's line when there is one. `colour` adds ANSI colours.
-pub fn render_status(status: &Value, colour: bool) -> String {
-    let mut lines = vec![agent_line(&status["agent"], colour), String::new()];
-    match status["deployments"].as_array() {
-        Some(deployments) if !deployments.is_empty() => {
-            lines.extend(layout(&table_rows(deployments), colour));
-        }
-        _ => lines.push("no deployments".to_string()),
+pub fn render_status(status: &StatusAnswer, colour: bool) -> String {
+    let mut lines = vec![agent_line(status.agent.as_ref(), colour), String::new()];
+    if status.deployments.is_empty() {
+        lines.push("no deployments".to_string());
+    } else {
+        lines.extend(layout(&table_rows(&status.deployments), colour));
     }
-    if !status["ros_master"].is_null() {
+    if let Some(ros) = &status.ros_master {
         lines.push(String::new());
-        lines.push(ros_master_line(&status["ros_master"], colour));
+        lines.push(ros_master_line(ros, colour));
     }
     let mut text = lines.join("\n");
     text.push('\n');
@@ -873,6 +886,13 @@ mod tests {
         })
     }
 
+    /// Documents as `berth status` reads them back.
+    fn typed(docs: Vec<Value>) -> Vec<DeploymentDoc> {
+        docs.into_iter()
+            .map(|d| serde_json::from_value(d).expect("a deployment document"))
+            .collect()
+    }
+
     #[test]
     fn table_rows_are_aligned_and_plain_without_a_terminal() {
         let mut failing = deployment(
@@ -923,19 +943,19 @@ mod tests {
                         "Pending",
                         vec![exe("c", "x", "Pending", 0), exe("c", "y", "Running", 12)],
                     ),
-                    json!({"deployment_id": "b", "phase": "FailedToStart", "status": "Error"}),
+                    deployment("b", "FailedToStart", "Error", vec![]),
                 ],
                 vec![
                     "DEPLOYMENT  PHASE          STATUS   RESTARTS  ERROR  REASON",
                     "a           Provisioning   Pending  0         -      -",
                     "  c/x                      Pending  0         -      -",
                     "  c/y                      Running  12        -      -",
-                    "b           FailedToStart  Error    -         -      -",
+                    "b           FailedToStart  Error    0         -      -",
                 ],
             ),
         ];
         for (name, docs, want) in rows {
-            let lines = layout(&table_rows(&docs), false);
+            let lines = layout(&table_rows(&typed(docs)), false);
             assert_eq!(lines, want, "{name}");
             assert!(lines.iter().all(|l| !l.contains('\x1b')), "{name}");
         }
@@ -943,12 +963,12 @@ mod tests {
 
     #[test]
     fn colours_only_on_a_terminal_and_outside_the_padding() {
-        let docs = [deployment(
+        let docs = typed(vec![deployment(
             "talker",
             "Succeeded",
             "Error",
             vec![exe("main", "app", "Pending", 0)],
-        )];
+        )]);
         let lines = layout(&table_rows(&docs), true);
         assert_eq!(
             lines[1],
@@ -966,9 +986,12 @@ mod tests {
             "agent": {"state": "online", "version": "0.1.0", "boot_id": "b1",
                       "docker": "unreachable", "since": "2026-11-28T16:00:00.000Z"},
             "deployments": [],
-            "ros_master": {"policy": "shared", "owner": "talker", "users": ["talker", "listener"],
-                           "status": "Running", "reason": null, "restart_count": 2},
+            "ros_master": {"device_id": "robot-42", "policy": "always", "owner": "talker",
+                           "users": ["talker", "listener"], "status": "Running", "reason": null,
+                           "error_code": null, "container_id": "abc", "restart_count": 2,
+                           "updated_at": "2026-11-28T16:00:00.125Z"},
         });
+        let status: StatusAnswer = serde_json::from_value(status).unwrap();
         assert_eq!(
             render_status(&status, false),
             "berth 0.1.0 online since 2026-11-28T16:00:00.000Z, boot b1, docker unreachable\n\
@@ -977,7 +1000,9 @@ mod tests {
              \n\
              ROS master: Running, owner talker, users talker, listener, restarts 2\n"
         );
-        let before_first_report = json!({"agent": null, "deployments": [], "ros_master": null});
+        let before_first_report: StatusAnswer =
+            serde_json::from_value(json!({"agent": null, "deployments": [], "ros_master": null}))
+                .unwrap();
         assert_eq!(
             render_status(&before_first_report, false),
             "berth has not reported yet\n\nno deployments\n"
@@ -1067,7 +1092,12 @@ mod tests {
         let snapshot = Arc::new(Snapshot::new(Arc::new(MemoryReporter::default())));
         snapshot.publish(
             Topic::Deployment("talker".into()),
-            json!({"status": "Running"}),
+            deployment(
+                "talker",
+                "Succeeded",
+                "Running",
+                vec![exe("a", "b", "Running", 0)],
+            ),
         );
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -1079,7 +1109,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(answer["deployments"][0]["status"], "Running");
+        assert_eq!(answer.deployments[0].status, Status::Running);
 
         shutdown.cancel();
         tracker.close();

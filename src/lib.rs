@@ -21,7 +21,8 @@
 //!   position, the ROS master's owner.
 //! - [`control`] serves the latest documents on a local socket; [`notify`]
 //!   speaks systemd's notify protocol; [`watch`] turns changes in the
-//!   deployments directory into reloads.
+//!   deployments directory into reloads; [`trace`] is the optional restart
+//!   trace that `berth-bench` reads (`berth run --trace-file`).
 //!
 //! `src/main.rs` wires the real adapters and maps errors to exit codes;
 //! `docs/DESIGN.md` explains the choices.
@@ -36,4 +37,5 @@ pub mod report;
 pub mod runtime;
 pub mod state;
 pub mod supervisor;
+pub mod trace;
 pub mod watch;

@@ -95,7 +95,12 @@ Exit status:
       a password_file, ca_file, cert_file, key_file); systemd does not restart
       berth on it
   1   any other failure, such as a state_dir that cannot be created")]
-    Run,
+    Run {
+        /// Append a line per restart step (die received, start request sent)
+        /// to this file, for `berth-bench`; see src/trace.rs.
+        #[arg(long, value_name = "PATH", hide = true)]
+        trace_file: Option<PathBuf>,
+    },
     /// Validate the agent config and every deployment file
     ///
     /// Reads the agent config and every `*.toml` file of its `deployments_dir`
@@ -208,7 +213,13 @@ fn main() -> ExitCode {
             executable,
             command,
         } => exec(&cli.config, &deployment, &executable, command),
-        Command::Run => {
+        Command::Run { trace_file } => {
+            if let Some(path) = &trace_file {
+                if let Err(e) = berth::trace::enable(path) {
+                    eprintln!("berth: cannot open the trace file {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
             let config = match config::load_agent(&cli.config) {
                 Ok(config) => config,
                 Err(errors) => {
@@ -280,7 +291,10 @@ fn status(config_path: &Path, json: bool) -> ExitCode {
         return ExitCode::FAILURE;
     };
     match control::query_status(&control::socket_path(&config.state_dir)) {
-        Ok(answer) if json => println!("{answer}"),
+        Ok(answer) if json => println!(
+            "{}",
+            serde_json::to_string(&answer).expect("documents serialize")
+        ),
         Ok(answer) => {
             let colour = std::io::stdout().is_terminal();
             print!("{}", control::render_status(&answer, colour));

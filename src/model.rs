@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -61,6 +62,19 @@ pub enum Status {
     Stopped,
     Running,
     Completed,
+}
+
+/// Phases and statuses print as SPEC 5 names them (their serde names).
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
 }
 
 impl Status {
@@ -214,9 +228,35 @@ pub struct DeploymentSpec {
     pub env: BTreeMap<String, String>,
     pub exports: BTreeMap<String, String>,
     pub components: Vec<ComponentSpec>,
+    /// `[update]`: how long a new version must prove itself.
+    pub update: UpdateSpec,
     /// The file it came from, for messages.
     #[serde(skip)]
     pub source: PathBuf,
+}
+
+/// How a changed deployment is kept or rolled back (SPEC 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct UpdateSpec {
+    /// How long a new version must run (and be healthy, with a probe) to be
+    /// kept; the previous container is removed only then.
+    pub min_ready_secs: u64,
+}
+
+impl UpdateSpec {
+    pub const DEFAULT_MIN_READY_SECS: u64 = 10;
+
+    pub fn min_ready(&self) -> Duration {
+        Duration::from_secs(self.min_ready_secs)
+    }
+}
+
+impl Default for UpdateSpec {
+    fn default() -> Self {
+        UpdateSpec {
+            min_ready_secs: Self::DEFAULT_MIN_READY_SECS,
+        }
+    }
 }
 
 impl DeploymentSpec {

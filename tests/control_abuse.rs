@@ -42,7 +42,13 @@ impl Served {
         for i in 0..documents {
             snapshot.publish(
                 Topic::Deployment(format!("d{i}")),
-                json!({"status": "Running", "padding": "x".repeat(size)}),
+                json!({
+                    "device_id": "robot-42", "deployment_id": format!("d{i}"),
+                    "package": "pkg", "package_version": "1", "phase": "Succeeded",
+                    "status": "Running", "error_code": null, "reason": "x".repeat(size),
+                    "restart_policy": "always", "restart_count": 0, "executables": [],
+                    "updated_at": "2026-11-28T16:00:00.125Z",
+                }),
             );
         }
         let shutdown = CancellationToken::new();
@@ -162,8 +168,8 @@ async fn two_hundred_clients_at_once_are_each_answered() {
     let path = served.path.clone();
     let after = blocking(move || query_status(&path)).await;
     assert_eq!(
-        after.expect("status after the flood")["deployments"][0]["status"],
-        "Running"
+        after.expect("status after the flood").deployments[0].status,
+        berth::model::Status::Running
     );
     served.stop().await;
 }

@@ -1,13 +1,14 @@
 //! A restart of the Docker engine while berth runs (SPEC 6, "interrupted by a
 //! restart of the Docker engine"). It runs on an engine of its own (own
-//! socket, data root and exec root), so no other test sees it go away; the
-//! nextest group `engine-restart` keeps it alone anyway.
+//! socket, data root, exec root and network namespace), so no other test
+//! sees it go away and the machine's engine keeps its networks; the nextest
+//! group `engine-restart` keeps these tests alone anyway.
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
@@ -15,7 +16,23 @@ use serde_json::Value;
 /// Longer than `common::WAIT`: an engine takes a while to stop and start.
 const WAIT: Duration = Duration::from_secs(60);
 
-/// A dockerd of the test's own.
+/// How long the test's engine gets to answer after it is started, and to
+/// exit after SIGTERM.
+const ENGINE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long one `docker info` asking whether the engine is up may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The machine engine's default bridge, which a dockerd started with
+/// `--bridge none` in the machine's network namespace deletes.
+const HOST_BRIDGE: &str = "/sys/class/net/docker0";
+
+/// A dockerd of the test's own, in a network namespace of its own
+/// (`unshare --net`). moby deletes `docker0` when its bridge is disabled,
+/// which in the machine's namespace would be the machine engine's bridge;
+/// there it deletes nothing. The test reaches it through its unix socket,
+/// which is a file and needs no network. Its containers' host network is
+/// that namespace, with no interface up: nothing run there needs one.
 struct Engine {
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -27,23 +44,28 @@ impl Engine {
             .prefix("berth-engine")
             .tempdir()
             .unwrap();
+        // Its own (empty) daemon.json: the machine's must not apply.
+        std::fs::write(dir.path().join("daemon.json"), "{}\n").unwrap();
         let mut engine = Engine { dir, child: None };
         engine.up();
-        // The test image, from the machine's engine.
+        engine
+    }
+
+    /// Copies the test image from the machine's engine.
+    fn load_test_image(&self) {
         let mut save = Command::new("docker")
             .args(["save", TEST_IMAGE])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
         let status = Command::new("docker")
-            .args(["-H", &engine.host(), "load"])
+            .args(["-H", &self.host(), "load"])
             .stdin(save.stdout.take().unwrap())
             .stdout(Stdio::null())
             .status()
             .unwrap();
         assert!(save.wait().unwrap().success(), "docker save {TEST_IMAGE}");
         assert!(status.success(), "load the test image into the test engine");
-        engine
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -54,67 +76,99 @@ impl Engine {
         format!("unix://{}", self.path("docker.sock").display())
     }
 
+    fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.path("dockerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
     fn up(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.path("dockerd.log"))
             .unwrap();
-        let child = Command::new("dockerd")
-            .arg("--host")
+        let p = |name: &str| self.path(name);
+        // unshare execs dockerd: the child's pid is dockerd's.
+        let child = Command::new("unshare")
+            .args(["--net", "--", "dockerd", "--host"])
             .arg(self.host())
+            .arg("--config-file")
+            .arg(p("daemon.json"))
             .arg("--data-root")
-            .arg(self.path("root"))
+            .arg(p("root"))
             .arg("--exec-root")
-            .arg(self.path("exec"))
+            .arg(p("exec"))
             .arg("--pidfile")
-            .arg(self.path("docker.pid"))
+            .arg(p("docker.pid"))
             .args(["--bridge", "none", "--iptables=false", "--ip-masq=false"])
+            .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .expect("dockerd: run scripts/setup.sh");
+            .expect("unshare and dockerd: run scripts/setup.sh");
         self.child = Some(child);
         let host = self.host();
-        assert!(
-            wait_until(Duration::from_secs(30), || Command::new("docker")
-                .args(["-H", &host, "info"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())),
-            "the test engine did not come up"
-        );
-    }
-
-    /// A graceful engine shutdown: it stops its containers (SIGTERM).
-    fn down(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = child.wait();
+        let deadline = Instant::now() + ENGINE_TIMEOUT;
+        loop {
+            let exited = self.child.as_mut().and_then(|c| c.try_wait().unwrap());
+            if let Some(status) = exited {
+                self.child = None;
+                panic!(
+                    "the test engine exited before answering ({status}); its log:\n{}",
+                    self.log()
+                );
+            }
+            if docker_within(&host, &["info"], PROBE_TIMEOUT).is_ok() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                self.down();
+                panic!(
+                    "the test engine did not answer on {host} within {ENGINE_TIMEOUT:?}; its log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
-    fn docker(&self, args: &[&str]) -> String {
-        let host = self.host();
-        let mut all = vec!["-H", &host];
-        all.extend_from_slice(args);
-        docker(&all)
+    /// A graceful engine shutdown: it stops its containers (SIGTERM). One
+    /// that has not exited after `ENGINE_TIMEOUT` is killed; returns
+    /// whether it exited by itself.
+    fn down(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        if wait_exit(&mut child, ENGINE_TIMEOUT).is_some() {
+            return true;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
     }
 }
 
 impl Drop for Engine {
     fn drop(&mut self) {
         if self.child.is_some() {
-            let ids = self.docker(&["ps", "-aq"]);
-            for id in ids.split_whitespace() {
-                let _ = self.docker(&["rm", "-f", id]);
+            if let Ok(ids) = docker_within(&self.host(), &["ps", "-aq"], PROBE_TIMEOUT) {
+                for id in ids.split_whitespace() {
+                    let _ = docker_within(&self.host(), &["rm", "-f", id], WAIT);
+                }
             }
         }
-        self.down();
+        if !self.down() {
+            eprintln!(
+                "the test engine did not stop within {ENGINE_TIMEOUT:?} and was killed; its log:\n{}",
+                self.log()
+            );
+        }
+        // dockerd bind-mounts its network namespace here.
         let _ = Command::new("umount")
             .arg(self.path("exec/netns/default"))
             .stderr(Stdio::null())
@@ -122,9 +176,83 @@ impl Drop for Engine {
     }
 }
 
+/// `docker -H host args`, given at most `timeout`: an engine that accepts
+/// connections but never answers must not hang the test.
+fn docker_within(host: &str, args: &[&str], timeout: Duration) -> Result<String, String> {
+    let out = tempfile::tempfile().unwrap();
+    let mut child = Command::new("docker")
+        .args(["-H", host])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("docker: run scripts/setup.sh");
+    match wait_exit(&mut child, timeout) {
+        Some(status) if status.success() => {
+            use std::io::{Read, Seek};
+            let mut out = out;
+            let mut text = String::new();
+            out.rewind().unwrap();
+            out.read_to_string(&mut text).unwrap();
+            Ok(text)
+        }
+        Some(status) => Err(format!("docker {args:?}: {status}")),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!("docker {args:?}: no answer within {timeout:?}"))
+        }
+    }
+}
+
+fn host_bridge_exists() -> bool {
+    Path::new(HOST_BRIDGE).exists()
+}
+
+/// The machine engine's default bridge outlives a second engine started and
+/// stopped beside it, and still carries containers.
+#[test]
+fn a_second_engine_leaves_the_host_bridge_alone() {
+    assert!(
+        host_bridge_exists(),
+        "the machine's engine has no docker0 before the test: its default bridge is \
+         disabled, or was deleted (as a dockerd started with --bridge none outside a \
+         network namespace of its own does); a restart of the engine makes it again"
+    );
+    let mut engine = Engine::start();
+    assert!(
+        host_bridge_exists(),
+        "docker0 is gone once the second engine is up"
+    );
+    assert!(engine.down(), "the second engine stops on SIGTERM");
+    engine.up();
+    drop(engine);
+    assert!(
+        host_bridge_exists(),
+        "docker0 is gone after the second engine stopped"
+    );
+    let name = unique_id("bridge");
+    let out = try_docker(&[
+        "run",
+        "--rm",
+        "--name",
+        &name,
+        "--network",
+        "bridge",
+        TEST_IMAGE,
+        "true",
+    ]);
+    assert!(
+        out.is_ok(),
+        "a container on the machine's default bridge: {out:?}"
+    );
+}
+
 #[test]
 fn row_interrupted_by_an_engine_restart() {
     let mut engine = Engine::start();
+    engine.load_test_image();
     let device = unique_id("engine");
     let broker = Broker::new();
     let mut config = BerthConfig::new(&device, broker.port()).backoff(100, 1, 30);
@@ -172,7 +300,7 @@ fn row_interrupted_by_an_engine_restart() {
         sub.wait_for(&topic(id), |d| d["status"] == before, WAIT);
     }
 
-    engine.down();
+    assert!(engine.down(), "the test engine stops on SIGTERM");
     let agent = sub.wait_for(
         &berth.topic("agent"),
         |d| d["docker"] == "unreachable",
@@ -202,6 +330,8 @@ fn row_interrupted_by_an_engine_restart() {
             );
         }
     }
+    // Not a wait for an outcome: a window in which a wrong second restart
+    // would show.
     std::thread::sleep(Duration::from_secs(1));
     for (id, _, _, _, after, restarts) in rows {
         let doc: Value = sub.wait_for(&topic(id), |_| true, WAIT);

@@ -11,6 +11,9 @@ use common::*;
 
 const MANUAL: &str = "stopped manually";
 
+/// The seed of the kill -9 loop's random moments, to replay a run.
+const KILL9_SEED_VAR: &str = "BERTH_TEST_KILL9_SEED";
+
 /// The three ways of stopping by hand, each on its own deployment.
 const HAND_STOPS: [(&str, &[&str]); 3] = [
     ("by-stop", &["stop", "-t", "1"]),
@@ -23,6 +26,8 @@ fn assert_stopped_and_left_alone(s: &Harness, id: &str, container: &str) {
     let reason = exe(&doc)["reason"].as_str().unwrap_or_default();
     assert!(reason.contains(MANUAL), "{id}: {doc}");
     assert_eq!(doc["restart_count"], 0, "{id}: {doc}");
+    // Not a wait for an outcome: a window in which a wrong restart would
+    // show.
     std::thread::sleep(Duration::from_secs(2));
     if id != "by-rm" {
         assert_eq!(s.events.starts(container), 1, "{id}: not restarted");
@@ -50,8 +55,7 @@ fn assert_hand_start_resumes_policy(s: &Harness, id: &str, container: &str) {
         doc["restart_count"], 0,
         "a hand start is not counted: {doc}"
     );
-    std::thread::sleep(Duration::from_millis(500));
-    docker(&["exec", container, "sh", "-c", "kill -USR1 1"]);
+    crash(container);
     let doc = s.wait(id, |d| d["restart_count"] == 1 && d["status"] == "Running");
     assert_eq!(exe(&doc)["container_id"], container);
 }
@@ -108,8 +112,20 @@ fn row_stopped_killed_or_removed_by_hand_while_berth_is_down() {
         s.wait(id, |d| d["status"] == "Running");
         ids.insert(id, s.container_id(id));
     }
-    // Let berth save its event position, then stop it.
-    std::thread::sleep(Duration::from_secs(3));
+    // berth saves its event position at least every 2 s: once the saved one
+    // covers the last start, stop it.
+    let last_start = ids
+        .values()
+        .flat_map(|id| s.events.history(id, 0))
+        .filter(|(action, _)| action == "start")
+        .map(|(_, nanos)| nanos)
+        .max()
+        .expect("the engine started the containers");
+    s.wait_saved("an event position covering the last start", |state| {
+        state["event_position"]
+            .as_i64()
+            .is_some_and(|p| i128::from(p) >= last_start)
+    });
     s.berth.sigterm();
     for (id, args) in HAND_STOPS {
         let mut cmd = args.to_vec();
@@ -145,7 +161,7 @@ fn crash_while_berth_is_down_is_restarted() {
     s.wait("c", |d| d["status"] == "Running");
     let container = s.container_id("c");
     s.berth.sigterm();
-    docker(&["exec", &container, "sh", "-c", "kill -USR1 1"]);
+    crash(&container);
     assert!(wait_until(WAIT, || container_state(&container)["Running"] == false));
     s.sub.clear();
     s.berth.start();
@@ -212,7 +228,7 @@ fn row_interrupted_by_a_device_reboot_and_row_had_exited_before_the_reboot() {
         }
         s.wait(id, |d| d["status"] == before);
     }
-    std::thread::sleep(Duration::from_secs(1));
+    // berth saves what it knows when it stops.
     s.berth.sigterm();
     for (id, ..) in rows {
         let c = s.container_id(id);
@@ -232,6 +248,8 @@ fn row_interrupted_by_a_device_reboot_and_row_had_exited_before_the_reboot() {
             assert!(reason.contains("interrupted"), "{id}: {doc}");
         }
     }
+    // Not a wait for an outcome: a window in which a wrong second restart
+    // would show.
     std::thread::sleep(Duration::from_secs(1));
     for (id, _, _, _, after, restarts) in rows {
         let doc = s.wait(id, |_| true);
@@ -262,7 +280,16 @@ fn kill_9_loop_never_loses_or_doubles_a_count() {
             ),
         );
     }
-    let mut seed = nanos_now() as u64 | 1;
+    // Replay a failed run with the seed it printed.
+    let mut seed = match std::env::var(KILL9_SEED_VAR) {
+        Ok(text) => text
+            .parse::<u64>()
+            .ok()
+            .filter(|seed| *seed != 0)
+            .unwrap_or_else(|| panic!("{KILL9_SEED_VAR}={text:?}: want a number above 0")),
+        Err(_) => nanos_now() as u64 | 1,
+    };
+    eprintln!("kill -9 loop seed: {seed} (replay with {KILL9_SEED_VAR}={seed})");
     let mut random_ms = |lo: u64, hi: u64| {
         // xorshift: enough to scatter the kills.
         seed ^= seed << 13;
@@ -279,6 +306,7 @@ fn kill_9_loop_never_loses_or_doubles_a_count() {
         s.berth.kill9();
         s.berth.start();
     }
+    // The last berth runs the loops a little before it is stopped.
     std::thread::sleep(Duration::from_secs(2));
     s.berth.sigterm();
 
@@ -333,8 +361,7 @@ fn row_started_again_by_hand() {
         docker(&["start", &container]);
         let doc = s.wait(id, |d| d["status"] == "Running");
         assert_eq!(doc["restart_count"], 0, "{id}: a hand start is not counted");
-        std::thread::sleep(Duration::from_millis(500));
-        docker(&["exec", &container, "sh", "-c", "kill -USR1 1"]);
+        crash(&container);
         let doc = s.wait(id, |d| {
             d["status"] == after && d["restart_count"] == restarts && exe(d)["exit_code"] != 0
         });

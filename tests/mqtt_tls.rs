@@ -25,7 +25,7 @@ const BERTH_USER: &str = "robot";
 const BERTH_PASSWORD: &str = "pw-Berth-7f3a9c-secret";
 const OBSERVER_USER: &str = "observer";
 const OBSERVER_PASSWORD: &str = "pw-observer-51d2e0";
-const SETUP_HINT: &str = "run scripts/setup.sh";
+const SETUP_HINT: &str = "run scripts/setup.sh --tests";
 
 // --- certificates -------------------------------------------------------------
 
@@ -44,7 +44,7 @@ impl Pki {
         pki.signed(
             "server",
             "localhost",
-            "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+            "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost\n",
             2,
         );
         pki.signed("client", "berth-client", "extendedKeyUsage=clientAuth\n", 3);
@@ -207,17 +207,22 @@ impl TlsBroker {
                      allow_anonymous false\n\
                      password_file {passwd}\n\
                      persistence false\n\
-                     log_dest stdout\n\
+                     log_dest stderr\n\
                      listener {port} 127.0.0.1\n\
-                     cafile {ca}\n\
-                     certfile {cert}\n\
-                     keyfile {key}\n\
-                     require_certificate true\n",
+                     {tls}\
+                     listener {port} ::1\n\
+                     {tls}",
                     user = current_user(),
                     passwd = passwd.display(),
-                    ca = pki.path("ca.pem").display(),
-                    cert = pki.path("server.pem").display(),
-                    key = pki.path("server.key").display(),
+                    tls = format_args!(
+                        "cafile {}\n\
+                         certfile {}\n\
+                         keyfile {}\n\
+                         require_certificate true\n",
+                        pki.path("ca.pem").display(),
+                        pki.path("server.pem").display(),
+                        pki.path("server.key").display(),
+                    ),
                 ),
             )
             .unwrap();
@@ -230,9 +235,13 @@ impl TlsBroker {
                 .stderr(out)
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start mosquitto ({e}): {SETUP_HINT}"));
+            // Logged once both listeners are bound; a port taken on either
+            // address makes mosquitto exit instead.
+            let running = || fs::read_to_string(&log).is_ok_and(|l| l.contains(" running"));
             if wait_until(Duration::from_secs(15), || {
-                port_open(port) || child.try_wait().unwrap().is_some()
-            }) && port_open(port)
+                running() || child.try_wait().unwrap().is_some()
+            }) && running()
+                && child.try_wait().unwrap().is_none()
             {
                 return TlsBroker { port, child, dir };
             }
@@ -428,6 +437,28 @@ fn mutual_tls_and_a_password_get_the_agent_document_published() {
     let (_, agent) = broker.receive_one(&pki, &berth.topic("agent"));
     assert_eq!(agent["state"], "offline", "{agent}");
     assert_no_secrets(&berth, &pki, &[BERTH_PASSWORD]);
+}
+
+/// `mqtts://[::1]:port`: an IPv6 address in brackets is the TCP peer and
+/// the name the broker's certificate is checked against.
+#[test]
+fn mqtts_to_an_ipv6_address_in_brackets() {
+    let pki = Pki::new();
+    let broker = TlsBroker::new(&pki);
+    let mut berth = berth_for(&broker, &pki, "ca.pem", BERTH_PASSWORD);
+    berth.config_mut().mqtt_host = "[::1]".to_owned();
+    berth.write_config();
+    berth.start();
+    berth.wait_for_log("connected to the mqtt broker", WAIT);
+    let (retained, agent) = broker.receive_one(&pki, &berth.topic("agent"));
+    assert!(retained, "the agent document is retained: {agent}");
+    assert_eq!(agent["state"], "online", "{agent}");
+    assert!(
+        broker.log().contains("New connection from ::1"),
+        "berth came over IPv6:\n{}",
+        broker.log()
+    );
+    assert!(berth.sigterm().success(), "{}", berth.log());
 }
 
 #[test]

@@ -56,7 +56,7 @@ impl Package {
             .is_ok_and(|o| o.status.success());
         assert!(
             available,
-            "cargo-deb is missing: run scripts/setup.sh, or `cargo install cargo-deb --locked`"
+            "cargo-deb is missing: run scripts/setup.sh --tests, or `cargo install cargo-deb --locked`"
         );
         let dir = tempfile::tempdir().expect("temp dir for the package");
         let release = dir.path().join("release");

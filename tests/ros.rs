@@ -141,6 +141,8 @@ fn a_manual_stop_of_the_master_is_respected() {
         doc["reason"].as_str().unwrap().contains("stopped manually"),
         "{doc}"
     );
+    // Not a wait for an outcome: a window in which a wrong restart would
+    // show.
     std::thread::sleep(Duration::from_secs(2));
     let state = s.master_container().unwrap();
     assert_eq!(state["State"]["Running"], false, "not restarted");

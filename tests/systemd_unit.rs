@@ -94,7 +94,7 @@ fn systemd_analyze_verify_accepts_the_unit() {
     let version = Command::new("systemd-analyze").arg("--version").output();
     assert!(
         version.is_ok_and(|o| o.status.success()),
-        "systemd-analyze is missing: install the systemd package (scripts/setup.sh does)"
+        "systemd-analyze is missing: install the systemd package (scripts/setup.sh --tests does)"
     );
     // verify checks that ExecStart's binary exists: point it at the one
     // cargo built, in a copy of the unit under the same name.

@@ -5,7 +5,7 @@
 
 pub mod mqtt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{ErrorCode, Phase, RestartPolicy, Status};
 
@@ -41,24 +41,40 @@ pub trait Reporter: Send + Sync + 'static {
     fn publish(&self, topic: Topic, payload: serde_json::Value);
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// The `agent` document. Every field but `state` is absent from the offline
+/// document (the last will), hence the defaults when it is read back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentDoc {
-    pub state: &'static str,
-    pub version: &'static str,
+    /// `online` or `offline`.
+    pub state: String,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
     pub boot_id: String,
     /// `connected` or `unreachable`.
-    pub docker: &'static str,
+    #[serde(default)]
+    pub docker: String,
+    #[serde(default)]
     pub since: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_code: Option<ErrorCode>,
 }
 
 /// The last will, and what berth publishes itself when it stops.
 pub fn offline_doc() -> serde_json::Value {
-    serde_json::json!({"state": "offline", "error_code": ErrorCode::DeviceOffline})
+    #[derive(Serialize)]
+    struct Offline {
+        state: &'static str,
+        error_code: ErrorCode,
+    }
+    serde_json::to_value(Offline {
+        state: "offline",
+        error_code: ErrorCode::DeviceOffline,
+    })
+    .expect("documents serialize")
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecutableDoc {
     pub component: String,
     pub name: String,
@@ -70,9 +86,13 @@ pub struct ExecutableDoc {
     pub exit_code: Option<i64>,
     pub restart_count: u64,
     pub started_at: Option<String>,
+    /// The liveness probe's verdict (`healthy`, `unhealthy`, `starting`);
+    /// null without a probe.
+    #[serde(default)]
+    pub health: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeploymentDoc {
     pub device_id: String,
     pub deployment_id: String,
@@ -85,7 +105,144 @@ pub struct DeploymentDoc {
     pub restart_policy: RestartPolicy,
     pub restart_count: u64,
     pub executables: Vec<ExecutableDoc>,
+    /// After an update that failed and was rolled back; null otherwise.
+    #[serde(default)]
+    pub update: Option<UpdateDoc>,
     pub updated_at: String,
+}
+
+/// The `update` object of a deployment document (SPEC 9).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateDoc {
+    /// The version that failed.
+    pub package_version: String,
+    /// `rolled-back`.
+    pub state: String,
+    pub reason: String,
+    pub error_code: Option<ErrorCode>,
+    pub at: String,
+}
+
+/// The `shared/ros-master` document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RosMasterDoc {
+    pub device_id: String,
+    /// The policy of the deployment that brought the master up.
+    pub policy: RestartPolicy,
+    /// That deployment.
+    pub owner: Option<String>,
+    /// The ROS deployments using it, in id order.
+    pub users: Vec<String>,
+    pub status: Status,
+    pub reason: Option<String>,
+    pub error_code: Option<ErrorCode>,
+    pub container_id: Option<String>,
+    pub restart_count: u64,
+    pub updated_at: String,
+}
+
+/// One message on the `events` topic: what happened, when, on which device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventDoc {
+    pub device_id: String,
+    pub time: String,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// Every kind of event berth sends, tagged by `event`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// berth starts an executable again; the restart is counted.
+    Restart {
+        deployment: String,
+        component: String,
+        executable: String,
+        /// The exit that led to it; null after an interruption or a failed start.
+        exit_code: Option<i64>,
+        reason: String,
+        restart_count: u64,
+        /// Who asked, for a restart an operator asked for.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+    },
+    /// A counted restart whose start the engine accepted.
+    Restarted {
+        deployment: String,
+        component: String,
+        executable: String,
+        restart_count: u64,
+    },
+    /// Stopped by anyone but berth: the policy is suspended until a reboot.
+    ManualStop {
+        deployment: String,
+        component: String,
+        executable: String,
+        exit_code: Option<i64>,
+        reason: String,
+    },
+    /// An update failed and the previous version runs again.
+    Rollback {
+        deployment: String,
+        component: String,
+        executable: String,
+        /// The version that failed.
+        package_version: String,
+        error_code: ErrorCode,
+        reason: String,
+    },
+    /// A deployment's phase changed.
+    Phase {
+        deployment: String,
+        phase: Phase,
+        reason: Option<String>,
+    },
+    /// Something failed; `deployment` and below say where, when it is known.
+    Error {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deployment: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        component: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        executable: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error_code: Option<ErrorCode>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i64>,
+        reason: String,
+    },
+}
+
+impl Event {
+    /// An `error` event about one executable.
+    pub fn exec_error(
+        key: &crate::model::ExecKey,
+        error_code: ErrorCode,
+        exit_code: Option<i64>,
+        reason: String,
+    ) -> Event {
+        Event::Error {
+            deployment: Some(key.deployment.clone()),
+            component: Some(key.component.clone()),
+            executable: Some(key.executable.clone()),
+            error_code: Some(error_code),
+            exit_code,
+            reason,
+        }
+    }
+
+    /// An `error` event about the device or berth itself.
+    pub fn device_error(error_code: Option<ErrorCode>, reason: String) -> Event {
+        Event::Error {
+            deployment: None,
+            component: None,
+            executable: None,
+            error_code,
+            exit_code: None,
+            reason,
+        }
+    }
 }
 
 /// RFC 3339 UTC with milliseconds, the form of every time in the documents.

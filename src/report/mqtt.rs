@@ -53,10 +53,6 @@ const SYSTEM_CA_BUNDLES: &[&str] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
-    #[error(
-        "invalid mqtt url {url:?}: {reason}; expected mqtt://host[:port] or mqtts://host[:port]"
-    )]
-    Url { url: String, reason: &'static str },
     #[error("cannot read the mqtt {what} {}", path.display())]
     ReadFile {
         what: &'static str,
@@ -136,7 +132,7 @@ impl MqttReporter {
                 stopping: None,
             },
             stop: stop.clone(),
-            broker: settings.url.clone(),
+            broker: settings.endpoint.to_string(),
             delay: RECONNECT_DELAY_MIN,
             warned: None,
         };
@@ -151,7 +147,7 @@ impl MqttReporter {
             shared,
             stop,
             done,
-            broker: settings.url.clone(),
+            broker: settings.endpoint.to_string(),
         })
     }
 
@@ -571,83 +567,6 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// The broker's address, from `mqtt://host[:port]` or `mqtts://host[:port]`.
-#[derive(Debug, PartialEq, Eq)]
-struct BrokerUrl {
-    tls: bool,
-    host: String,
-    port: u16,
-}
-
-fn parse_url(url: &str) -> Result<BrokerUrl, MqttError> {
-    let bad = |reason| MqttError::Url {
-        url: without_userinfo(url),
-        reason,
-    };
-    let (scheme, rest) = url.split_once("://").ok_or(bad("no scheme"))?;
-    let (tls, default_port) = match scheme {
-        "mqtt" => (false, 1883),
-        "mqtts" => (true, 8883),
-        _ => return Err(bad("the scheme must be mqtt or mqtts")),
-    };
-    let authority = rest.strip_suffix('/').unwrap_or(rest);
-    if authority.contains('@') {
-        return Err(bad(
-            "credentials do not belong in the url; use username and password_file",
-        ));
-    }
-    if authority.contains(['/', '?', '#']) {
-        return Err(bad("a path or query is not allowed"));
-    }
-    // An IPv6 address keeps its brackets: rumqttc joins host and port.
-    let (host, port) = if authority.starts_with('[') {
-        let end = authority.find(']').ok_or(bad("unclosed '['"))?;
-        match &authority[end + 1..] {
-            "" => (&authority[..=end], None),
-            tail => (
-                &authority[..=end],
-                Some(tail.strip_prefix(':').ok_or(bad("junk after ']'"))?),
-            ),
-        }
-    } else {
-        match authority.rsplit_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (authority, None),
-        }
-    };
-    if host.is_empty() || host == "[]" {
-        return Err(bad("no host"));
-    }
-    if host.contains(':') && !host.starts_with('[') {
-        return Err(bad(
-            "an IPv6 address goes in brackets, as in mqtt://[::1]:1883",
-        ));
-    }
-    let port = match port {
-        None => default_port,
-        Some(port) => match port.parse::<u16>() {
-            Ok(port) if port != 0 => port,
-            _ => return Err(bad("the port must be a number from 1 to 65535")),
-        },
-    };
-    Ok(BrokerUrl {
-        tls,
-        host: host.to_owned(),
-        port,
-    })
-}
-
-/// The url as it may be shown: a password put in it stays out of logs.
-fn without_userinfo(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((_, host)) => format!("{scheme}://***@{host}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-}
-
 /// rumqttc's options from berth's settings. Reads the password, CA and
 /// client certificate files.
 fn options(
@@ -655,7 +574,7 @@ fn options(
     device_id: &str,
     last_will: &Value,
 ) -> Result<MqttOptions, MqttError> {
-    let url = parse_url(&settings.url)?;
+    let endpoint = &settings.endpoint;
     let will_topic = Topic::Agent.path(&settings.topic_prefix, device_id);
     if !rumqttc::valid_topic(&will_topic) {
         return Err(MqttError::Topic(will_topic));
@@ -666,7 +585,11 @@ fn options(
         return Err(MqttError::KeepAlive(keep_alive));
     }
 
-    let mut options = MqttOptions::new(settings.client_id.clone(), url.host, url.port);
+    let mut options = MqttOptions::new(
+        settings.client_id.clone(),
+        endpoint.connect_host(),
+        endpoint.port,
+    );
     options
         .set_keep_alive(keep_alive)
         // berth republishes everything on each connection itself.
@@ -695,7 +618,7 @@ fn options(
         (None, None) => {}
     }
 
-    if url.tls {
+    if endpoint.tls {
         options.set_transport(Transport::tls_with_config(tls_config(settings)?));
     } else if settings.ca_file.is_some()
         || settings.cert_file.is_some()
@@ -775,33 +698,77 @@ mod tests {
     use tokio::task::JoinHandle;
 
     use super::*;
+    use crate::config::{BrokerHost, MqttEndpoint};
 
     const PREFIX: &str = "berth-test";
     /// Long enough for the reporter's back-off and a local broker; every
     /// wait below is bounded by it.
     const PATIENCE: Duration = Duration::from_secs(5);
 
+    /// How many ports a test tries before it gives up.
+    const PORT_ATTEMPTS: usize = 5;
+
     fn free_port() -> u16 {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         listener.local_addr().expect("local address").port()
+    }
+
+    /// The port a broker was to listen on was taken between finding it
+    /// free and binding it (tests run side by side): try another.
+    #[derive(Debug)]
+    struct PortTaken(u16);
+
+    /// Runs `scenario` on a free port, again on another one each time a
+    /// broker finds its port taken.
+    async fn on_a_free_port<F, Fut>(scenario: F)
+    where
+        F: Fn(u16) -> Fut,
+        Fut: std::future::Future<Output = Result<(), PortTaken>>,
+    {
+        let mut taken = Vec::new();
+        for _ in 0..PORT_ATTEMPTS {
+            match scenario(free_port()).await {
+                Ok(()) => return,
+                Err(PortTaken(port)) => taken.push(port),
+            }
+        }
+        panic!("every port tried was taken before mosquitto could bind it: {taken:?}");
     }
 
     /// A Mosquitto broker on a port of its own, killed on drop.
     struct Broker {
         child: Child,
         port: u16,
+        _log: tempfile::TempDir,
     }
 
     impl Broker {
-        async fn start(port: u16) -> Broker {
+        /// A broker on a free port, trying another when one is taken.
+        async fn start_anywhere() -> Broker {
+            let mut taken = Vec::new();
+            for _ in 0..PORT_ATTEMPTS {
+                match Broker::start(free_port()).await {
+                    Ok(broker) => return broker,
+                    Err(PortTaken(port)) => taken.push(port),
+                }
+            }
+            panic!("every port tried was taken before mosquitto could bind it: {taken:?}");
+        }
+
+        /// A broker on `port`, once it says it is running: a connection
+        /// that succeeds may be to whoever took the port meanwhile.
+        async fn start(port: u16) -> Result<Broker, PortTaken> {
+            let dir = tempfile::tempdir().expect("temp dir for the mosquitto log");
+            let log_path = dir.path().join("mosquitto.log");
+            let log = std::fs::File::create(&log_path).expect("create the mosquitto log");
             let mut child = ["mosquitto", "/usr/sbin/mosquitto"]
                 .iter()
                 .find_map(|program| {
                     match Command::new(program)
                         .args(["-p", &port.to_string()])
                         .stdin(Stdio::null())
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
+                        .stdout(log.try_clone().expect("mosquitto log handle"))
+                        .stderr(log.try_clone().expect("mosquitto log handle"))
                         .spawn()
                     {
                         Ok(child) => Some(child),
@@ -810,21 +777,29 @@ mod tests {
                     }
                 })
                 .expect("mosquitto is not installed: run scripts/setup.sh");
+            let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
             let deadline = Instant::now() + PATIENCE;
             loop {
-                if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-                {
-                    return Broker { child, port };
+                // Printed once every listener is bound.
+                if read_log().contains(" running") {
+                    return Ok(Broker {
+                        child,
+                        port,
+                        _log: dir,
+                    });
                 }
                 if let Some(status) = child.try_wait().expect("mosquitto status") {
-                    panic!("mosquitto -p {port} exited with {status}");
+                    let log = read_log();
+                    if log.contains("Address already in use") {
+                        return Err(PortTaken(port));
+                    }
+                    panic!("mosquitto -p {port} exited with {status}:\n{log}");
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "mosquitto -p {port} does not listen"
-                );
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("mosquitto -p {port} is not running:\n{}", read_log());
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -1008,7 +983,11 @@ mod tests {
 
     fn settings(port: u16, device_id: &str) -> MqttSettings {
         MqttSettings {
-            url: format!("mqtt://127.0.0.1:{port}"),
+            endpoint: MqttEndpoint {
+                tls: false,
+                host: BrokerHost::Ip([127, 0, 0, 1].into()),
+                port,
+            },
             client_id: format!("berth-{device_id}-{}", std::process::id()),
             topic_prefix: PREFIX.to_owned(),
             username: None,
@@ -1052,8 +1031,11 @@ mod tests {
 
     #[tokio::test]
     async fn documents_published_before_the_broker_starts_arrive_retained_latest_only() {
+        on_a_free_port(documents_published_before_the_broker_starts).await;
+    }
+
+    async fn documents_published_before_the_broker_starts(port: u16) -> Result<(), PortTaken> {
         let device = "retained-before-broker";
-        let port = free_port();
         let tracker = TaskTracker::new();
         let reporter = start(port, device, &tracker);
 
@@ -1068,7 +1050,13 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!reporter.connected());
 
-        let broker = Broker::start(port).await;
+        let broker = match Broker::start(port).await {
+            Ok(broker) => broker,
+            Err(taken) => {
+                reporter.shutdown().await;
+                return Err(taken);
+            }
+        };
         // Subscribed as early as possible: live or retained, the older
         // talker document must never show up.
         let mut watcher = Subscriber::new(broker.port, &path(device, &talker)).await;
@@ -1089,14 +1077,18 @@ mod tests {
             watcher.messages.try_recv().is_err(),
             "the talker document was published more than once"
         );
+        Ok(())
     }
 
     #[tokio::test]
     async fn a_restarted_broker_gets_every_latest_document_again() {
+        on_a_free_port(a_restarted_broker_gets_every_latest_document).await;
+    }
+
+    async fn a_restarted_broker_gets_every_latest_document(port: u16) -> Result<(), PortTaken> {
         let device = "broker-restart";
-        let port = free_port();
         let tracker = TaskTracker::new();
-        let broker = Broker::start(port).await;
+        let broker = Broker::start(port).await?;
         let reporter = start(port, device, &tracker);
 
         let (talker, _) = deployment("talker", 0);
@@ -1120,7 +1112,13 @@ mod tests {
         .await;
         reporter.publish(talker.clone(), deployment("talker", 1).1);
         reporter.publish(talker.clone(), deployment("talker", 2).1);
-        let broker = Broker::start(port).await;
+        let broker = match Broker::start(port).await {
+            Ok(broker) => broker,
+            Err(taken) => {
+                reporter.shutdown().await;
+                return Err(taken);
+            }
+        };
         reporter.publish(Topic::Agent, online(2));
 
         let after = BTreeMap::from([
@@ -1130,12 +1128,43 @@ mod tests {
         ]);
         expect_retained(broker.port, &all(device), &after).await;
         assert!(reporter.connected());
+        reporter.shutdown().await;
+        Ok(())
+    }
+
+    /// `mqtt://[::1]:port`: the reporter reaches a broker by its IPv6
+    /// address, as config validation gives it.
+    #[tokio::test]
+    async fn an_ipv6_broker_is_reached() {
+        let device = "ipv6";
+        let broker = Broker::start_anywhere().await;
+        let tracker = TaskTracker::new();
+        let mut s = settings(broker.port, device);
+        s.endpoint = format!("mqtt://[::1]:{}", broker.port).parse().unwrap();
+        let reporter = MqttReporter::start(
+            &s,
+            device,
+            offline_doc(),
+            CancellationToken::new(),
+            &tracker,
+        )
+        .expect("start reporter");
+        reporter.publish(Topic::Agent, online(1));
+        let agent = path(device, &Topic::Agent);
+        expect_retained(
+            broker.port,
+            &agent,
+            &BTreeMap::from([(agent.clone(), online(1))]),
+        )
+        .await;
+        assert!(reporter.connected());
+        reporter.shutdown().await;
     }
 
     #[tokio::test]
     async fn the_last_will_marks_the_device_offline_when_berth_vanishes() {
         let device = "last-will";
-        let broker = Broker::start(free_port()).await;
+        let broker = Broker::start_anywhere().await;
         let agent = path(device, &Topic::Agent);
 
         // The reporter runs on a runtime of its own, dropped without any
@@ -1167,7 +1196,7 @@ mod tests {
     #[tokio::test]
     async fn a_clean_shutdown_publishes_the_offline_document_itself() {
         let device = "clean-shutdown";
-        let broker = Broker::start(free_port()).await;
+        let broker = Broker::start_anywhere().await;
         let agent = path(device, &Topic::Agent);
         let tracker = TaskTracker::new();
         let shutdown = CancellationToken::new();
@@ -1228,7 +1257,7 @@ mod tests {
     #[tokio::test]
     async fn events_wait_for_the_connection_and_are_not_retained() {
         let device = "events";
-        let broker = Broker::start(free_port()).await;
+        let broker = Broker::start_anywhere().await;
         let gate = Gate::new(broker.port).await;
         let events = path(device, &Topic::Events);
         let mut subscriber = Subscriber::new(broker.port, &events).await;
@@ -1300,68 +1329,6 @@ mod tests {
         pending.set_latest(Topic::Agent, json!(2));
         assert_eq!(pending.latest[&Topic::Agent], json!(2));
         assert_eq!(pending.dirty.len(), 1);
-    }
-
-    #[test]
-    fn broker_urls() {
-        let ok = |url: &str, tls, host: &str, port| {
-            assert_eq!(
-                parse_url(url).unwrap(),
-                BrokerUrl {
-                    tls,
-                    host: host.to_owned(),
-                    port
-                },
-                "{url}"
-            );
-        };
-        ok("mqtt://127.0.0.1:1883", false, "127.0.0.1", 1883);
-        ok(
-            "mqtt://broker.example.com",
-            false,
-            "broker.example.com",
-            1883,
-        );
-        ok(
-            "mqtts://broker.example.com",
-            true,
-            "broker.example.com",
-            8883,
-        );
-        ok(
-            "mqtts://broker.example.com:443/",
-            true,
-            "broker.example.com",
-            443,
-        );
-        ok("mqtt://[::1]:1884", false, "[::1]", 1884);
-        ok("mqtt://[::1]", false, "[::1]", 1883);
-        for url in [
-            "127.0.0.1:1883",
-            "http://broker:1883",
-            "mqtt://",
-            "mqtt://:1883",
-            "mqtt://broker:0",
-            "mqtt://broker:99999",
-            "mqtt://broker:port",
-            "mqtt://robot:secret@broker",
-            "mqtt://broker/path",
-            "mqtt://broker?client_id=x",
-            "mqtt://[::1",
-            "mqtt://::1",
-        ] {
-            assert!(
-                matches!(parse_url(url), Err(MqttError::Url { .. })),
-                "{url} was accepted"
-            );
-        }
-    }
-
-    #[test]
-    fn a_password_in_the_url_stays_out_of_the_error() {
-        let error = parse_url("mqtt://robot:hunter2@broker:1883").unwrap_err();
-        assert!(!error.to_string().contains("hunter2"), "{error}");
-        assert!(!format!("{error:?}").contains("hunter2"), "{error:?}");
     }
 
     fn temp_file(dir: &tempfile::TempDir, name: &str, content: &str) -> PathBuf {
@@ -1465,7 +1432,7 @@ mod tests {
     fn tls_options_use_the_ca_and_client_certificate() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = settings(8883, "robot-42");
-        s.url = "mqtts://broker.example.com".to_owned();
+        s.endpoint = "mqtts://broker.example.com".parse().unwrap();
         s.ca_file = Some(temp_file(&dir, "ca.pem", CERT));
         let Transport::Tls(TlsConfiguration::Simple {
             ca,
@@ -1500,7 +1467,7 @@ mod tests {
     fn tls_settings_are_checked() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = settings(8883, "robot-42");
-        s.url = "mqtts://broker.example.com".to_owned();
+        s.endpoint = "mqtts://broker.example.com".parse().unwrap();
         let check = |s: &MqttSettings| options(s, "robot-42", &offline_doc()).map(drop);
 
         let missing = dir.path().join("ca.pem");
@@ -1531,7 +1498,7 @@ mod tests {
 
         // TLS files with a plain url are ignored (with a warning), as
         // `check-config` accepts them.
-        s.url = "mqtt://broker.example.com".to_owned();
+        s.endpoint = "mqtt://broker.example.com".parse().unwrap();
         s.cert_file = None;
         s.key_file = None;
         assert!(check(&s).is_ok());

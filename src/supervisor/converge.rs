@@ -10,13 +10,14 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use super::*;
 use super::{ensure_images, Deployment, Exec, Msg, Supervisor};
 use crate::config::{self, Deployments};
 use crate::model::{
     container_labels, container_name, labels, network_name, ExecKey, Network, Phase, Status,
     ROS_MASTER_DEPLOYMENT,
 };
-use crate::report::Reporter;
+use crate::report::{Event, Reporter};
 use crate::runtime::{ContainerRuntime, RuntimeError};
 
 /// berth's own stops: SIGTERM, then SIGKILL after this many seconds.
@@ -25,6 +26,9 @@ pub(super) const STOP_GRACE_SECS: i64 = 10;
 const REMOVE_RETRY: Duration = Duration::from_secs(5);
 /// Suffix of an update's new container until it replaces the old one.
 pub(super) const NEXT_SUFFIX: &str = ".next";
+/// Suffix of the container an update replaced, kept until the new one has
+/// proven itself.
+pub(super) const PREV_SUFFIX: &str = ".prev";
 
 impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     /// SIGHUP or a change in `deployments_dir`: re-read everything. A broken
@@ -54,19 +58,22 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     error!("{line}");
                 }
                 error!("reload: the agent config is invalid; the running config stays in force");
-                self.event(serde_json::json!({
-                    "event": "error",
-                    "reason": format!("agent config rejected on reload: {}", text.join("; ")),
-                }));
+                self.event(Event::device_error(
+                    None,
+                    format!("agent config rejected on reload: {}", text.join("; ")),
+                ));
             }
         }
         if !self.config.deployments_dir.is_dir() {
             // An unmounted or missing directory must not deprovision everything.
             error!(dir = %self.config.deployments_dir.display(), "reload: deployments_dir is missing; nothing changed");
-            self.event(serde_json::json!({
-                "event": "error",
-                "reason": format!("deployments_dir {} is missing; nothing changed", self.config.deployments_dir.display()),
-            }));
+            self.event(Event::device_error(
+                None,
+                format!(
+                    "deployments_dir {} is missing; nothing changed",
+                    self.config.deployments_dir.display()
+                ),
+            ));
             return;
         }
         let (specs, invalid) = load_files(&self.config.deployments_dir);
@@ -81,10 +88,13 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             // Present but empty is not missing: the operator's word. Said
             // loudly, as it stops everything.
             warn!(dir = %self.config.deployments_dir.display(), "reload: deployments_dir holds no deployment file; deprovisioning every deployment");
-            self.event(serde_json::json!({
-                "event": "error",
-                "reason": format!("deployments_dir {} holds no deployment file; every deployment is deprovisioned", self.config.deployments_dir.display()),
-            }));
+            self.event(Event::device_error(
+                None,
+                format!(
+                    "deployments_dir {} holds no deployment file; every deployment is deprovisioned",
+                    self.config.deployments_dir.display()
+                ),
+            ));
         }
         self.converge(specs, invalid);
     }
@@ -154,13 +164,23 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 match self.deployments.get(&id) {
                     None => {
                         info!(deployment = %id, "new deployment");
-                        let dep = Deployment::new(&self.config, spec.clone(), &exports);
+                        let dep = Deployment::new(
+                            &self.config,
+                            spec.clone(),
+                            &exports,
+                            &mut self.state.executables,
+                        );
                         self.deployments.insert(id.clone(), dep);
                         self.maybe_provision(&id);
                     }
                     Some(dep) if dep.execs.is_empty() && dep.retiring.is_empty() => {
                         // Was broken and never ran: start afresh.
-                        let dep = Deployment::new(&self.config, spec.clone(), &exports);
+                        let dep = Deployment::new(
+                            &self.config,
+                            spec.clone(),
+                            &exports,
+                            &mut self.state.executables,
+                        );
                         self.deployments.insert(id.clone(), dep);
                         self.maybe_provision(&id);
                     }
@@ -203,7 +223,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         spec: crate::model::DeploymentSpec,
         exports: &BTreeMap<String, String>,
     ) {
-        let mut fresh = Deployment::new(&self.config, spec, exports);
+        let mut fresh = Deployment::new(&self.config, spec, exports, &mut self.state.executables);
         let Some(dep) = self.deployments.get_mut(id) else {
             return;
         };
@@ -230,22 +250,18 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             }
         }
         dep.execs = fresh.execs;
+        let retired: Vec<ExecKey> = old.keys().cloned().collect();
         dep.retiring.extend(old.into_values());
         dep.spec = fresh.spec;
         dep.failure = None;
+        dep.update = None;
         dep.images_ready = false;
         dep.dirty = true;
-        if dep.phase == Phase::FailedToStart {
+        if dep.phase == Phase::FailedToStart || dep.phase == Phase::FailedToUpdate {
             dep.phase = Phase::Provisioning;
         }
-        let retiring: Vec<ExecKey> = dep
-            .retiring
-            .iter()
-            .filter(|e| !e.busy)
-            .map(|e| e.key.clone())
-            .collect();
-        for key in retiring {
-            self.remove_container(&key);
+        for key in retired {
+            self.feed(&key, Input::Retire);
         }
         self.start_update(id);
     }
@@ -268,7 +284,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             .execs
             .iter()
             .filter(|e| {
-                e.container_id.is_some() && e.container_hash.as_deref() != Some(e.hash.as_str())
+                e.container
+                    .as_ref()
+                    .is_some_and(|c| c.hash.as_deref() != Some(e.hash.as_str()))
+                    && e.rejected.as_deref() != Some(e.hash.as_str())
+                    && !matches!(e.life, Life::Retiring { .. })
             })
             .map(|e| {
                 let mut spec = container_spec(&device, e);
@@ -331,65 +351,142 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 );
                 dep.phase = Phase::FailedToUpdate;
                 dep.failure = Some(reason.clone());
+                dep.update = Some(UpdateDoc {
+                    package_version: dep.spec.package_version.clone(),
+                    state: "rolled-back".into(),
+                    reason,
+                    error_code: Some(ErrorCode::ImageUnavailable),
+                    at: timestamp(SystemTime::now()),
+                });
             }
             Ok(created) => {
-                for (key, new_id) in created {
+                for (key, next) in created {
                     let Some(exec) = self.exec_mut(&key) else {
                         continue;
                     };
-                    exec.pending_swap = Some(new_id);
-                    // A crash-looping executable is updated at once, not after its back-off.
-                    exec.due = None;
-                    if !exec.busy {
-                        self.swap(&key);
-                    }
+                    let current = exec.container_id().map(str::to_string);
+                    self.feed(&key, Input::Replace { next, current });
                 }
             }
         }
     }
 
     /// Replaces an executable's container by the one its update created:
-    /// stop and remove the old, give the new its name, start it.
-    pub(super) fn swap(&mut self, key: &ExecKey) {
+    /// stop the old one and keep it under another name (or remove it), give
+    /// the new one its name, start it.
+    pub(super) fn swap(&mut self, key: &ExecKey, rep: lifecycle::Replacement) {
         let device = self.config.device_id.clone();
         let Some(exec) = self.exec_mut(key) else {
             return;
         };
-        let Some(new_id) = exec.pending_swap.take() else {
-            return;
-        };
-        exec.busy = true;
-        exec.berth_stopping = true;
-        exec.status = Status::Pending;
-        exec.reason = Some("updating".into());
-        exec.error_code = None;
-        let old = exec.container_id.clone();
+        let old = exec.container_id().map(str::to_string);
         let name = container_name(&device, key);
         let runtime = self.runtime.clone();
         let tx = self.tx.clone();
         let key = key.clone();
-        self.mark_dirty(&key.deployment);
         self.tracker.spawn(async move {
             if let Some(old) = old {
                 let _ = runtime.stop(&old, STOP_GRACE_SECS).await;
-                if let Err(e) = runtime.remove(&old).await {
+                let kept = match &rep.previous {
+                    Some(_) => runtime.rename(&old, &format!("{name}{PREV_SUFFIX}")).await,
+                    None => match runtime.remove(&old).await {
+                        Err(RuntimeError::NotFound(_)) => Ok(()),
+                        other => other,
+                    },
+                };
+                if let Err(e) = kept {
                     let _ = tx.send(Msg::Launched {
                         key,
-                        container_id: None,
+                        container_id: Some(rep.next),
                         result: Err(e),
                     });
                     return;
                 }
             }
             let result = async {
-                runtime.rename(&new_id, &name).await?;
-                runtime.start(&new_id).await?;
-                runtime.inspect(&new_id).await
+                runtime.rename(&rep.next, &name).await?;
+                runtime.start(&rep.next).await?;
+                runtime.inspect(&rep.next).await
             }
             .await;
             let _ = tx.send(Msg::Launched {
                 key,
-                container_id: Some(new_id),
+                container_id: Some(rep.next),
+                result,
+            });
+        });
+    }
+
+    /// The update holds: its previous container goes.
+    pub(super) fn drop_previous(&mut self, key: &ExecKey, previous: String) {
+        info!(executable = %key, "update proven; removing the previous container");
+        if let Some(dep) = self.deployments.get_mut(&key.deployment) {
+            dep.update_phase();
+        }
+        let runtime = self.runtime.clone();
+        self.tracker.spawn(async move {
+            if let Err(e) = runtime.remove(&previous).await {
+                warn!(container = %short(&previous), error = %e, "cannot remove the previous container");
+            }
+        });
+    }
+
+    /// The update failed: its new container goes, the previous one runs again
+    /// (no pull: its image is still there), and the document says why.
+    pub(super) fn roll_back(
+        &mut self,
+        key: &ExecKey,
+        previous: String,
+        reason: String,
+        error_code: ErrorCode,
+    ) {
+        let device = self.config.device_id.clone();
+        let Some(exec) = self.exec_mut(key) else {
+            return;
+        };
+        exec.rejected = Some(exec.hash.clone());
+        let failed = exec.container_id().map(str::to_string);
+        let reason = format!("{}/{}: {reason}", key.component, key.executable);
+        warn!(executable = %key, reason, "update failed; rolling back");
+        if let Some(dep) = self.deployments.get_mut(&key.deployment) {
+            dep.phase = Phase::FailedToUpdate;
+            dep.update = Some(UpdateDoc {
+                package_version: dep.spec.package_version.clone(),
+                state: "rolled-back".into(),
+                reason: reason.clone(),
+                error_code: Some(error_code),
+                at: timestamp(SystemTime::now()),
+            });
+            let version = dep.spec.package_version.clone();
+            self.event(Event::Rollback {
+                deployment: key.deployment.clone(),
+                component: key.component.clone(),
+                executable: key.executable.clone(),
+                package_version: version,
+                error_code,
+                reason,
+            });
+        }
+        let name = container_name(&device, key);
+        let runtime = self.runtime.clone();
+        let tx = self.tx.clone();
+        let key = key.clone();
+        self.tracker.spawn(async move {
+            if let Some(failed) = failed.filter(|f| *f != previous) {
+                let _ = runtime.stop(&failed, STOP_GRACE_SECS).await;
+                if let Err(e) = runtime.remove(&failed).await {
+                    warn!(container = %short(&failed), error = %e, "cannot remove the failed update's container");
+                }
+            }
+            let result = async {
+                runtime.rename(&previous, &name).await?;
+                runtime.start(&previous).await?;
+                runtime.inspect(&previous).await
+            }
+            .await;
+            let _ = tx.send(Msg::Launched {
+                key,
+                container_id: Some(previous),
                 result,
             });
         });
@@ -405,18 +502,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         dep.removing = true;
         dep.pull_due = None;
         dep.dirty = true;
-        let mut keys = Vec::new();
-        for exec in dep.execs.drain(..) {
-            dep.retiring.push(exec);
-        }
-        for exec in &mut dep.retiring {
-            exec.due = None;
-            if !exec.busy {
-                keys.push(exec.key.clone());
-            }
-        }
+        let execs: Vec<Exec> = dep.execs.drain(..).collect();
+        dep.retiring.extend(execs);
+        let keys: Vec<ExecKey> = dep.retiring.iter().map(|e| e.key.clone()).collect();
         for key in keys {
-            self.remove_container(&key);
+            self.feed(&key, Input::Retire);
         }
         self.finish_deprovision(id);
     }
@@ -426,16 +516,12 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         let Some(exec) = self.retiring_mut(key) else {
             return;
         };
-        exec.berth_stopping = true;
-        exec.due = None;
-        let Some(id) = exec.container_id.clone() else {
-            exec.busy = false;
+        exec.life = Life::Retiring { retry_at: None };
+        let Some(id) = exec.container_id().map(str::to_string) else {
             self.forget_retired(key);
             return;
         };
-        exec.busy = true;
-        exec.status = Status::Pending;
-        exec.reason = Some("stopping".into());
+        exec.set(Status::Pending, Some("stopping".into()), None);
         let runtime = self.runtime.clone();
         let tx = self.tx.clone();
         let key = key.clone();
@@ -453,18 +539,21 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         let Some(exec) = self.retiring_mut(key) else {
             return;
         };
-        exec.busy = false;
         match result {
             Ok(()) => {
-                exec.container_id = None;
+                exec.container = None;
                 self.forget_retired(key);
             }
             Err(e) => {
                 warn!(executable = %key, error = %e, "cannot remove container; retrying");
-                exec.status = Status::Error;
-                exec.reason = Some(format!("cannot remove container: {e}"));
-                exec.error_code = None;
-                exec.due = Some(Instant::now() + REMOVE_RETRY);
+                exec.set(
+                    Status::Error,
+                    Some(format!("cannot remove container: {e}")),
+                    Some(ErrorCode::ContainerNotRemoved),
+                );
+                exec.life = Life::Retiring {
+                    retry_at: Some(Instant::now() + REMOVE_RETRY),
+                };
                 if let Some(dep) = self.deployments.get_mut(&key.deployment) {
                     if dep.removing {
                         dep.phase = Phase::PartiallyDeprovisioned;
@@ -541,7 +630,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             dep
         });
         let mut exec = Exec::orphan(key.clone(), info.id);
-        exec.status = Status::Pending;
+        exec.shown.status = Status::Pending;
         dep.retiring.push(exec);
         dep.dirty = true;
         self.remove_container(&key);
@@ -559,7 +648,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     /// `Error`), if any.
     pub(super) fn unmet_dependency(&self, id: &str) -> Option<String> {
         self.first_dependency(id, |other| match other {
-            Some(o) => o.phase != Phase::Succeeded || o.status() == Status::Error,
+            Some(o) => o.phase != Phase::Succeeded || o.removing || o.status() == Status::Error,
             None => true,
         })
     }

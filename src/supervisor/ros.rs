@@ -47,7 +47,12 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     record.policy,
                     &self.config.deployments_dir,
                 );
-                let dep = Deployment::new(&self.config, spec, &BTreeMap::new());
+                let dep = Deployment::new(
+                    &self.config,
+                    spec,
+                    &BTreeMap::new(),
+                    &mut self.state.executables,
+                );
                 self.deployments
                     .insert(ROS_MASTER_DEPLOYMENT.to_string(), dep);
                 self.state.ros_master = Some(record);
@@ -69,6 +74,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     pub(super) fn ros_master_removed(&mut self) {
         self.state.ros_master = None;
         self.save_state();
+        // A ROS deployment that came while the master was going brings up
+        // a new one, under its own policy.
+        self.converge_ros();
     }
 
     /// The `shared/ros-master` document.
@@ -84,24 +92,25 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             (crate::model::Phase::DeploymentStopped, _) => {
                 Some("removed: no ROS deployment left".to_string())
             }
-            (_, Some(e)) => e.reason.clone(),
+            (_, Some(e)) => e.shown.reason.clone(),
             _ => None,
         };
-        let doc = serde_json::json!({
-            "device_id": self.config.device_id,
-            "policy": record.map(|r| r.policy).unwrap_or(master.spec.restart),
-            "owner": record.map(|r| r.owner.clone()),
-            "users": self.ros_users(),
-            "status": status,
-            "reason": reason,
-            "error_code": exec.and_then(|e| e.error_code),
-            "container_id": exec.and_then(|e| e.container_id.clone()),
-            "restart_count": exec
-                .and_then(|e| self.state.exec(&e.key))
-                .map_or(0, |r| r.restart_count),
-            "updated_at": crate::report::timestamp(std::time::SystemTime::now()),
-        });
-        self.reporter.publish(Topic::RosMaster, doc);
+        let doc = crate::report::RosMasterDoc {
+            device_id: self.config.device_id.clone(),
+            policy: record.map(|r| r.policy).unwrap_or(master.spec.restart),
+            owner: record.map(|r| r.owner.clone()),
+            users: self.ros_users(),
+            status,
+            reason,
+            error_code: exec.and_then(|e| e.shown.error_code),
+            container_id: exec.and_then(|e| e.container_id().map(str::to_string)),
+            restart_count: exec.map_or(0, |e| e.restart_count),
+            updated_at: crate::report::timestamp(std::time::SystemTime::now()),
+        };
+        self.reporter.publish(
+            Topic::RosMaster,
+            serde_json::to_value(doc).expect("documents serialize"),
+        );
     }
 }
 
@@ -133,6 +142,7 @@ fn master_spec(
                 network: Default::default(),
             }],
         }],
+        update: Default::default(),
         source: dir.to_path_buf(),
     }
 }

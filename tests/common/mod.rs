@@ -42,16 +42,22 @@ pub const REGISTRY_IMAGE: &str = "127.0.0.1:5000/berth/busybox:1";
 pub const WAIT: Duration = Duration::from_secs(30);
 
 /// A script that runs until SIGTERM, then exits 0; SIGUSR1 makes it exit 5,
-/// a crash on demand (`docker exec <container> sh -c 'kill -USR1 1'`).
-/// It checks for signals five times a second.
-pub const LONG_RUNNING: &str =
-    "trap 'exit 0' TERM; trap 'exit 5' USR1; while true; do sleep 0.2; done";
+/// a crash on demand ([`crash`]). It checks for signals five times a second.
+/// Once its traps are set it writes its own start time (field 22 of
+/// `/proc/1/stat`) to [`READY_FILE`]: a signal sent before that would be
+/// ignored (PID 1 ignores signals it has no handler for), and the start time
+/// tells this run's file from one an earlier run of the container left.
+pub const LONG_RUNNING: &str = "trap 'exit 0' TERM; trap 'exit 5' USR1; \
+     cut -d' ' -f22 /proc/1/stat > /tmp/ready; while true; do sleep 0.2; done";
+
+/// Where [`LONG_RUNNING`] says it is ready, in its container.
+pub const READY_FILE: &str = "/tmp/ready";
 
 /// A script that runs until SIGTERM, then exits 0, checking once a second.
 /// The trap matters: PID 1 ignores the signals it has no handler for.
 pub const UNTIL_SIGTERM: &str = "trap 'exit 0' TERM; while true; do sleep 1; done";
 
-const SETUP_HINT: &str = "run scripts/setup.sh";
+const SETUP_HINT: &str = "run scripts/setup.sh --tests";
 
 /// How long a service gets to start answering.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -181,7 +187,7 @@ fn spawn_logged(program: &str, args: &[&str], log: &Path) -> Child {
 }
 
 /// Waits for `child` to exit, for at most `timeout`.
-fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let mut status = None;
     wait_until(timeout, || {
         status = child.try_wait().expect("wait for child");
@@ -196,7 +202,7 @@ fn send_signal(child: &Child, signal: Signal) {
 }
 
 /// SIGTERM, then SIGKILL if the child has not exited within `grace`.
-fn terminate(child: &mut Child, grace: Duration) -> ExitStatus {
+pub fn terminate(child: &mut Child, grace: Duration) -> ExitStatus {
     if let Some(status) = child.try_wait().expect("wait for child") {
         return status;
     }
@@ -886,6 +892,29 @@ pub fn docker(args: &[&str]) -> String {
     })
 }
 
+/// Whether the [`LONG_RUNNING`] script of this run of `container` has set
+/// its traps.
+pub fn long_running_ready(container: &str) -> bool {
+    let check = format!("test \"$(cat {READY_FILE})\" = \"$(cut -d' ' -f22 /proc/1/stat)\"");
+    try_docker(&["exec", container, "sh", "-c", &check]).is_ok()
+}
+
+/// Crashes the [`LONG_RUNNING`] script of `container` (exit 5), once it is
+/// ready to take the signal.
+pub fn crash(container: &str) {
+    assert!(
+        wait_until(WAIT, || long_running_ready(container)),
+        "{container}: the script did not write {READY_FILE} within {WAIT:?}"
+    );
+    docker(&["exec", container, "sh", "-c", "kill -USR1 1"]);
+}
+
+/// The engine's data root (`DockerRootDir`): `/var/lib/docker` unless the
+/// engine was told otherwise.
+pub fn engine_root_dir() -> PathBuf {
+    PathBuf::from(docker(&["info", "--format", "{{.DockerRootDir}}"]).trim())
+}
+
 /// The ids of every container, running or not, labelled `berth.device=<device_id>`.
 pub fn container_ids(device_id: &str) -> Vec<String> {
     docker(&[
@@ -904,9 +933,12 @@ pub fn container_ids(device_id: &str) -> Vec<String> {
 /// `docker inspect` of every container of the device.
 pub fn containers(device_id: &str) -> Vec<Value> {
     let mut error = String::new();
-    // A container removed between `ps` and `inspect` fails the inspect: ask
-    // again.
-    for _ in 0..3 {
+    // A container removed between `ps` and `inspect` fails the inspect (a
+    // removal under way can take a while on a loaded engine): ask again.
+    for attempt in 0..20 {
+        if attempt > 0 {
+            thread::sleep(Duration::from_millis(50));
+        }
         let ids = container_ids(device_id);
         if ids.is_empty() {
             return Vec::new();
@@ -965,8 +997,15 @@ pub fn env_of(container: &Value) -> Vec<String> {
 pub struct EventLog {
     child: Child,
     path: PathBuf,
+    device_id: String,
     _dir: TempDir,
 }
+
+/// Label of the marker containers with which an [`EventLog`] knows that its
+/// stream has caught up. They carry the device's `berth.device` too (the
+/// engine ANDs label filters), but no deployment, component or executable
+/// label, so berth ignores their events and never lists them as its own.
+const EVENT_LOG_MARKER: &str = "berth-test.event-log-marker";
 
 impl EventLog {
     pub fn start(device_id: &str) -> EventLog {
@@ -987,18 +1026,53 @@ impl EventLog {
         EventLog {
             child,
             path,
+            device_id: device_id.to_owned(),
             _dir: dir,
         }
     }
 
-    /// (action, engine time in ns) of a container's events since `since_nanos`.
-    pub fn history(&self, container_id: &str, since_nanos: i128) -> Vec<(String, i128)> {
-        // Let the stream catch up with what just happened.
-        thread::sleep(Duration::from_millis(300));
+    fn events(&self) -> Vec<Value> {
         fs::read_to_string(&self.path)
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect()
+    }
+
+    /// Returns once the log holds every event the engine had emitted when
+    /// it was called: the engine sends its events in order, so once the
+    /// `destroy` of a marker container made now is in the file, so is
+    /// everything before it.
+    pub fn catch_up(&self) {
+        let device = format!("berth.device={}", self.device_id);
+        let marker = docker(&[
+            "create",
+            "--label",
+            &device,
+            "--label",
+            EVENT_LOG_MARKER,
+            TEST_IMAGE,
+            "true",
+        ])
+        .trim()
+        .to_owned();
+        docker(&["rm", &marker]);
+        let is_marker = |v: &Value| {
+            (v["id"] == marker.as_str() || v["Actor"]["ID"] == marker.as_str())
+                && v["Action"] == "destroy"
+        };
+        assert!(
+            wait_until(WAIT, || self.events().iter().any(is_marker)),
+            "the engine's event stream did not deliver the destroy of marker {marker} within {WAIT:?}"
+        );
+    }
+
+    /// (action, engine time in ns) of a container's events since
+    /// `since_nanos`, up to the moment of the call.
+    pub fn history(&self, container_id: &str, since_nanos: i128) -> Vec<(String, i128)> {
+        self.catch_up();
+        self.events()
+            .into_iter()
             .filter(|v| v["id"] == container_id || v["Actor"]["ID"] == container_id)
             .map(|v| {
                 (
@@ -1075,8 +1149,10 @@ pub struct BerthConfig {
     pub ros_master_uri: String,
     pub log_level: String,
     pub log_format: String,
-    /// `mqtt`, or `mqtts` for TLS; the broker is 127.0.0.1:`mqtt_port`.
+    /// `mqtt`, or `mqtts` for TLS; the broker is `mqtt_host`:`mqtt_port`.
     pub mqtt_scheme: String,
+    /// The host of the broker's url: `127.0.0.1`, or `[::1]` for IPv6.
+    pub mqtt_host: String,
     pub mqtt_username: Option<String>,
     pub mqtt_password_file: Option<PathBuf>,
     pub mqtt_ca_file: Option<PathBuf>,
@@ -1104,6 +1180,7 @@ impl BerthConfig {
             log_level: "debug".to_owned(),
             log_format: "text".to_owned(),
             mqtt_scheme: "mqtt".to_owned(),
+            mqtt_host: "127.0.0.1".to_owned(),
             mqtt_username: None,
             mqtt_password_file: None,
             mqtt_ca_file: None,
@@ -1184,7 +1261,10 @@ impl BerthConfig {
              \n[restart]\nbackoff_initial_ms = {}\nbackoff_max_secs = {}\nbackoff_reset_after_secs = {}\n\
              \n[ros]\nmaster_image = {}\nmaster_command = {command}\nmaster_uri = {}\n\
              \n[log]\nlevel = {}\nformat = {}\n",
-            s(&format!("{}://127.0.0.1:{}", self.mqtt_scheme, self.mqtt_port)),
+            s(&format!(
+                "{}://{}:{}",
+                self.mqtt_scheme, self.mqtt_host, self.mqtt_port
+            )),
             s(&self.topic_prefix),
             self.keep_alive_secs,
             self.backoff_initial_ms,
@@ -1590,6 +1670,27 @@ impl Harness {
                     && c["Config"]["Labels"]["berth.executable"] == executable
             })
             .unwrap_or_else(|| panic!("no container for {deployment}/{executable}"))
+    }
+
+    /// Waits until berth's saved state (`state.json`, written atomically)
+    /// satisfies `predicate`; returns it.
+    pub fn wait_saved(&self, what: &str, predicate: impl Fn(&Value) -> bool) -> Value {
+        let path = self.berth.state_dir().join("state.json");
+        let read = || {
+            fs::read_to_string(&path)
+                .ok()
+                .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        };
+        let mut last = None;
+        let held = wait_until(WAIT, || {
+            last = read();
+            last.as_ref().is_some_and(&predicate)
+        });
+        assert!(
+            held,
+            "berth did not save {what} within {WAIT:?}; state.json: {last:?}"
+        );
+        last.expect("checked above")
     }
 
     /// berth's saved state, `state.json` in its state dir, parsed.

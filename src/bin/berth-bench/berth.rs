@@ -1,7 +1,9 @@
 //! berth as the bench runs it: the release binary as `berth run` with an agent
-//! config, deployments dir, state dir and boot id file of its own, debug logs
-//! in JSON (their timestamps, to the microsecond, time berth's own share of a
-//! restart), and its state file.
+//! config, deployments dir, state dir and boot id file of its own, logged as
+//! shipped (info level, text), with its trace file (`--trace-file`: die
+//! received and start request sent, on the engine's clock) and its state
+//! file. With `watchdog`, it runs as under systemd's watchdog: a notify
+//! socket of the bench's own and `WATCHDOG_USEC`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -10,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::Signal;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::sys;
 
@@ -26,6 +28,8 @@ pub struct Options {
     pub backoff_reset_after_secs: u64,
     /// Extra environment for `berth run`.
     pub env: Vec<(String, String)>,
+    /// Arm the watchdog as the systemd unit does (`WatchdogSec=30`).
+    pub watchdog: bool,
 }
 
 impl Options {
@@ -39,22 +43,20 @@ impl Options {
             backoff_max_secs: 300,
             backoff_reset_after_secs: 60,
             env: Vec::new(),
+            watchdog: false,
         }
     }
 }
 
-/// One line of berth's JSON log.
+/// One trace record of berth's (src/trace.rs).
 #[derive(Debug, Clone)]
-pub struct LogLine {
-    pub at: SystemTime,
-    pub message: String,
-    pub fields: Map<String, Value>,
-}
-
-impl LogLine {
-    pub fn field(&self, name: &str) -> &str {
-        self.fields.get(name).and_then(Value::as_str).unwrap_or("")
-    }
+pub struct TraceLine {
+    /// `die` or `start-request`.
+    pub kind: String,
+    /// `deployment/component/executable`.
+    pub executable: String,
+    /// CLOCK_REALTIME, ns since the epoch.
+    pub nanos: i64,
 }
 
 pub struct Berth {
@@ -62,6 +64,8 @@ pub struct Berth {
     dir: PathBuf,
     options: Options,
     child: Option<Child>,
+    /// The systemd stand-in the watchdog pings go to, while berth runs.
+    notify: Option<sys::NotifySocket>,
 }
 
 impl Berth {
@@ -73,6 +77,7 @@ impl Berth {
             dir: dir.to_owned(),
             options,
             child: None,
+            notify: None,
         };
         for d in [berth.deployments_dir(), berth.state_dir()] {
             fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
@@ -97,7 +102,7 @@ impl Berth {
              \n[docker]\nhost = {}\n\
              \n[mqtt]\nurl = {}\ntopic_prefix = \"berth\"\nkeep_alive_secs = 30\n\
              \n[restart]\nbackoff_initial_ms = {}\nbackoff_max_secs = {}\nbackoff_reset_after_secs = {}\n\
-             \n[log]\nlevel = \"debug\"\nformat = \"json\"\n",
+             \n[log]\nlevel = \"info\"\nformat = \"text\"\n",
             s(&o.device_id),
             p(self.deployments_dir()),
             p(self.state_dir()),
@@ -147,6 +152,10 @@ impl Berth {
         self.dir.join("berth.log")
     }
 
+    fn trace_path(&self) -> PathBuf {
+        self.dir.join("trace.txt")
+    }
+
     pub fn write_deployment(&self, id: &str, text: &str) -> Result<()> {
         write_atomically(&self.deployments_dir().join(format!("{id}.toml")), text)
     }
@@ -166,10 +175,21 @@ impl Berth {
             .arg("run")
             .arg("--config")
             .arg(self.dir.join("berth.toml"))
-            .env("RUST_LOG", "berth=debug")
+            .arg("--trace-file")
+            .arg(self.trace_path())
+            .env_remove("RUST_LOG")
             .env_remove("BERTH_CONFIG")
             .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .envs(self.options.env.iter().map(|(k, v)| (k, v)));
+        if self.options.watchdog {
+            let socket = sys::NotifySocket::bind(&self.dir.join("notify.sock"))?;
+            command
+                .env("NOTIFY_SOCKET", socket.path())
+                .env("WATCHDOG_USEC", "30000000");
+            self.notify = Some(socket);
+        }
         let at = SystemTime::now();
         self.child = Some(sys::spawn_logged(&mut command, &self.log_path(), false)?);
         Ok(at)
@@ -213,31 +233,33 @@ impl Berth {
         }
     }
 
-    /// The lines of its log so far that are JSON records.
-    pub fn log(&self) -> Vec<LogLine> {
-        let text = fs::read(self.log_path())
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default();
+    /// Its trace records so far, in the order written.
+    pub fn trace(&self) -> Vec<TraceLine> {
+        let text = fs::read_to_string(self.trace_path()).unwrap_or_default();
         text.lines()
             .filter_map(|line| {
-                let v: Value = serde_json::from_str(line).ok()?;
-                let at = humantime::parse_rfc3339(v["timestamp"].as_str()?).ok()?;
-                let mut fields = v.get("fields")?.as_object()?.clone();
-                let message = fields.remove("message")?.as_str()?.to_owned();
-                Some(LogLine {
-                    at,
-                    message,
-                    fields,
+                let mut words = line.split(' ');
+                Some(TraceLine {
+                    kind: words.next()?.to_owned(),
+                    executable: words.next()?.to_owned(),
+                    nanos: words.next()?.parse().ok()?,
                 })
             })
             .collect()
+    }
+
+    /// How many watchdog pings (`WATCHDOG=1`) berth has sent.
+    pub fn watchdog_pings(&self) -> usize {
+        self.notify
+            .as_ref()
+            .map_or(0, sys::NotifySocket::watchdog_pings)
     }
 
     /// The log lines at WARN or ERROR, for a report of anything unexpected.
     pub fn warnings(&self) -> usize {
         let text = fs::read_to_string(self.log_path()).unwrap_or_default();
         text.lines()
-            .filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\""))
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
             .count()
     }
 
@@ -263,6 +285,17 @@ impl Drop for Berth {
 /// A deployment file: one component `main` holding `executables`, each
 /// `(name, script)` run as `sh -c script` from the test image.
 pub fn deployment(id: &str, policy: &str, executables: &[(&str, &str)]) -> String {
+    deployment_with(id, policy, executables, None)
+}
+
+/// `deployment`, with a host directory mounted at `/sync` in every
+/// executable (where the bench tells them when to exit).
+pub fn deployment_with(
+    id: &str,
+    policy: &str,
+    executables: &[(&str, &str)],
+    sync: Option<&Path>,
+) -> String {
     let s = |v: &str| toml::Value::String(v.to_owned()).to_string();
     let mut text = format!(
         "id = {}\npackage = \"bench\"\npackage_version = \"1.0.0\"\nrestart = {}\n\n\
@@ -278,6 +311,12 @@ pub fn deployment(id: &str, policy: &str, executables: &[(&str, &str)]) -> Strin
             s(crate::engine::IMAGE),
             s(script)
         );
+        if let Some(dir) = sync {
+            text += &format!(
+                "volumes = [{{ host = {}, container = \"/sync\", read_only = true }}]\n",
+                s(&dir.display().to_string())
+            );
+        }
     }
     text
 }

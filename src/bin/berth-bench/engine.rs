@@ -205,6 +205,18 @@ impl Engine {
         restart: Option<&str>,
         script: &str,
     ) -> Result<()> {
+        self.run_with(name, label, restart, &[], script)
+    }
+
+    /// `run_detached` with `--volume` mounts.
+    pub fn run_with(
+        &self,
+        name: &str,
+        label: &str,
+        restart: Option<&str>,
+        volumes: &[&str],
+        script: &str,
+    ) -> Result<()> {
         let mut args = vec![
             "run",
             "--detach",
@@ -218,9 +230,44 @@ impl Engine {
         if let Some(policy) = restart {
             args.extend(["--restart", policy]);
         }
+        for volume in volumes {
+            args.extend(["--volume", volume]);
+        }
         args.extend([IMAGE, "sh", "-c", script]);
         self.docker(&args).map(|_| ())
     }
+}
+
+/// `docker run --detach` of each `(name, restart policy, script)`, by
+/// `workers` CLI processes at a time (set-up, not measured).
+pub fn run_parallel(
+    engine: &Engine,
+    jobs: &[(String, Option<&str>, String)],
+    label: &str,
+    volumes: &[&str],
+    workers: usize,
+) -> Result<()> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    thread::scope(|s| -> Result<()> {
+        let handles: Vec<_> = jobs
+            .chunks(jobs.len().div_ceil(workers.max(1)))
+            .map(|chunk| {
+                s.spawn(move || -> Result<()> {
+                    for (name, restart, script) in chunk {
+                        engine.run_with(name, label, *restart, volumes, script)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a docker run worker panicked"))??;
+        }
+        Ok(())
+    })
 }
 
 /// The containers of one name prefix, removed when dropped (and by the
@@ -237,10 +284,6 @@ impl Containers {
             engine: engine.clone(),
             prefix: prefix.to_owned(),
         }
-    }
-
-    pub fn prefix(&self) -> &str {
-        &self.prefix
     }
 }
 
@@ -414,8 +457,12 @@ pub fn all_started(events: &[Event], names: &BTreeSet<String>, after: i64) -> Op
 // --- a second dockerd -----------------------------------------------------------------
 
 /// A `dockerd` of the bench's own: its own socket, data root, exec root (and
-/// so its own containerd), no bridge and no iptables rules, so that it
-/// coexists with the machine's engine and can be restarted freely.
+/// so its own containerd), and its own network namespace (`unshare --net`,
+/// loopback up) with no bridge and no iptables rules, so that it coexists
+/// with the machine's engine, leaves the host's `docker0` alone (a dockerd
+/// told `--bridge none` in the host's namespace deletes it) and can be
+/// restarted freely. Its containers on the host network share its
+/// namespace; its unix socket is reached from the host as any file.
 pub struct Dockerd {
     dir: PathBuf,
     child: Option<Child>,
@@ -450,8 +497,15 @@ impl Dockerd {
             bail!("the bench's dockerd is already running");
         }
         let d = |name: &str| self.dir.join(name).display().to_string();
-        let mut command = Command::new("dockerd");
+        let mut command = Command::new("unshare");
         command.args([
+            "--net",
+            "--",
+            "sh",
+            "-c",
+            "ip link set lo up && exec \"$@\"",
+            "sh",
+            "dockerd",
             "--host",
             &self.host(),
             "--config-file",
@@ -605,31 +659,42 @@ pub fn remove_leftovers(engine: &Engine, tmp: &Path) -> Result<Vec<String>> {
             continue;
         }
         let dir = entry.path();
-        // A second dockerd the dead bench left running.
-        let pidfile = dir.join("dockerd").join("pid");
-        if let Some(d) = fs::read_to_string(&pidfile)
-            .ok()
-            .and_then(|p| p.trim().parse::<u32>().ok())
-        {
-            let cmdline = fs::read(format!("/proc/{d}/cmdline")).unwrap_or_default();
-            if sys::alive(d)
-                && String::from_utf8_lossy(&cmdline).contains(&dir.display().to_string())
+        let dockerds: Vec<PathBuf> = fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("dockerd"))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for dockerd in dockerds {
+            // A second dockerd the dead bench left running.
+            let pidfile = dockerd.join("pid");
+            if let Some(d) = fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok())
             {
-                sys::signal(d, Signal::SIGTERM);
-                let deadline = Instant::now() + Duration::from_secs(60);
-                while sys::alive(d) && Instant::now() < deadline {
-                    thread::sleep(Duration::from_millis(100));
+                let cmdline = fs::read(format!("/proc/{d}/cmdline")).unwrap_or_default();
+                if sys::alive(d)
+                    && String::from_utf8_lossy(&cmdline).contains(&dir.display().to_string())
+                {
+                    sys::signal(d, Signal::SIGTERM);
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while sys::alive(d) && Instant::now() < deadline {
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                    done.push(format!("stopped the dockerd of an earlier run (pid {d})"));
                 }
-                done.push(format!("stopped the dockerd of an earlier run (pid {d})"));
             }
-        }
-        // Its data goes; the logs stay (a run with --keep or with errors
-        // kept them on purpose).
-        unmount_under(&dir);
-        for data in ["root", "exec"] {
-            let path = dir.join("dockerd").join(data);
-            if path.exists() && fs::remove_dir_all(&path).is_ok() {
-                done.push(format!("removed {}", path.display()));
+            // Its data goes; the logs stay (a run with --keep or with errors
+            // kept them on purpose).
+            unmount_under(&dir);
+            for data in ["root", "exec"] {
+                let path = dockerd.join(data);
+                if path.exists() && fs::remove_dir_all(&path).is_ok() {
+                    done.push(format!("removed {}", path.display()));
+                }
             }
         }
     }

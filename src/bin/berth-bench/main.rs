@@ -10,12 +10,22 @@
 //! it made is removed at the end, on failure, on Ctrl-C and on panic; what an
 //! earlier run left behind (its process gone) is removed at the start.
 //!
-//! Each benchmark is a module: `restart` (items 1 and 2 of the issue),
-//! `provision` (3 and 4), `storm` (5), `reboot` (6). The host side lives in
-//! `sys`, the engine in `engine`, the broker in `mqtt`, berth in `berth`, the
-//! figures and the table in `report`.
+//! Each benchmark is a module, numbered by the item of BENCHMARKS.md it
+//! answers: `restart` (1: against the engine's policy and the floor, berth's
+//! own share from its trace file, exit → MQTT), `burst` (1: many exits at
+//! once), `storm` (2), `provision` (3, and 5: the footprint), `reboot` (4),
+//! `build` (8). The host side lives in `sys`, the engine in `engine` and
+//! `api` (the floor, straight through the engine's API), the broker in
+//! `mqtt`, berth in `berth`, the figures and the table in `report`.
+//!
+//! Exit status: 0 every figure produced and every target met, 3 a target
+//! missed, 2 a benchmark could not produce its figures, 1 the harness could
+//! not start.
 
+mod api;
 mod berth;
+mod build;
+mod burst;
 mod engine;
 mod mqtt;
 mod provision;
@@ -67,6 +77,15 @@ struct Flags {
     /// (repeatable), e.g. MALLOC_ARENA_MAX=2 to compare allocator settings.
     #[arg(long, value_parser = parse_env)]
     berth_env: Vec<(String, String)>,
+    /// Run every selected benchmark a second time with a busy loop on every
+    /// core, and report both columns.
+    #[arg(long)]
+    load: bool,
+    /// Write the table and the machine description into this file (e.g.
+    /// BENCHMARKS.md) between `<!-- bench:begin -->` and
+    /// `<!-- bench:end -->`, leaving the rest of it as it is.
+    #[arg(long, value_name = "FILE")]
+    results: Option<PathBuf>,
 }
 
 fn parse_env(text: &str) -> std::result::Result<(String, String), String> {
@@ -78,18 +97,22 @@ fn parse_env(text: &str) -> std::result::Result<(String, String), String> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Bench {
-    /// 1: die → start under berth and under `--restart always`.
+    /// 1: die → start under berth, under `--restart always` and the floor.
     Restart,
-    /// 2: die → MQTT document (runs with `restart`).
+    /// 1: die → MQTT document (runs with `restart`).
     Mqtt,
-    /// 3: 50 × 2 executables against docker-compose and `docker run`.
-    Provision,
-    /// 4: memory, idle CPU, binary size (berth managing item 3's containers).
-    Footprint,
-    /// 5: 100 executables crash-looping for 2 minutes.
+    /// 1: many executables exiting at the same moment.
+    Burst,
+    /// 2: 100 executables crash-looping beside a healthy canary.
     Storm,
-    /// 6: recovery after a reboot, against a dockerd restart.
+    /// 3: 50 × 2 executables against the floor, docker-compose and `docker run`.
+    Provision,
+    /// 4: recovery after an engine restart and a reboot.
     Reboot,
+    /// 5: memory, idle CPU, binary size (berth managing item 3's containers).
+    Footprint,
+    /// 8: the release build from scratch (only when named: it takes minutes).
+    Build,
 }
 
 /// What every benchmark gets.
@@ -100,6 +123,8 @@ pub struct Ctx {
     /// Extra environment for berth (`--berth-env`).
     pub berth_env: Vec<(String, String)>,
     pub quick: bool,
+    /// This pass runs under the CPU hog (`--load`).
+    pub loaded: bool,
     pub engine: Engine,
     /// The machine engine's events for this run's containers, from the start.
     pub events: Events,
@@ -130,12 +155,24 @@ impl Ctx {
     }
 }
 
+/// How a run ended, for the exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Every figure produced, every target met: 0.
+    Met,
+    /// A target missed: 3.
+    Missed,
+    /// A benchmark could not produce its figures: 2.
+    Errors,
+}
+
 fn main() -> ExitCode {
     let flags = Flags::parse();
     install_handlers();
     let code = match run(flags) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(2),
+        Ok(Outcome::Met) => ExitCode::SUCCESS,
+        Ok(Outcome::Missed) => ExitCode::from(3),
+        Ok(Outcome::Errors) => ExitCode::from(2),
         Err(e) => {
             eprintln!("berth-bench: {e:#}");
             sys::emergency();
@@ -146,13 +183,25 @@ fn main() -> ExitCode {
     code
 }
 
-/// Returns whether every benchmark produced its figures (targets missed are
-/// findings, not errors).
-fn run(flags: Flags) -> Result<bool> {
+/// Runs the selected benchmarks (twice with `--load`) and reports.
+fn run(flags: Flags) -> Result<Outcome> {
     let began = Instant::now();
-    let selected = |b: Bench| flags.only.is_empty() || flags.only.contains(&b);
+    let selected = |b: Bench| {
+        if flags.only.is_empty() {
+            b != Bench::Build
+        } else {
+            flags.only.contains(&b)
+        }
+    };
     let engine = Engine::local();
     preflight(&engine, &flags, &selected)?;
+    if let Some(path) = &flags.results {
+        // Before an hour of measuring, not after.
+        let text =
+            fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        report::replace_between_markers(&text, "")
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
     let tmp = std::env::temp_dir();
     for line in engine::remove_leftovers(&engine, &tmp)? {
         println!("berth-bench: {line}");
@@ -178,19 +227,21 @@ fn run(flags: Flags) -> Result<bool> {
         SystemTime::now(),
         &dir.join("events.log"),
     )?;
-    let ctx = Ctx {
+    let mut ctx = Ctx {
         run_id,
         dir,
         berth_bin,
         berth_env: flags.berth_env.clone(),
         quick: flags.quick,
+        loaded: false,
         engine,
         events,
     };
     println!(
-        "berth-bench: run {} ({}), berth {}{}, work dir {}",
+        "berth-bench: run {} ({}{}), berth {}{}, work dir {}",
         ctx.run_id,
         if ctx.quick { "quick" } else { "full" },
+        if flags.load { ", then under load" } else { "" },
         ctx.berth_bin.display(),
         ctx.berth_env
             .iter()
@@ -199,40 +250,20 @@ fn run(flags: Flags) -> Result<bool> {
         ctx.dir.display()
     );
     let machine = machine(&ctx.engine);
-    println!("berth-bench: {machine}");
+    println!("berth-bench: machine: {machine}");
 
-    let mut rows: Vec<Row> = Vec::new();
-    let mut timings = Vec::new();
-    let mut step = |name: &str, item: u8, f: &dyn Fn(&Ctx) -> Result<Vec<Row>>| {
-        let t = Instant::now();
-        println!("berth-bench: {name} …");
-        let result = f(&ctx);
-        let took = t.elapsed();
-        match result {
-            Ok(r) => rows.extend(r),
-            Err(e) => {
-                eprintln!("berth-bench: {name} failed: {e:#}");
-                rows.push(Row::error(item, name, &e));
-            }
-        }
-        println!("berth-bench: {name} took {:.0} s", took.as_secs_f64());
-        timings.push(format!("{name} {:.0} s", took.as_secs_f64()));
-    };
-    if selected(Bench::Restart) || selected(Bench::Mqtt) {
-        step("restart reaction and exit → MQTT", 1, &restart::run);
-    }
-    let compare = selected(Bench::Provision);
-    let footprint = selected(Bench::Footprint);
-    if compare || footprint {
-        step("provisioning and footprint", 3, &|ctx| {
-            provision::run(ctx, compare, footprint)
-        });
-    }
-    if selected(Bench::Storm) {
-        step("crash-loop storm", 5, &storm::run);
-    }
-    if selected(Bench::Reboot) {
-        step("reboot recovery", 6, &reboot::run);
+    let (mut rows, mut timings) = run_lanes(&ctx, &selected);
+    if flags.load && !sys::interrupted() {
+        let hog = sys::CpuHog::start()?;
+        println!(
+            "berth-bench: again, under load: a busy loop on each of {} cores",
+            hog.cores()
+        );
+        ctx.loaded = true;
+        let (loaded, more) = run_lanes(&ctx, &|b| selected(b) && b != Bench::Build);
+        drop(hog);
+        report::merge_loaded(&mut rows, loaded);
+        timings.extend(more.into_iter().map(|t| format!("{t} (under load)")));
     }
 
     // Belt and braces: nothing of this run may stay.
@@ -249,26 +280,126 @@ fn run(flags: Flags) -> Result<bool> {
 
     let table = report::table(&rows);
     let total = began.elapsed();
+    let errors = rows.iter().filter(|r| r.verdict == Verdict::Error).count();
+    let failed = rows.iter().filter(|r| r.verdict == Verdict::Fail).count();
+    let command = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--results") && !a.starts_with("--markdown"))
+        .collect::<Vec<_>>()
+        .join(" ");
     let summary = format!(
-        "{machine}\nload average at the end: {}\ntook {:.1} min ({})\n",
-        loadavg(),
+        "Run: `berth-bench{}{command}` ({}), berth {}, {} UTC, {:.1} min ({}).\n\n\
+         Machine: {machine}; load average at the end {}.\n\n\
+         {failed} target(s) missed, {errors} benchmark error(s).\n",
+        if command.is_empty() { "" } else { " " },
+        if ctx.quick {
+            "quick: small counts, figures for a smoke test only"
+        } else {
+            "full"
+        },
+        berth_revision(),
+        humantime::format_rfc3339_seconds(SystemTime::now())
+            .to_string()
+            .replace('T', " ")
+            .trim_end_matches('Z'),
         total.as_secs_f64() / 60.0,
-        timings.join(", ")
+        timings.join(", "),
+        loadavg(),
     );
     println!("\n{table}\n{summary}");
     if let Some(path) = &flags.markdown {
         fs::write(path, format!("{table}\n{summary}"))
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    let errors = rows.iter().filter(|r| r.verdict == Verdict::Error).count();
-    let failed = rows.iter().filter(|r| r.verdict == Verdict::Fail).count();
-    println!("berth-bench: {failed} target(s) missed, {errors} benchmark error(s)");
+    if let Some(path) = &flags.results {
+        let text =
+            fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = report::replace_between_markers(&text, &format!("{summary}\n{table}"))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("berth-bench: results written into {}", path.display());
+    }
     if errors == 0 && !flags.keep {
         let _ = fs::remove_dir_all(&ctx.dir);
     } else {
         println!("berth-bench: logs kept in {}", ctx.dir.display());
     }
-    Ok(errors == 0)
+    Ok(if errors > 0 {
+        Outcome::Errors
+    } else if failed > 0 {
+        Outcome::Missed
+    } else {
+        Outcome::Met
+    })
+}
+
+/// Runs each selected benchmark once; returns their rows and how long each
+/// took.
+fn run_lanes(ctx: &Ctx, selected: &dyn Fn(Bench) -> bool) -> (Vec<Row>, Vec<String>) {
+    let mut rows: Vec<Row> = Vec::new();
+    let mut timings = Vec::new();
+    let mut step = |name: &str, item: u8, f: &dyn Fn(&Ctx) -> Result<Vec<Row>>| {
+        if sys::interrupted() {
+            return;
+        }
+        let t = Instant::now();
+        println!("berth-bench: {name} …");
+        let result = f(ctx);
+        let took = t.elapsed();
+        match result {
+            Ok(r) => rows.extend(r),
+            Err(e) => {
+                eprintln!("berth-bench: {name} failed: {e:#}");
+                rows.push(Row::error(item, name, &e));
+            }
+        }
+        println!("berth-bench: {name} took {:.0} s", took.as_secs_f64());
+        timings.push(format!("{name} {:.0} s", took.as_secs_f64()));
+    };
+    if selected(Bench::Restart) || selected(Bench::Mqtt) {
+        step("restart reaction", 1, &restart::run);
+    }
+    if selected(Bench::Burst) {
+        step("burst", 1, &burst::run);
+    }
+    if selected(Bench::Storm) {
+        step("crash-loop storm", 2, &storm::run);
+    }
+    let compare = selected(Bench::Provision);
+    let footprint = selected(Bench::Footprint);
+    if compare || footprint {
+        step("provisioning and footprint", 3, &|ctx| {
+            provision::run(ctx, compare, footprint)
+        });
+    }
+    if selected(Bench::Reboot) {
+        step("reboot recovery", 4, &reboot::run);
+    }
+    if selected(Bench::Build) {
+        step("build cost", 8, &build::run);
+    }
+    (rows, timings)
+}
+
+/// The commit of the source tree the bench was built from, `+` when it has
+/// uncommitted changes.
+fn berth_revision() -> String {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| {
+        sys::run(
+            Command::new("git").arg("-C").arg(dir).args(args),
+            Duration::from_secs(10),
+        )
+        .map(|o| o.trim().to_owned())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Ok(rev) => {
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                .is_ok_and(|s| !s.is_empty());
+            format!("{rev}{}", if dirty { "+" } else { "" })
+        }
+        Err(_) => "(unknown commit)".to_owned(),
+    }
 }
 
 /// Fails early, with what to do, when a tool or the image is missing.
@@ -294,6 +425,14 @@ fn preflight(engine: &Engine, _flags: &Flags, selected: &dyn Fn(Bench) -> bool) 
     }
     if selected(Bench::Reboot) {
         need("dockerd", "for the reboot comparison (a second engine)")?;
+        need(
+            "unshare",
+            "for the reboot comparison (the second engine's network namespace)",
+        )?;
+        need(
+            "ip",
+            "for the reboot comparison (loopback in that namespace)",
+        )?;
         use std::os::unix::fs::MetadataExt;
         if fs::metadata("/proc/self").map_or(true, |m| m.uid() != 0) {
             bail!("the reboot comparison starts a second dockerd and needs root");
@@ -373,7 +512,7 @@ fn machine(engine: &Engine) -> String {
         })
         .unwrap_or_default();
     format!(
-        "machine: {cores} cores, {:.1} GiB, Docker {}, kernel {}, {os}, load average {}",
+        "{cores} cores, {:.1} GiB, Docker {}, kernel {}, {os}, load average {}",
         mem_kb as f64 / 1024.0 / 1024.0,
         engine
             .version()

@@ -43,6 +43,9 @@ pub struct Row {
     pub ratio: String,
     pub target: String,
     pub verdict: Verdict,
+    /// The same figure from the run under load (`--load`): value, comparison,
+    /// ratio and verdict in one cell.
+    pub loaded: Option<String>,
 }
 
 impl Row {
@@ -55,6 +58,7 @@ impl Row {
             ratio: String::new(),
             target: String::new(),
             verdict: Verdict::Info,
+            loaded: None,
         }
     }
 
@@ -136,14 +140,63 @@ pub fn mb(kb: u64) -> String {
     format!("{:.2} MB", kb as f64 / 1024.0)
 }
 
-/// The table, in Markdown.
+/// Puts the rows of the run under load beside their quiet twins (same item
+/// and figure, in order); a row only the loaded run produced is added with
+/// an empty quiet side.
+pub fn merge_loaded(quiet: &mut Vec<Row>, loaded: Vec<Row>) {
+    let mut taken = vec![false; quiet.len()];
+    let mut extras = Vec::new();
+    for row in loaded {
+        let cell = loaded_cell(&row);
+        let twin = quiet
+            .iter()
+            .enumerate()
+            .position(|(i, q)| !taken[i] && q.item == row.item && q.metric == row.metric);
+        match twin {
+            Some(i) => {
+                taken[i] = true;
+                quiet[i].loaded = Some(cell);
+            }
+            None => {
+                let mut extra = Row::new(row.item, row.metric.clone());
+                extra.loaded = Some(cell);
+                if row.verdict == Verdict::Fail || row.verdict == Verdict::Error {
+                    extra.verdict = row.verdict;
+                }
+                extras.push(extra);
+            }
+        }
+    }
+    quiet.extend(extras);
+}
+
+fn loaded_cell(row: &Row) -> String {
+    let mut parts = vec![row.berth.clone()];
+    if !row.other.is_empty() {
+        parts.push(format!("vs {}", row.other));
+    }
+    if !row.ratio.is_empty() {
+        parts.push(format!("ratio {}", row.ratio));
+    }
+    if !row.target.is_empty() {
+        parts.push(format!("{} {}", row.target, row.verdict.label()));
+    }
+    parts.retain(|p| !p.is_empty());
+    parts.join("; ")
+}
+
+/// The table, in Markdown; with a column for the run under load when there
+/// was one.
 pub fn table(rows: &[Row]) -> String {
-    let mut out = String::from(
-        "| # | figure | berth | comparison | ratio | target | result |\n\
-         |---|---|---|---|---|---|---|\n",
-    );
+    let load = rows.iter().any(|r| r.loaded.is_some());
+    let mut out = String::from("| # | figure | berth | comparison | ratio | target | result |");
+    out += if load {
+        " under load (`--load`) |\n|---|---|---|---|---|---|---|---|\n"
+    } else {
+        "\n|---|---|---|---|---|---|---|\n"
+    };
     for r in rows {
-        let _ = writeln!(
+        let _ = write!(
             out,
             "| {} | {} | {} | {} | {} | {} | {} |",
             r.item,
@@ -154,6 +207,76 @@ pub fn table(rows: &[Row]) -> String {
             r.target,
             r.verdict.label()
         );
+        if load {
+            let _ = write!(out, " {} |", r.loaded.as_deref().unwrap_or(""));
+        }
+        out.push('\n');
     }
     out
+}
+
+/// The markers between which the bench writes its results into a file
+/// (BENCHMARKS.md); everything outside them is left as it is.
+pub const BEGIN: &str = "<!-- bench:begin -->";
+pub const END: &str = "<!-- bench:end -->";
+
+/// `document` with the text between the markers replaced by `generated`;
+/// fails when the markers are missing or out of order.
+pub fn replace_between_markers(document: &str, generated: &str) -> Result<String, String> {
+    let (Some(begin), Some(end)) = (document.find(BEGIN), document.find(END)) else {
+        return Err(format!("the markers {BEGIN} and {END} are missing"));
+    };
+    if end < begin {
+        return Err(format!("{END} comes before {BEGIN}"));
+    }
+    Ok(format!(
+        "{}{BEGIN}\n{}\n{}",
+        &document[..begin],
+        generated.trim_end(),
+        &document[end..]
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        let d = dist(&v).expect("values");
+        assert_eq!((d.n, d.p50, d.p99, d.max), (100, 50.0, 99.0, 100.0));
+        let d = dist(&[3.0, 1.0, 2.0]).expect("values");
+        assert_eq!((d.p50, d.p99), (2.0, 3.0));
+        assert!(dist(&[]).is_none());
+    }
+
+    #[test]
+    fn the_generated_part_replaces_only_what_is_between_the_markers() {
+        let doc = format!("intro\n{BEGIN}\nold table\n{END}\nprose\n");
+        let new = replace_between_markers(&doc, "new table\n").expect("markers");
+        assert_eq!(new, format!("intro\n{BEGIN}\nnew table\n{END}\nprose\n"));
+        assert!(replace_between_markers("no markers", "x").is_err());
+        assert!(replace_between_markers(&format!("{END}{BEGIN}"), "x").is_err());
+    }
+
+    #[test]
+    fn loaded_rows_go_beside_their_twins() {
+        let mut quiet = vec![
+            Row::new(1, "a").berth("1 ms").target("≤ 2 ms", true),
+            Row::new(1, "b").berth("2 ms"),
+        ];
+        let loaded = vec![
+            Row::new(1, "b").berth("4 ms"),
+            Row::new(1, "a").berth("3 ms").target("≤ 5 ms", true),
+            Row::new(2, "c").berth("x"),
+            Row::new(2, "d").berth("y"),
+        ];
+        merge_loaded(&mut quiet, loaded);
+        assert_eq!(quiet[0].loaded.as_deref(), Some("3 ms; ≤ 5 ms pass"));
+        assert_eq!(quiet[1].loaded.as_deref(), Some("4 ms"));
+        assert_eq!(quiet[2].metric, "c");
+        assert_eq!(quiet[3].loaded.as_deref(), Some("y"));
+        assert!(table(&quiet).contains("under load"));
+    }
 }

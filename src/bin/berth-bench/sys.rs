@@ -464,3 +464,111 @@ pub fn finish() {
         std::process::exit(130);
     }
 }
+
+// --- systemd's side of the notify protocol ----------------------------------------
+
+/// A stand-in for systemd's notify socket: a datagram socket the bench binds
+/// and drains, counting `WATCHDOG=1` pings, so that berth runs with its
+/// watchdog armed as it does under the shipped unit.
+pub struct NotifySocket {
+    path: std::path::PathBuf,
+    pings: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<AtomicBool>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl NotifySocket {
+    pub fn bind(path: &Path) -> Result<NotifySocket> {
+        use std::os::unix::net::UnixDatagram;
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::Arc;
+        let _ = fs::remove_file(path);
+        let socket = UnixDatagram::bind(path)
+            .with_context(|| format!("cannot bind a notify socket at {}", path.display()))?;
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .context("cannot set a timeout on the notify socket")?;
+        let pings = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (pings, stop) = (Arc::clone(&pings), Arc::clone(&stop));
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(n) = socket.recv(&mut buf) {
+                        let text = String::from_utf8_lossy(&buf[..n]);
+                        if text.lines().any(|l| l == "WATCHDOG=1") {
+                            pings.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        };
+        Ok(NotifySocket {
+            path: path.to_owned(),
+            pings,
+            stop,
+            reader: Some(reader),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn watchdog_pings(&self) -> usize {
+        self.pings.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+// --- load ------------------------------------------------------------------------
+
+/// A busy loop per core (`sh -c 'while :; do :; done'`), at normal
+/// priority, for the figures under load; killed when dropped and by the
+/// emergency clean-up.
+pub struct CpuHog {
+    children: Vec<Child>,
+}
+
+impl CpuHog {
+    pub fn start() -> Result<CpuHog> {
+        let cores = thread::available_parallelism().map_or(1, |n| n.get());
+        let mut children = Vec::with_capacity(cores);
+        for _ in 0..cores {
+            let child = Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("cannot start a CPU hog (sh)")?;
+            track_pid(child.id(), false);
+            children.push(child);
+        }
+        Ok(CpuHog { children })
+    }
+
+    pub fn cores(&self) -> usize {
+        self.children.len()
+    }
+}
+
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+            untrack_pid(child.id());
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! Pulling images, creating and starting containers, and what their results mean.
+
+use super::*;
+
+/// A start decided, to be sent to the engine.
+#[derive(Debug)]
+pub(super) struct LaunchCall {
+    key: ExecKey,
+    /// The container to start; one is created when there is none.
+    container_id: Option<String>,
+    spec: ContainerSpec,
+    /// Two or more restarts in a row: it takes the crash-loop lane.
+    crash_looping: bool,
+}
+
+impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
+    /// Pulls what is missing and creates the containers of executables that
+    /// have none.
+    pub(super) fn maybe_provision(&mut self, id: &str) {
+        if !self.engine_up {
+            return;
+        }
+        let unmet = self.unmet_dependency(id);
+        let Some(dep) = self.deployments.get_mut(id) else {
+            return;
+        };
+        if dep.removing || dep.updating || dep.phase == Phase::FailedToStart {
+            return;
+        }
+        if let Some(waiting) = unmet {
+            // SPEC 7: nothing starts before its dependencies have.
+            dep.phase = Phase::InProgress;
+            for exec in dep.execs.iter_mut().filter(|e| e.waiting()) {
+                exec.set(
+                    Status::Pending,
+                    Some(format!("waiting for {waiting}")),
+                    None,
+                );
+            }
+            dep.dirty = true;
+            return;
+        }
+        let needs: Vec<&Exec> = dep.execs.iter().filter(|e| e.waiting()).collect();
+        if needs.is_empty() {
+            dep.update_phase();
+            return;
+        }
+        if dep.pulling {
+            return;
+        }
+        if !dep.images_ready {
+            let images: Vec<(String, PullPolicy)> = needs
+                .iter()
+                .map(|e| (e.spec.image.clone(), e.spec.pull))
+                .collect();
+            dep.pulling = true;
+            dep.pull_due = None;
+            if dep.phase == Phase::InProgress {
+                dep.phase = Phase::Provisioning;
+            }
+            // An image that could not be had stays `Error` while it is retried.
+            for exec in dep
+                .execs
+                .iter_mut()
+                .filter(|e| e.waiting() && e.shown.status != Status::Error)
+            {
+                exec.set(
+                    Status::Pending,
+                    Some(format!("pulling image {}", exec.spec.image)),
+                    None,
+                );
+            }
+            dep.dirty = true;
+            let runtime = self.runtime.clone();
+            let tx = self.tx.clone();
+            let registries = self.registries.clone();
+            let deployment = id.to_string();
+            self.spawn_engine_call(async move {
+                let result = ensure_images(&*runtime, &images, &registries).await;
+                let _ = tx.send(Msg::Pulled { deployment, result });
+            });
+            return;
+        }
+        let launches: Vec<(ExecKey, Option<lifecycle::Exit>)> = needs
+            .iter()
+            .map(|e| {
+                // A container that ran before and is gone (a reboot, say):
+                // starting it again is a restart.
+                let restart = e.lost_container.then_some(lifecycle::Exit::Interruption);
+                (e.key.clone(), restart)
+            })
+            .collect();
+        for (key, restart) in launches {
+            self.feed(&key, Input::Launch { restart });
+        }
+    }
+
+    pub(super) fn on_pulled(&mut self, id: &str, result: Result<(), (String, RuntimeError)>) {
+        let settings = self.config.restart;
+        let Some(dep) = self.deployments.get_mut(id) else {
+            return;
+        };
+        dep.pulling = false;
+        match result {
+            Ok(()) => {
+                dep.images_ready = true;
+                dep.pull_backoff = Backoff::default();
+                self.maybe_provision(id);
+            }
+            Err((image, RuntimeError::Unreachable(e))) => {
+                debug!(deployment = id, image, error = %e, "pull interrupted: engine unreachable");
+                dep.dirty = true;
+            }
+            Err((image, e)) => {
+                let delay = dep
+                    .pull_backoff
+                    .next_delay(&settings, None)
+                    .max(settings.backoff_initial);
+                dep.pull_due = Some(Instant::now() + delay);
+                let reason = format!("{e}; retrying in {}", human(delay));
+                warn!(deployment = id, image, error = %e, "image unavailable");
+                for exec in dep.execs.iter_mut().filter(|x| x.waiting()) {
+                    if exec.spec.image == image {
+                        exec.set(
+                            Status::Error,
+                            Some(reason.clone()),
+                            Some(ErrorCode::ImageUnavailable),
+                        );
+                    }
+                }
+                dep.dirty = true;
+                self.event(Event::Error {
+                    deployment: Some(id.to_string()),
+                    component: None,
+                    executable: None,
+                    error_code: Some(ErrorCode::ImageUnavailable),
+                    exit_code: None,
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+
+    // ---- starting containers ---------------------------------------------------
+
+    /// Creates the container if there is none, then starts it. A counted
+    /// restart's commitment (`pending_restart`) is on disk before the start
+    /// is requested; a reconcile makes one write for all the restarts it decides.
+    pub(super) fn launch(&mut self, key: &ExecKey) {
+        let device = self.config.device_id.clone();
+        let Some(exec) = self.exec_mut(key) else {
+            return;
+        };
+        let container_id = exec.container_id().map(str::to_string);
+        let spec = converge::container_spec(&device, exec);
+        // Executables in a crash loop (two or more restarts in a row) share
+        // a lane of their own before an engine slot, so that a storm of them
+        // never makes a healthy executable wait behind it.
+        let crash_looping = exec.backoff.consecutive >= 2;
+        let committed = exec.pending_restart.is_some();
+        let call = LaunchCall {
+            key: key.clone(),
+            container_id,
+            spec,
+            crash_looping,
+        };
+        match self.held_launches.as_mut() {
+            Some(held) => held.push(call),
+            None => {
+                if committed {
+                    self.save_state();
+                }
+                self.spawn_launch(call);
+            }
+        }
+    }
+
+    pub(super) fn spawn_launch(&self, call: LaunchCall) {
+        let LaunchCall {
+            key,
+            container_id,
+            spec,
+            crash_looping,
+        } = call;
+        let runtime = self.runtime.clone();
+        let tx = self.tx.clone();
+        let crash_lane = crash_looping.then(|| self.crash_lane.clone());
+        // Creating a container (and pulling its network into being) is the
+        // heavy call; a start of one that exists is light.
+        let slots = if container_id.is_some() {
+            self.start_slots.clone()
+        } else {
+            self.engine_slots.clone()
+        };
+        self.tracker.spawn(async move {
+            let _lane = match crash_lane {
+                Some(lane) => Some(lane.acquire_owned().await),
+                None => None,
+            };
+            let _slot = slots.acquire_owned().await;
+            let (container_id, result) = launch_container(&*runtime, container_id, &spec).await;
+            let _ = tx.send(Msg::Launched {
+                key,
+                container_id,
+                result,
+            });
+        });
+    }
+
+    /// The engine's answer to a launch, a swap or a rollback.
+    pub(super) fn on_launched(
+        &mut self,
+        key: &ExecKey,
+        container_id: Option<String>,
+        result: Result<ContainerInfo, RuntimeError>,
+    ) {
+        let Some(exec) = self.exec_any_mut(key) else {
+            return;
+        };
+        if let Some(id) = container_id.filter(|id| Some(id.as_str()) != exec.container_id()) {
+            // A container this launch (or an update) created: current spec.
+            exec.container = Some(Container {
+                id,
+                hash: Some(exec.hash.clone()),
+                image: exec.spec.image.clone(),
+                started_at: None,
+                started_nanos: 0,
+            });
+        }
+        if matches!(exec.life, Life::Retiring { .. }) {
+            // Retired while its start was in flight: remove it now.
+            self.remove_container(key);
+            return;
+        }
+        let swapping = matches!(exec.life, Life::Replacing(_));
+        let input = match result {
+            Ok(info) => {
+                exec.container = Some(Container::from_info(&info));
+                exec.launched = true;
+                exec.lost_container = false;
+                exec.pending_restart = None;
+                info!(executable = %key, container = %short(&info.id), restart_count = exec.restart_count, "started");
+                if swapping {
+                    Input::Swapped
+                } else {
+                    Input::Started
+                }
+            }
+            // The reconcile after the reconnection decides again; a
+            // committed restart stays pending in the state.
+            Err(RuntimeError::Unreachable(e)) => {
+                debug!(executable = %key, error = %e, "engine unreachable during start");
+                Input::Lost
+            }
+            Err(RuntimeError::ImageUnavailable { message, .. }) => {
+                exec.pending_restart = None;
+                Input::ImageMissing { reason: message }
+            }
+            Err(e) => {
+                // A failed start, such as a command missing from `$PATH`.
+                exec.pending_restart = None;
+                exec.shown.exit_code = None;
+                let reason = engine_reason(&e);
+                if swapping {
+                    Input::SwapFailed { reason }
+                } else {
+                    Input::StartRefused { reason }
+                }
+            }
+        };
+        self.state_dirty = true;
+        self.feed(key, input);
+        if let Some(dep) = self.deployments.get_mut(&key.deployment) {
+            dep.update_phase();
+        }
+        // Events that arrived meanwhile, in their order.
+        let deferred = self
+            .exec_mut(key)
+            .filter(|e| !e.busy())
+            .map(|e| std::mem::take(&mut e.deferred))
+            .unwrap_or_default();
+        for event in deferred {
+            self.on_event(event);
+        }
+    }
+}
+
+/// Pulls each image as its pull policy says.
+pub(super) async fn ensure_images<R: ContainerRuntime>(
+    runtime: &R,
+    images: &[(String, PullPolicy)],
+    registries: &[RegistryAuth],
+) -> Result<(), (String, RuntimeError)> {
+    let mut done: Vec<&str> = Vec::new();
+    for (image, pull) in images {
+        if done.contains(&image.as_str()) {
+            continue;
+        }
+        let fail = |e| (image.clone(), e);
+        let present = runtime.image_present(image).await.map_err(fail)?;
+        match (pull, present) {
+            (PullPolicy::Never, false) => {
+                return Err(fail(RuntimeError::ImageUnavailable {
+                    image: image.clone(),
+                    message: "not present and pull = \"never\"".into(),
+                }))
+            }
+            (PullPolicy::IfNotPresent, true) | (PullPolicy::Never, true) => {}
+            (PullPolicy::Always, _) | (PullPolicy::IfNotPresent, false) => {
+                let auth = registries.iter().find(|r| registry_of(image) == r.server);
+                info!(image, authenticated = auth.is_some(), "pulling image");
+                runtime.pull(image, auth).await.map_err(fail)?;
+            }
+        }
+        done.push(image);
+    }
+    Ok(())
+}
+
+/// The registry host of an image reference (`docker.io` when none is named).
+pub(super) fn registry_of(image: &str) -> &str {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            first
+        }
+        _ => "docker.io",
+    }
+}
+
+/// Creates the container when there is none, starts it, and reads it back.
+pub(super) async fn launch_container<R: ContainerRuntime>(
+    runtime: &R,
+    container_id: Option<String>,
+    spec: &ContainerSpec,
+) -> (Option<String>, Result<ContainerInfo, RuntimeError>) {
+    let id = match container_id {
+        Some(id) => id,
+        None => match converge::create_container(runtime, spec).await {
+            Ok(id) => id,
+            Err(RuntimeError::Engine { message, .. }) if message.contains("No such image") => {
+                return (
+                    None,
+                    Err(RuntimeError::ImageUnavailable {
+                        image: spec.image.clone(),
+                        message,
+                    }),
+                )
+            }
+            Err(RuntimeError::NotFound(_)) => {
+                return (
+                    None,
+                    Err(RuntimeError::ImageUnavailable {
+                        image: spec.image.clone(),
+                        message: format!("no such image: {}", spec.image),
+                    }),
+                )
+            }
+            Err(e) => return (None, Err(e)),
+        },
+    };
+    debug!(container = %spec.name, "start request");
+    crate::trace::start_request(&spec.labels, &id);
+    if let Err(e) = runtime.start(&id).await {
+        return (Some(id), Err(e));
+    }
+    let info = runtime.inspect(&id).await;
+    (Some(id), info)
+}
+
+/// The part of an engine error an operator needs: for a command missing from
+/// `$PATH`, the runtime's own `exec: "...": executable file not found in $PATH`.
+pub(super) fn engine_reason(e: &RuntimeError) -> String {
+    let message = match e {
+        RuntimeError::Engine { message, .. } => message.as_str(),
+        other => return other.to_string(),
+    };
+    if let Some(start) = message.find("exec: \"") {
+        let rest = &message[start..];
+        let end = rest.find(": unknown").unwrap_or(rest.len());
+        return rest[..end].to_string();
+    }
+    message.to_string()
+}

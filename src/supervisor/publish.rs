@@ -1,0 +1,183 @@
+//! Publishing: the state record, the deployment, agent and event documents,
+//! and the systemd status line.
+
+use super::*;
+
+impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
+    pub(super) fn exec_mut(&mut self, key: &ExecKey) -> Option<&mut Exec> {
+        self.deployments
+            .get_mut(&key.deployment)?
+            .execs
+            .iter_mut()
+            .find(|e| e.key == *key)
+    }
+
+    /// An executable, current or retiring.
+    pub(super) fn exec_any_mut(&mut self, key: &ExecKey) -> Option<&mut Exec> {
+        let dep = self.deployments.get_mut(&key.deployment)?;
+        dep.execs
+            .iter_mut()
+            .chain(dep.retiring.iter_mut())
+            .find(|e| e.key == *key)
+    }
+
+    pub(super) fn note_position(&mut self, nanos: i64) {
+        if self.state.event_position.is_none_or(|p| nanos > p) {
+            self.state.event_position = Some(nanos);
+            self.state_dirty = true;
+        }
+    }
+
+    /// A change the next periodic save (or any durable one) writes. Only the
+    /// commitment to a restart must be on disk before berth acts on it; the
+    /// rest (statuses, start times, the event position, manual stops) can be
+    /// rebuilt from the engine after a crash, so it is written in batches.
+    pub(super) fn mark_state_dirty(&mut self) {
+        self.state_dirty = true;
+    }
+
+    /// The persisted record, derived from the live model; the records of
+    /// executables that no deployment holds right now are kept as they were.
+    pub(super) fn snapshot(&self) -> State {
+        let mut state = self.state.clone();
+        for dep in self.deployments.values() {
+            for exec in dep.execs.iter().chain(&dep.retiring) {
+                state
+                    .executables
+                    .insert(exec.key.to_string(), exec.record());
+            }
+        }
+        state
+    }
+
+    pub(super) fn save_state(&mut self) {
+        if let Err(e) = self.store.save(&self.snapshot()) {
+            warn!(error = %e, "cannot save state");
+            self.event(Event::device_error(
+                Some(ErrorCode::StateStore),
+                e.to_string(),
+            ));
+        } else {
+            self.state_dirty = false;
+        }
+    }
+
+    pub(super) fn mark_dirty(&mut self, id: &str) {
+        if let Some(dep) = self.deployments.get_mut(id) {
+            dep.dirty = true;
+        }
+    }
+
+    pub(super) fn publish_dirty(&mut self) {
+        // A deployment's document shows its dependencies' errors: when one
+        // changes, so may the documents of those that depend on it.
+        loop {
+            let dirty: Vec<String> = self
+                .deployments
+                .values()
+                .filter(|d| d.dirty)
+                .map(|d| d.spec.id.clone())
+                .collect();
+            let mut more = false;
+            let master_dirty = dirty.iter().any(|d| d == ROS_MASTER_DEPLOYMENT);
+            for dep in self.deployments.values_mut() {
+                let affected = dep.spec.depends_on.iter().any(|d| dirty.contains(d))
+                    || (dep.spec.ros && master_dirty);
+                if !dep.dirty && affected {
+                    dep.dirty = true;
+                    more = true;
+                }
+            }
+            if !more {
+                break;
+            }
+        }
+        let device = self.config.device_id.clone();
+        let mut docs = Vec::new();
+        for dep in self.deployments.values().filter(|d| d.dirty) {
+            let (id, mut doc) = dep.document(&device);
+            if let Some(failed) = self.failed_dependency(&id) {
+                doc.status = Status::Error;
+                doc.error_code = Some(ErrorCode::DependencyFailed);
+                doc.reason = Some(format!("{failed} is in Error"));
+            }
+            docs.push((id, doc));
+        }
+        if docs.is_empty() {
+            return;
+        }
+        self.publish_summary();
+        let mut changes = Vec::new();
+        for dep in self.deployments.values_mut() {
+            if dep.dirty && dep.published_phase != Some(dep.phase) {
+                dep.published_phase = Some(dep.phase);
+                changes.push((dep.spec.id.clone(), dep.phase, dep.failure.clone()));
+            }
+            dep.dirty = false;
+        }
+        for (id, phase, reason) in changes {
+            self.event(Event::Phase {
+                deployment: id,
+                phase,
+                reason,
+            });
+        }
+        for (id, doc) in docs {
+            if id == ROS_MASTER_DEPLOYMENT {
+                self.publish_ros_master(&self.deployments[&id]);
+                continue;
+            }
+            self.reporter.publish(
+                Topic::Deployment(id),
+                serde_json::to_value(doc).expect("documents serialize"),
+            );
+        }
+    }
+
+    /// The `STATUS=` line of `systemctl status`; the notifier drops it when
+    /// it has not changed, and does nothing outside systemd.
+    pub(super) fn publish_summary(&self) {
+        let summary = crate::notify::summary(
+            self.deployments
+                .values()
+                .filter(|d| d.spec.id != ROS_MASTER_DEPLOYMENT)
+                .map(|dep| {
+                    let restarts = dep.execs.iter().map(|e| e.restart_count).sum();
+                    (dep.status(), restarts)
+                }),
+        );
+        self.notifier.status(&summary);
+    }
+
+    pub(super) fn publish_agent(&self) {
+        let doc = AgentDoc {
+            state: "online".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            boot_id: self.boot_id.clone(),
+            docker: if self.engine_up {
+                "connected"
+            } else {
+                "unreachable"
+            }
+            .into(),
+            since: self.since.clone(),
+            error_code: (!self.engine_up).then_some(ErrorCode::EngineUnreachable),
+        };
+        self.reporter.publish(
+            Topic::Agent,
+            serde_json::to_value(doc).expect("documents serialize"),
+        );
+    }
+
+    pub(super) fn event(&self, event: Event) {
+        let doc = EventDoc {
+            device_id: self.config.device_id.clone(),
+            time: timestamp(SystemTime::now()),
+            event,
+        };
+        self.reporter.publish(
+            Topic::Events,
+            serde_json::to_value(doc).expect("documents serialize"),
+        );
+    }
+}
