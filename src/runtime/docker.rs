@@ -423,7 +423,7 @@ fn to_event(message: bollard::models::EventMessage) -> EngineEvent {
         labels: attributes,
         time_nanos: message
             .time_nano
-            .or(message.time.map(|t| t * 1_000_000_000))
+            .or(message.time.map(|t| t.saturating_mul(1_000_000_000)))
             .unwrap_or(0),
     }
 }
@@ -714,6 +714,18 @@ impl DockerRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing: an event with a `time` (seconds) far in the
+    /// future and no `timeNano` overflowed when turned into nanoseconds.
+    #[test]
+    fn event_time_in_seconds_saturates() {
+        let event = decode_event(br#"{"Action":"die","time":961660193053}"#).unwrap();
+        assert_eq!(event.time_nanos, i64::MAX);
+        let event = decode_event(br#"{"Action":"start","time":2,"timeNano":5}"#).unwrap();
+        assert_eq!((event.action, event.time_nanos), (EventAction::Start, 5));
+        let event = decode_event(br#"{"Action":"oom","time":3}"#).unwrap();
+        assert_eq!(event.time_nanos, 3_000_000_000);
+    }
 
     #[test]
     fn references_split_into_image_and_tag() {
