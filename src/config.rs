@@ -253,9 +253,29 @@ impl ConfigError {
         ConfigError {
             file: file.to_path_buf(),
             at: None,
-            message: message.into(),
+            message: one_line(message.into()),
         }
     }
+}
+
+/// A message quotes values from the file, which may hold newlines and other
+/// control characters: escaped, so that each error stays one line and no
+/// value can pass for another error (or a log line) of its own.
+fn one_line(message: String) -> String {
+    if !message.chars().any(char::is_control) {
+        return message;
+    }
+    message
+        .chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
 }
 
 /// The largest deployment file berth reads (SPEC 8).
@@ -278,6 +298,11 @@ pub enum FileError {
          whoever can write a deployment is root on the device"
     )]
     Owner { owner: u32, euid: u32 },
+    #[error(
+        "file is a symlink made by uid {owner}, not by root or berth's user (uid {euid}): \
+         whoever can write a deployment is root on the device"
+    )]
+    LinkOwner { owner: u32, euid: u32 },
     #[error("file is writable by {who} (mode {mode:04o}): run chmod go-w on it")]
     Writable { who: &'static str, mode: u32 },
     #[error("cannot read file: {}", io_message(.0))]
@@ -302,6 +327,14 @@ pub fn read_deployment_file(path: &Path) -> Result<String, FileError> {
     use std::io::Read;
     use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 
+    let euid = nix::unistd::geteuid().as_raw();
+    // A symlink chooses what berth reads: whoever made it must be trusted
+    // as much as the file's owner. (Its own mode means nothing.)
+    if let Ok(link) = fs::symlink_metadata(path) {
+        if link.file_type().is_symlink() {
+            check_link_owner(link.uid(), euid)?;
+        }
+    }
     let file = fs::OpenOptions::new()
         .read(true)
         .custom_flags((nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY).bits())
@@ -325,7 +358,7 @@ pub fn read_deployment_file(path: &Path) -> Result<String, FileError> {
         };
         return Err(FileError::NotRegular { kind });
     }
-    check_owner_and_mode(meta.uid(), meta.mode(), nix::unistd::geteuid().as_raw())?;
+    check_owner_and_mode(meta.uid(), meta.mode(), euid)?;
     if meta.len() > MAX_DEPLOYMENT_FILE_BYTES {
         return Err(FileError::TooLarge { size: meta.len() });
     }
@@ -341,6 +374,14 @@ pub fn read_deployment_file(path: &Path) -> Result<String, FileError> {
     String::from_utf8(bytes).map_err(|e| FileError::NotUtf8 {
         offset: e.utf8_error().valid_up_to(),
     })
+}
+
+/// Who may make a symlink in `deployments_dir`: root or berth's own user.
+fn check_link_owner(owner: u32, euid: u32) -> Result<(), FileError> {
+    if owner != 0 && owner != euid {
+        return Err(FileError::LinkOwner { owner, euid });
+    }
+    Ok(())
 }
 
 /// Who may write a deployment file: its owner, root or berth's own user
@@ -612,7 +653,7 @@ impl Pos {
         ConfigError {
             file: file.to_path_buf(),
             at: Some((self.line, self.col)),
-            message: message.into(),
+            message: one_line(message.into()),
         }
     }
 }
@@ -660,8 +701,20 @@ impl Source<'_> {
                 .filter(|l| !l.is_empty())
                 .collect::<Vec<_>>()
                 .join(": ");
-            let message = message.trim_end_matches('.').to_string();
-            self.error(e.span().unwrap_or(0..0), message)
+            let mut message = message.trim_end_matches('.').to_string();
+            let span = e.span().unwrap_or(0..0);
+            if message.is_empty() {
+                // toml says nothing about some bad characters (a NUL in a
+                // comment, say): name the character.
+                message = match self.text.get(span.start..).and_then(|s| s.chars().next()) {
+                    Some(c) if c.is_control() => format!(
+                        "control character U+{:04X} is not allowed in TOML",
+                        u32::from(c)
+                    ),
+                    _ => "invalid TOML".to_string(),
+                };
+            }
+            self.error(span, message)
         })
     }
 }
@@ -877,6 +930,7 @@ struct RawAgent {
     images: RawImages,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
     remote: RawRemote,
 }
 
@@ -3163,6 +3217,28 @@ min_ready_secs = 10                    # a new version must run (and be healthy)
     }
 
     #[test]
+    fn only_root_and_berths_user_may_make_a_symlink_to_a_deployment() {
+        // (link owner, berth's euid, accepted)
+        for (owner, euid, accepted) in [
+            (0, 0, true),
+            (0, 1000, true),
+            (1000, 1000, true),
+            (1001, 1000, false),
+            (1000, 0, false),
+        ] {
+            assert_eq!(
+                check_link_owner(owner, euid).is_ok(),
+                accepted,
+                "owner {owner} euid {euid}"
+            );
+        }
+        assert!(check_link_owner(65534, 0)
+            .unwrap_err()
+            .to_string()
+            .starts_with("file is a symlink made by uid 65534"));
+    }
+
+    #[test]
     fn a_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let sub = dir.path().join("x.toml");
@@ -3302,6 +3378,32 @@ min_ready_secs = 10                    # a new version must run (and be healthy)
         assert_eq!(
             error.to_string(),
             "d.toml:1:21: arrays and inline tables nested more than 16 levels deep"
+        );
+    }
+
+    /// Found by fuzzing: a value with a newline made a message of two
+    /// lines, which could pass for another error of check-config.
+    #[test]
+    fn values_in_messages_are_escaped_to_one_line() {
+        let text = "device_id = \"\"\"a\n/etc/x.toml:1:1: fake\"\"\"\n";
+        let errors = parse_agent(Path::new("b.toml"), text).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(
+            errors[0].to_string(),
+            format!(
+                "b.toml:1:13: invalid device_id \"a\\n/etc/x.toml:1:1: fake\": {DEVICE_ID_RULE}"
+            )
+        );
+    }
+
+    /// Found by fuzzing: toml's error for a NUL in a comment has no message.
+    #[test]
+    fn a_control_character_is_named_in_the_error() {
+        let errors = parse_deployment(Path::new("d.toml"), "# a comment \0 with a NUL\nid = 1\n")
+            .unwrap_err();
+        assert_eq!(
+            errors[0].to_string(),
+            "d.toml:1:13: control character U+0000 is not allowed in TOML"
         );
     }
 

@@ -117,6 +117,24 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             return;
         };
         info!(deployments = specs.len(), invalid = invalid.len(), "reload");
+        if specs.is_empty()
+            && invalid.is_empty()
+            && self
+                .deployments
+                .iter()
+                .any(|(id, d)| id != ROS_MASTER_DEPLOYMENT && !d.removing)
+        {
+            // Present but empty is not missing: the operator's word. Said
+            // loudly, as it stops everything.
+            warn!(dir = %self.config.deployments_dir.display(), "reload: deployments_dir holds no deployment file; deprovisioning every deployment");
+            self.event(Event::device_error(
+                None,
+                format!(
+                    "deployments_dir {} holds no deployment file; every deployment is deprovisioned",
+                    self.config.deployments_dir.display()
+                ),
+            ));
+        }
         self.converge(specs, invalid);
     }
 
