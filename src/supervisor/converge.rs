@@ -74,6 +74,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         if seq < self.reload_seq {
             return; // a later reload is on its way
         }
+        self.reloaded_seq = seq;
         match read.agent {
             Ok(new) => {
                 if new.restart != self.config.restart {

@@ -180,6 +180,9 @@ pub struct Supervisor<R, P> {
     state_problems: Vec<String>,
     /// The latest reload asked for: an older read that comes back is stale.
     reload_seq: u64,
+    /// The last reload whose files were applied: a reload is under way
+    /// while it is behind `reload_seq`.
+    reloaded_seq: u64,
     state: State,
     boot_id: String,
     /// The recorded boot differs from this one: reboot rules apply once.
@@ -246,6 +249,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             state_write_error: None,
             state_problems: Vec::new(),
             reload_seq: 0,
+            reloaded_seq: 0,
             state,
             boot_id,
             rebooted,

@@ -210,6 +210,16 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         deadline: Instant,
     ) {
         if request.action == Action::Document {
+            // The files of a reload asked for before are read off the loop:
+            // the document answers once they are applied.
+            if self.reloaded_seq < self.reload_seq && Instant::now() < deadline {
+                self.operator_later(OperatorMsg::Retry {
+                    request,
+                    reply,
+                    deadline,
+                });
+                return;
+            }
             let _ = reply.send(self.operator_document(&request.deployment));
             return;
         }
@@ -374,11 +384,17 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         self.mark_dirty(&key.deployment);
         match container.filter(|_| was_running) {
             Some(id) => {
-                self.save_state();
+                // The count and the commitment are on disk before the
+                // engine is asked, as for any restart.
+                self.commit_restart(key);
+                let durable = self.durable_commitment(key);
                 let runtime = self.runtime.clone();
                 let tx = self.tx.clone();
                 let key = key.clone();
                 self.tracker.spawn(async move {
+                    if !durable.await {
+                        return;
+                    }
                     let result = async {
                         runtime.stop(&id, STOP_GRACE_SECS).await?;
                         runtime.start(&id).await?;
