@@ -371,3 +371,34 @@ fn row_started_again_by_hand() {
     }
     s.berth.sigterm();
 }
+
+/// `docker kill -s HUP` that the process survives is no manual stop: its
+/// later exit of its own is a crash, restarted under `always`.
+#[test]
+fn a_signal_the_process_survives_is_not_a_manual_stop() {
+    let mut s = Harness::new("hup", |c| c.backoff(100, 1, 30));
+    let script = format!("trap '' HUP; {LONG_RUNNING}");
+    s.berth.write_deployment(
+        "h",
+        &deployment_toml("h", &restart_policy("always"), TEST_IMAGE, &script),
+    );
+    let t0 = nanos_now();
+    s.berth.start();
+    s.wait("h", |d| d["status"] == "Running");
+    let container = s.container_id("h");
+    docker(&["kill", "-s", "HUP", &container]);
+    assert!(
+        wait_until(WAIT, || s
+            .events
+            .history(&container, t0)
+            .iter()
+            .any(|(action, _)| action == "kill")),
+        "the engine's kill event"
+    );
+    assert_eq!(container_state(&container)["Running"], true, "HUP survived");
+    crash(&container);
+    let doc = s.wait("h", |d| d["restart_count"] == 1 && d["status"] == "Running");
+    assert_eq!(exe(&doc)["container_id"], container.as_str());
+    assert_eq!(s.events.starts(&container), 2);
+    s.berth.sigterm();
+}

@@ -771,6 +771,35 @@ async fn a_reboot_clears_a_manual_stop() {
     h.shutdown().await;
 }
 
+/// A reboot that lost the container: starting a new one is a restart,
+/// counted once and with exactly one `restart` event.
+#[tokio::test]
+async fn a_container_lost_to_a_reboot_is_restarted_with_its_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = fake();
+    let spec = deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker");
+    let h = Harness::start(runtime.clone(), dir.path(), spec.clone());
+    h.running(0).await;
+    h.shutdown().await;
+
+    // Gone by the next boot, with the engine's memory of it.
+    runtime.manual_remove(NAME);
+    runtime.restart_engine();
+    let h = Harness::start_on_boot(runtime.clone(), dir.path(), spec, "3f1c0d6e-boot-2");
+    let doc = h.running(1).await;
+    assert_eq!(exe(&doc)["restart_count"], 1);
+    tokio::time::sleep(QUIET).await;
+    let restarts: Vec<Value> = h
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "restart")
+        .collect();
+    assert_eq!(restarts.len(), 1, "one restart event: {restarts:?}");
+    assert_eq!(restarts[0]["restart_count"], 1);
+    assert_eq!(restarts[0]["exit_code"], Value::Null);
+    h.shutdown().await;
+}
+
 /// SPEC 6, "berth down, same boot": what happened while berth was away is
 /// told apart by replaying the engine's events.
 #[tokio::test]
