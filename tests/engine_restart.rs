@@ -340,3 +340,59 @@ fn row_interrupted_by_an_engine_restart() {
     }
     berth.sigterm();
 }
+
+/// A real `docker stop` well before an engine restart stays a manual stop:
+/// only the kills the engine's own shutdown sends (within its shutdown
+/// timeout of the stream's end) count as an interruption.
+#[test]
+fn a_manual_stop_before_an_engine_restart_stays_stopped() {
+    let mut engine = Engine::start();
+    engine.load_test_image();
+    let device = unique_id("stopthenrestart");
+    let broker = Broker::new();
+    let mut config = BerthConfig::new(&device, broker.port()).backoff(100, 1, 30);
+    config.docker_host = engine.host();
+    let mut berth = Berth::new(config);
+    let sub = Subscriber::new(broker.port(), &format!("berth/{device}/#"));
+    berth.write_deployment(
+        "held",
+        &deployment_toml("held", &restart_policy("always"), TEST_IMAGE, LONG_RUNNING),
+    );
+    berth.start();
+    let topic = berth.topic("deployments/held");
+    let running = sub.wait_for(&topic, |d| d["status"] == "Running", WAIT);
+    let container = running["executables"][0]["container_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    docker_within(&engine.host(), &["stop", "-t", "1", &container], WAIT)
+        .expect("docker stop on the test engine");
+    sub.wait_for(&topic, |d| d["status"] == "Stopped", WAIT);
+    // Past the engine's shutdown timeout (15 s) and berth's second of margin:
+    // the time itself is what this row is about.
+    std::thread::sleep(Duration::from_secs(17));
+    assert!(engine.down(), "the test engine stops on SIGTERM");
+    sub.wait_for(
+        &berth.topic("agent"),
+        |d| d["docker"] == "unreachable",
+        WAIT,
+    );
+    engine.up();
+    sub.wait_for(&berth.topic("agent"), |d| d["docker"] == "connected", WAIT);
+    let doc = sub.wait_for(
+        &topic,
+        |d| d["status"] == "Stopped" || d["status"] == "Running",
+        WAIT,
+    );
+    // Not a wait for an outcome: a window in which a wrong restart would show.
+    std::thread::sleep(Duration::from_secs(2));
+    let latest = sub.wait_for(&topic, |_| true, WAIT);
+    assert_eq!(doc["status"], "Stopped", "{doc}");
+    assert_eq!(latest["status"], "Stopped", "still stopped: {latest}");
+    assert_eq!(latest["restart_count"], 0, "{latest}");
+    let reason = latest["executables"][0]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("stopped manually"), "{latest}");
+    berth.sigterm();
+}

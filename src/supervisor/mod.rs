@@ -208,7 +208,8 @@ pub struct Supervisor<R, P> {
     crash_lane: Arc<tokio::sync::Semaphore>,
     /// `READY=1` went out.
     ready_sent: bool,
-    /// The event position when the engine went away.
+    /// When the engine went away (host clock, nanoseconds): its shutdown
+    /// stops came at most its shutdown timeout before.
     down_position: Option<i64>,
     /// Executables an engine restart interrupted, for the next reconcile.
     interrupted: std::collections::HashSet<ExecKey>,

@@ -17,7 +17,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         let was_up = self.engine_up;
         self.engine_up = false;
         if was_up {
-            self.down_position = self.state.event_position;
+            // When the stream ended (now, on the engine's clock, which is the
+            // host's): the engine's shutdown kills came at most its shutdown
+            // timeout before. The last event berth saw may be much older.
+            self.down_position = Some(unix_nanos(SystemTime::now()));
         }
         warn!(error, "docker engine unreachable; retrying with back-off");
         let keys: Vec<ExecKey> = self
