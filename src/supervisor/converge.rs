@@ -141,96 +141,42 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
 
     /// Makes the set of deployments match the files.
     pub(super) fn converge(&mut self, mut specs: Deployments, invalid: BTreeMap<String, String>) {
-        // A file whose id could not be read is known by its stem: if a running
-        // deployment came from that file, the error is that deployment's.
-        let mut invalid: BTreeMap<String, String> = invalid
-            .into_iter()
-            .map(|(id, reason)| {
-                if self.deployments.contains_key(&id) {
-                    return (id, reason);
-                }
-                let from_file = self
-                    .deployments
-                    .values()
-                    .find(|d| {
-                        d.spec.source.file_stem().is_some() && file_stem(&d.spec.source) == id
-                    })
-                    .map(|d| d.spec.id.clone());
-                (from_file.unwrap_or(id), reason)
+        let known: BTreeMap<String, Known> = self
+            .deployments
+            .iter()
+            .filter(|(id, _)| *id != ROS_MASTER_DEPLOYMENT)
+            .map(|(id, d)| {
+                let known = Known {
+                    source: d.spec.source.clone(),
+                    ran: !d.execs.is_empty() || !d.retiring.is_empty(),
+                    removing: d.removing,
+                };
+                (id.clone(), known)
             })
             .collect();
-        // An unknown dependency or a cycle: FailedToStart with the reason. A
-        // dependency whose file is broken is not unknown: the dependent waits.
-        for problem in config::dependency_problems(&specs) {
-            if let config::DependencyProblem::Unknown { dependency, .. } = &problem {
-                if invalid.contains_key(dependency) {
-                    continue;
-                }
-            }
-            for id in problem.deployments() {
-                invalid
-                    .entry(id.clone())
-                    .and_modify(|r| {
-                        r.push_str("; ");
-                        r.push_str(&problem.to_string());
-                    })
-                    .or_insert_with(|| problem.to_string());
-            }
-        }
-        let mut sources = BTreeMap::new();
-        for id in invalid.keys() {
-            if let Some(spec) = specs.remove(id) {
-                sources.insert(id.clone(), spec.source);
-            }
-        }
-
-        // The ROS master is not a file's: `converge_ros` looks after it.
-        let ids: BTreeSet<String> = self
-            .deployments
-            .keys()
-            .filter(|id| *id != ROS_MASTER_DEPLOYMENT)
-            .chain(specs.keys())
-            .chain(invalid.keys())
-            .cloned()
-            .collect();
-        for id in ids {
-            if let Some(reason) = invalid.get(&id) {
-                let source = sources
-                    .remove(&id)
-                    .unwrap_or_else(|| self.config.deployments_dir.join(format!("{id}.toml")));
-                self.mark_failed(&id, source, reason.clone());
-            } else if let Some(spec) = specs.get(&id) {
-                let exports = dependency_exports(&specs, spec);
-                match self.deployments.get(&id) {
-                    None => {
+        for (id, change) in plan(&known, &mut specs, invalid, &self.config.deployments_dir) {
+            match change {
+                Change::Fail { source, reason } => self.mark_failed(&id, source, reason),
+                Change::New | Change::Afresh => {
+                    let spec = specs[&id].clone();
+                    let exports = dependency_exports(&specs, &spec);
+                    if change == Change::New {
                         info!(deployment = %id, "new deployment");
-                        let dep = Deployment::new(
-                            &self.config,
-                            spec.clone(),
-                            &exports,
-                            &mut self.state.executables,
-                        );
-                        self.deployments.insert(id.clone(), dep);
-                        self.maybe_provision(&id);
                     }
-                    Some(dep) if dep.execs.is_empty() && dep.retiring.is_empty() => {
-                        // Was broken and never ran: start afresh.
-                        let dep = Deployment::new(
-                            &self.config,
-                            spec.clone(),
-                            &exports,
-                            &mut self.state.executables,
-                        );
-                        self.deployments.insert(id.clone(), dep);
-                        self.maybe_provision(&id);
-                    }
-                    Some(dep) if dep.removing => {
-                        info!(deployment = %id, "file is back while deprovisioning; provisioning after it");
-                    }
-                    Some(_) => self.update(&id, spec.clone(), &exports),
+                    let dep =
+                        Deployment::new(&self.config, spec, &exports, &mut self.state.executables);
+                    self.deployments.insert(id.clone(), dep);
+                    self.maybe_provision(&id);
                 }
-            } else if !self.deployments[&id].removing {
-                self.deprovision(&id);
+                Change::AfterRemoval => {
+                    info!(deployment = %id, "file is back while deprovisioning; provisioning after it");
+                }
+                Change::Update => {
+                    let spec = specs[&id].clone();
+                    let exports = dependency_exports(&specs, &spec);
+                    self.update(&id, spec, &exports);
+                }
+                Change::Deprovision => self.deprovision(&id),
             }
         }
         self.converge_ros();
@@ -735,6 +681,121 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     }
 }
 
+/// What converging needs to know of a deployment berth has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Known {
+    /// The file it came from.
+    pub(super) source: std::path::PathBuf,
+    /// It has executables (running, or being removed): a broken file leaves
+    /// them as they are, a good one updates them.
+    pub(super) ran: bool,
+    /// Its file is gone and its containers are being removed.
+    pub(super) removing: bool,
+}
+
+/// What converging does with one deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Change {
+    /// Its file cannot be applied: `FailedToStart` with the reason; what it
+    /// runs keeps running.
+    Fail {
+        source: std::path::PathBuf,
+        reason: String,
+    },
+    /// A file berth has not seen.
+    New,
+    /// Its file was broken and nothing ran: start it afresh.
+    Afresh,
+    /// Its file is back while it is being removed: provisioned after that.
+    AfterRemoval,
+    /// A file berth runs: applied as an update (a no-op when unchanged).
+    Update,
+    /// Its file is gone.
+    Deprovision,
+}
+
+/// Converging, pure: from what berth has (`known`, the ROS master left
+/// out), the valid files (`specs`) and the errors of the invalid ones by
+/// id (`invalid`), what to do with each deployment, in id order. The specs
+/// that cannot be applied (a file error, an unknown dependency, a cycle) are
+/// taken out of `specs`.
+pub(super) fn plan(
+    known: &BTreeMap<String, Known>,
+    specs: &mut Deployments,
+    invalid: BTreeMap<String, String>,
+    dir: &std::path::Path,
+) -> Vec<(String, Change)> {
+    // A file whose id could not be read is known by its stem: if a running
+    // deployment came from that file, the error is that deployment's.
+    let mut invalid: BTreeMap<String, String> = invalid
+        .into_iter()
+        .map(|(id, reason)| {
+            if known.contains_key(&id) {
+                return (id, reason);
+            }
+            let from_file = known
+                .iter()
+                .find(|(_, k)| k.source.file_stem().is_some() && file_stem(&k.source) == id)
+                .map(|(id, _)| id.clone());
+            (from_file.unwrap_or(id), reason)
+        })
+        .collect();
+    // An unknown dependency or a cycle: FailedToStart with the reason. A
+    // dependency whose file is broken is not unknown: the dependent waits.
+    for problem in config::dependency_problems(specs) {
+        if let config::DependencyProblem::Unknown { dependency, .. } = &problem {
+            if invalid.contains_key(dependency) {
+                continue;
+            }
+        }
+        for id in problem.deployments() {
+            invalid
+                .entry(id.clone())
+                .and_modify(|r| {
+                    r.push_str("; ");
+                    r.push_str(&problem.to_string());
+                })
+                .or_insert_with(|| problem.to_string());
+        }
+    }
+    let mut sources = BTreeMap::new();
+    for id in invalid.keys() {
+        if let Some(spec) = specs.remove(id) {
+            sources.insert(id.clone(), spec.source);
+        }
+    }
+    let ids: BTreeSet<&String> = known
+        .keys()
+        .chain(specs.keys())
+        .chain(invalid.keys())
+        .collect();
+    ids.into_iter()
+        .filter_map(|id| {
+            let change = if let Some(reason) = invalid.get(id) {
+                let source = sources
+                    .remove(id)
+                    .unwrap_or_else(|| dir.join(format!("{id}.toml")));
+                Change::Fail {
+                    source,
+                    reason: reason.clone(),
+                }
+            } else if specs.contains_key(id) {
+                match known.get(id) {
+                    None => Change::New,
+                    Some(k) if k.removing => Change::AfterRemoval,
+                    Some(k) if !k.ran => Change::Afresh,
+                    Some(_) => Change::Update,
+                }
+            } else if known.get(id).is_some_and(|k| !k.removing) {
+                Change::Deprovision
+            } else {
+                return None;
+            };
+            Some((id.clone(), change))
+        })
+        .collect()
+}
+
 /// How a dependency is named in reasons.
 fn describe(id: &str) -> String {
     if id == ROS_MASTER_DEPLOYMENT {
@@ -856,4 +917,158 @@ pub(super) async fn create_container<R: ContainerRuntime>(
 /// The spec hash a container was created from.
 pub(super) fn container_hash(info: &crate::runtime::ContainerInfo) -> Option<String> {
     info.labels.get(labels::SPEC_HASH).cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    //! The converging plan, one case per test.
+
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+
+    const DIR: &str = "/etc/berth/deployments.d";
+
+    fn spec(id: &str, depends_on: &[&str]) -> crate::model::DeploymentSpec {
+        crate::model::DeploymentSpec {
+            id: id.into(),
+            package: "p".into(),
+            package_version: "1".into(),
+            restart: Default::default(),
+            depends_on: depends_on.iter().map(|d| d.to_string()).collect(),
+            ros: false,
+            env: BTreeMap::new(),
+            exports: BTreeMap::new(),
+            components: Vec::new(),
+            update: Default::default(),
+            source: PathBuf::from(format!("{DIR}/{id}.toml")),
+        }
+    }
+
+    fn specs(list: &[(&str, &[&str])]) -> Deployments {
+        list.iter()
+            .map(|(id, deps)| (id.to_string(), spec(id, deps)))
+            .collect()
+    }
+
+    fn known(list: &[(&str, &str, bool, bool)]) -> BTreeMap<String, Known> {
+        list.iter()
+            .map(|(id, file, ran, removing)| {
+                let k = Known {
+                    source: PathBuf::from(format!("{DIR}/{file}")),
+                    ran: *ran,
+                    removing: *removing,
+                };
+                (id.to_string(), k)
+            })
+            .collect()
+    }
+
+    fn run(
+        known: &BTreeMap<String, Known>,
+        mut specs: Deployments,
+        invalid: &[(&str, &str)],
+    ) -> Vec<(String, Change)> {
+        let invalid = invalid
+            .iter()
+            .map(|(id, r)| (id.to_string(), r.to_string()))
+            .collect();
+        plan(known, &mut specs, invalid, Path::new(DIR))
+    }
+
+    #[test]
+    fn new_changed_and_removed_files() {
+        let got = run(
+            &known(&[
+                ("kept", "kept.toml", true, false),
+                ("gone", "gone.toml", true, false),
+            ]),
+            specs(&[("kept", &[]), ("added", &[])]),
+            &[],
+        );
+        assert_eq!(
+            got,
+            [
+                ("added".into(), Change::New),
+                ("gone".into(), Change::Deprovision),
+                ("kept".into(), Change::Update),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_broken_file_of_a_running_deployment_is_that_deployments_failure() {
+        // The file's id could not be read: it is known by its stem, and the
+        // deployment that came from it keeps running.
+        let got = run(
+            &known(&[("talker", "robot.toml", true, false)]),
+            specs(&[]),
+            &[("robot", "robot.toml:3:1: expected a value")],
+        );
+        assert_eq!(
+            got,
+            [(
+                "talker".into(),
+                Change::Fail {
+                    source: PathBuf::from(format!("{DIR}/{}.toml", "talker")),
+                    reason: "robot.toml:3:1: expected a value".into()
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn an_unknown_dependency_and_a_cycle_fail_to_start() {
+        let got = run(
+            &BTreeMap::new(),
+            specs(&[("a", &["b"]), ("b", &["a"]), ("c", &["nowhere"])]),
+            &[],
+        );
+        let failed: Vec<&str> = got
+            .iter()
+            .filter(|(_, c)| matches!(c, Change::Fail { .. }))
+            .map(|(id, _)| id.as_str())
+            .collect();
+        assert_eq!(failed, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_dependency_whose_file_is_broken_is_waited_for_not_unknown() {
+        let got = run(
+            &BTreeMap::new(),
+            specs(&[("app", &["map"])]),
+            &[("map", "map.toml:1:1: bad")],
+        );
+        assert_eq!(got[0], ("app".into(), Change::New));
+        assert!(matches!(got[1], (ref id, Change::Fail { .. }) if id == "map"));
+    }
+
+    #[test]
+    fn a_file_back_while_removing_waits_and_a_broken_one_that_never_ran_starts_afresh() {
+        let got = run(
+            &known(&[
+                ("back", "back.toml", true, true),
+                ("fixed", "fixed.toml", false, false),
+            ]),
+            specs(&[("back", &[]), ("fixed", &[])]),
+            &[],
+        );
+        assert_eq!(
+            got,
+            [
+                ("back".into(), Change::AfterRemoval),
+                ("fixed".into(), Change::Afresh),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_deployment_being_removed_is_left_to_finish() {
+        let got = run(
+            &known(&[("going", "going.toml", true, true)]),
+            specs(&[]),
+            &[],
+        );
+        assert!(got.is_empty(), "{got:?}");
+    }
 }
