@@ -166,6 +166,13 @@ pub enum Event {
         /// Who asked, for a restart an operator asked for.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         by: Option<String>,
+        /// The crash evidence of the exit, read once right after it (SPEC 9).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        oom_killed: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        log_tail: Option<Vec<String>>,
     },
     /// A counted restart whose start the engine accepted.
     Restarted {
@@ -181,6 +188,13 @@ pub enum Event {
         executable: String,
         exit_code: Option<i64>,
         reason: String,
+        /// The crash evidence of the exit, read once right after it (SPEC 9).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        oom_killed: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        log_tail: Option<Vec<String>>,
     },
     /// An update failed and the previous version runs again.
     Rollback {
@@ -211,6 +225,13 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         exit_code: Option<i64>,
         reason: String,
+        /// The crash evidence of the exit, read once right after it (SPEC 9).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        oom_killed: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        log_tail: Option<Vec<String>>,
     },
 }
 
@@ -229,7 +250,44 @@ impl Event {
             error_code: Some(error_code),
             exit_code,
             reason,
+            signal: None,
+            oom_killed: None,
+            log_tail: None,
         }
+    }
+
+    /// Adds an exit's crash evidence (signal, OOM kill, last log lines) to a
+    /// `restart`, `manual_stop` or `error` event; other events are unchanged.
+    pub fn with_evidence(mut self, evidence: Option<&crate::runtime::ExitEvidence>) -> Event {
+        let Some(evidence) = evidence else {
+            return self;
+        };
+        match &mut self {
+            Event::Restart {
+                signal,
+                oom_killed,
+                log_tail,
+                ..
+            }
+            | Event::ManualStop {
+                signal,
+                oom_killed,
+                log_tail,
+                ..
+            }
+            | Event::Error {
+                signal,
+                oom_killed,
+                log_tail,
+                ..
+            } => {
+                *signal = evidence.signal.clone();
+                *oom_killed = Some(evidence.oom_killed);
+                *log_tail = Some(evidence.log_tail.clone());
+            }
+            _ => {}
+        }
+        self
     }
 
     /// An `error` event about the device or berth itself.
@@ -241,6 +299,9 @@ impl Event {
             error_code,
             exit_code: None,
             reason,
+            signal: None,
+            oom_killed: None,
+            log_tail: None,
         }
     }
 }

@@ -11,6 +11,8 @@ pub(super) struct LaunchCall {
     spec: ContainerSpec,
     /// Two or more restarts in a row: it takes the crash-loop lane.
     crash_looping: bool,
+    /// Stop the running container first (a restart for unhealthiness).
+    stop_first: bool,
 }
 
 impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
@@ -136,6 +138,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     error_code: Some(ErrorCode::ImageUnavailable),
                     exit_code: None,
                     reason: e.to_string(),
+                    signal: None,
+                    oom_killed: None,
+                    log_tail: None,
                 });
             }
         }
@@ -158,11 +163,13 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         // never makes a healthy executable wait behind it.
         let crash_looping = exec.backoff.consecutive >= 2;
         let committed = exec.pending_restart.is_some();
+        let stop_first = std::mem::take(&mut exec.stop_first);
         let call = LaunchCall {
             key: key.clone(),
             container_id,
             spec,
             crash_looping,
+            stop_first,
         };
         match self.held_launches.as_mut() {
             Some(held) => held.push(call),
@@ -181,6 +188,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             container_id,
             spec,
             crash_looping,
+            stop_first,
         } = call;
         let runtime = self.runtime.clone();
         let tx = self.tx.clone();
@@ -198,6 +206,13 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 None => None,
             };
             let _slot = slots.acquire_owned().await;
+            if let (true, Some(id)) = (stop_first, container_id.as_deref()) {
+                // berth's own stop: its kill and die come before the start
+                // that follows, and are stale to it.
+                if let Err(e) = runtime.stop(id, converge::STOP_GRACE_SECS).await {
+                    debug!(container = %short(id), error = %e, "stop before restart");
+                }
+            }
             let (container_id, result) = launch_container(&*runtime, container_id, &spec).await;
             let _ = tx.send(Msg::Launched {
                 key,
@@ -225,6 +240,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 image: exec.spec.image.clone(),
                 started_at: None,
                 started_nanos: 0,
+                ip_address: None,
             });
         }
         if matches!(exec.life, Life::Retiring { .. }) {
@@ -239,6 +255,8 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 exec.launched = true;
                 exec.lost_container = false;
                 exec.pending_restart = None;
+                exec.health = None;
+                exec.evidence = None;
                 info!(executable = %key, container = %short(&info.id), restart_count = exec.restart_count, "started");
                 if swapping {
                     Input::Swapped
@@ -273,7 +291,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         if let Some(dep) = self.deployments.get_mut(&key.deployment) {
             dep.update_phase();
         }
-        // Events that arrived meanwhile, in their order.
+        self.apply_deferred(key);
+    }
+
+    /// Events that arrived while an engine call was in flight, in their order.
+    pub(super) fn apply_deferred(&mut self, key: &ExecKey) {
         let deferred = self
             .exec_mut(key)
             .filter(|e| !e.busy())

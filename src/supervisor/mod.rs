@@ -121,6 +121,19 @@ enum Msg {
         deployment: String,
         result: Result<Vec<(ExecKey, String)>, String>,
     },
+    /// An exit, and its evidence once read (`None`: could not be read).
+    Evidence {
+        key: ExecKey,
+        input: Input,
+        evidence: Option<crate::runtime::ExitEvidence>,
+    },
+    /// berth's own probe changed its verdict on one run of a container.
+    Probed {
+        key: ExecKey,
+        container_id: String,
+        started_nanos: i64,
+        verdict: crate::probe::Verdict,
+    },
 }
 
 /// Asks a running supervisor to re-read its files (SIGHUP, a change in
@@ -271,6 +284,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         }
         info!("berth supervisor stopping; containers keep running");
         self.notifier.stopping();
+        self.stop_probes();
         self.tracker.close();
         // Engine calls in flight finish (or are abandoned with the process:
         // the state already records any restart they were committed to); the
@@ -417,6 +431,17 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             Msg::Reload => self.reload(),
             Msg::Removed { key, result } => self.on_removed(&key, result),
             Msg::Prepared { deployment, result } => self.on_prepared(&deployment, result),
+            Msg::Evidence {
+                key,
+                input,
+                evidence,
+            } => self.on_evidence(&key, input, evidence),
+            Msg::Probed {
+                key,
+                container_id,
+                started_nanos,
+                verdict,
+            } => self.on_probed(&key, &container_id, started_nanos, verdict),
         }
         self.provision_waiting();
     }
