@@ -774,3 +774,178 @@ async fn replay_tells_a_manual_stop_from_a_crash_while_berth_was_away() {
         });
     futures_util::future::join_all(runs).await;
 }
+
+fn with_probe(mut spec: DeploymentSpec, check: crate::model::ProbeCheck) -> DeploymentSpec {
+    spec.components[0].executables[0].probe = Some(crate::model::Probe {
+        check,
+        initial_delay_secs: 0,
+        period_secs: 1,
+        timeout_secs: 1,
+        failure_threshold: 2,
+    });
+    spec
+}
+
+fn events_named(h: &Harness, name: &str) -> Vec<Value> {
+    h.events()
+        .into_iter()
+        .filter(|e| e["event"] == name)
+        .collect()
+}
+
+/// SPEC 6, the unhealthy row: the engine's healthcheck (an exec probe) says
+/// unhealthy; berth stops the container itself and restarts it, counted,
+/// and its own stop is not a manual stop.
+#[tokio::test]
+async fn an_unhealthy_exec_probe_is_a_counted_restart_not_a_manual_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = with_probe(
+        deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker"),
+        crate::model::ProbeCheck::Exec(vec!["true".into()]),
+    );
+    let h = Harness::start(fake(), dir.path(), spec);
+    let doc = h.running(0).await;
+    assert_eq!(exe(&doc)["health"], "starting");
+    assert!(h.runtime.spec(NAME).unwrap().healthcheck.is_some());
+    h.runtime.set_health(NAME, true);
+    h.wait_for("healthy", |d| exe(d)["health"] == "healthy")
+        .await;
+
+    h.runtime.set_health(NAME, false);
+    let doc = h.running(1).await;
+    assert_eq!(exe(&doc)["health"], "starting", "a new run, no verdict yet");
+    tokio::time::sleep(QUIET).await;
+    let restarts = events_named(&h, "restart");
+    assert_eq!(restarts.len(), 1, "{restarts:?}");
+    assert_eq!(
+        restarts[0]["reason"],
+        "restarting after unhealthy: exec probe failed 2 times in a row"
+    );
+    assert_eq!(restarts[0]["restart_count"], 1);
+    assert!(
+        events_named(&h, "manual_stop").is_empty(),
+        "{:?}",
+        h.events()
+    );
+    let calls = h.runtime.calls();
+    let stop = calls.iter().position(|c| matches!(c, Call::Stop(_)));
+    let second_start = calls
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| matches!(c, Call::Start(_)))
+        .nth(1)
+        .map(|(i, _)| i);
+    assert!(
+        stop.is_some() && stop < second_start,
+        "berth stops it before starting it again: {calls:?}"
+    );
+    assert_eq!(h.starts(), 2);
+    assert!(h.runtime.container(NAME).unwrap().running);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unhealthy_executable_under_never_is_an_error_left_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = with_probe(
+        deployment(RestartPolicy::Never, PullPolicy::IfNotPresent, "talker"),
+        crate::model::ProbeCheck::Exec(vec!["true".into()]),
+    );
+    let h = Harness::start(fake(), dir.path(), spec);
+    h.running(0).await;
+    h.runtime.set_health(NAME, false);
+    let doc = h.wait_for("Error", |d| exe(d)["status"] == "Error").await;
+    assert_eq!(exe(&doc)["error_code"], "DEP_E152");
+    assert_eq!(exe(&doc)["health"], "unhealthy");
+    assert_eq!(
+        exe(&doc)["reason"],
+        "unhealthy: exec probe failed 2 times in a row; restart policy never"
+    );
+    tokio::time::sleep(QUIET).await;
+    assert!(h.runtime.container(NAME).unwrap().running, "left running");
+    assert_eq!(h.starts(), 1);
+    assert_eq!(count(&h.runtime.calls(), |c| matches!(c, Call::Stop(_))), 0);
+    let errors = events_named(&h, "error");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0]["error_code"], "DEP_E152");
+    h.shutdown().await;
+}
+
+/// berth's own tcp probe, against a listener of the test's: healthy while
+/// it accepts, a counted restart once it has refused `failure_threshold`
+/// times in a row.
+#[tokio::test]
+async fn a_tcp_probe_is_run_by_berth_healthy_then_unhealthy() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = with_probe(
+        deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker"),
+        crate::model::ProbeCheck::Tcp(port),
+    );
+    let h = Harness::start(fake(), dir.path(), spec);
+    h.running(0).await;
+    assert!(
+        h.runtime.spec(NAME).unwrap().healthcheck.is_none(),
+        "berth runs tcp probes itself"
+    );
+    h.wait_for("healthy", |d| exe(d)["health"] == "healthy")
+        .await;
+    drop(listener);
+    let doc = h.running(1).await;
+    let restarts = events_named(&h, "restart");
+    let reason = restarts[0]["reason"].as_str().unwrap().to_string();
+    assert!(
+        reason.starts_with("restarting after unhealthy: tcp probe failed 2 times in a row: "),
+        "{reason}"
+    );
+    assert!(exe(&doc)["health"] == "starting" || exe(&doc)["health"] == "unhealthy");
+    h.shutdown().await;
+}
+
+/// Every exit carries its evidence: the last lines, the signal, the OOM kill.
+#[tokio::test]
+async fn exits_carry_their_evidence_in_their_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(
+        fake(),
+        dir.path(),
+        deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker"),
+    );
+    h.running(0).await;
+    for line in ["starting", "lost the map", "giving up"] {
+        h.runtime.write_log(NAME, line);
+    }
+    h.runtime.exit(NAME, 3);
+    h.running(1).await;
+    let restart = events_named(&h, "restart").pop().unwrap();
+    assert_eq!(restart["exit_code"], 3);
+    assert_eq!(restart["oom_killed"], false);
+    assert_eq!(restart.get("signal"), None, "no signal for exit 3");
+    let tail = restart["log_tail"].as_array().unwrap();
+    assert_eq!(tail.last().unwrap(), "giving up");
+    assert!(tail.iter().any(|l| l == "lost the map"));
+
+    h.runtime.manual_kill(NAME);
+    h.wait_for("stopped by hand", |d| exe(d)["status"] == "Stopped")
+        .await;
+    let stop = events_named(&h, "manual_stop").pop().unwrap();
+    assert_eq!(stop["signal"], "SIGKILL");
+    assert_eq!(stop["exit_code"], 137);
+    h.shutdown().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(
+        fake(),
+        dir.path(),
+        deployment(RestartPolicy::Never, PullPolicy::IfNotPresent, "talker"),
+    );
+    h.running(0).await;
+    h.runtime.oom_kill(NAME);
+    h.wait_for("Error", |d| exe(d)["status"] == "Error").await;
+    let error = events_named(&h, "error").pop().unwrap();
+    assert_eq!(error["oom_killed"], true);
+    assert_eq!(error["signal"], "SIGKILL");
+    assert_eq!(error["exit_code"], 137);
+    h.shutdown().await;
+}
