@@ -72,6 +72,8 @@ struct Latest {
     /// Sorted by deployment id, the order `berth status` shows them in.
     deployments: BTreeMap<String, Value>,
     ros_master: Option<Value>,
+    /// The latest `metrics` document, for `berth status --wide`.
+    metrics: Option<Value>,
 }
 
 impl<P> Snapshot<P> {
@@ -90,6 +92,7 @@ impl<P> Snapshot<P> {
             "agent": latest.agent,
             "deployments": latest.deployments.values().collect::<Vec<_>>(),
             "ros_master": latest.ros_master,
+            "metrics": latest.metrics,
         })
     }
 }
@@ -104,6 +107,7 @@ impl<P: Reporter> Reporter for Snapshot<P> {
                     latest.deployments.insert(id.clone(), payload.clone());
                 }
                 Topic::RosMaster => latest.ros_master = Some(payload.clone()),
+                Topic::Metrics => latest.metrics = Some(payload.clone()),
                 Topic::Events => {}
             }
         }

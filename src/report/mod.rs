@@ -16,6 +16,7 @@ pub enum Topic {
     Deployment(String),
     RosMaster,
     Events,
+    Metrics,
 }
 
 impl Topic {
@@ -26,6 +27,7 @@ impl Topic {
             Topic::Deployment(id) => format!("{prefix}/{device_id}/deployments/{id}"),
             Topic::RosMaster => format!("{prefix}/{device_id}/shared/ros-master"),
             Topic::Events => format!("{prefix}/{device_id}/events"),
+            Topic::Metrics => format!("{prefix}/{device_id}/metrics"),
         }
     }
 
@@ -121,6 +123,44 @@ pub struct UpdateDoc {
     pub reason: String,
     pub error_code: Option<ErrorCode>,
     pub at: String,
+}
+
+/// The `metrics` document (SPEC 9): one per `[metrics] interval_secs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsDoc {
+    pub device_id: String,
+    pub time: String,
+    pub interval_secs: u64,
+    /// The engine's data root; null when the engine did not say.
+    pub data_root: Option<DataRootDoc>,
+    pub executables: Vec<ExecMetricsDoc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataRootDoc {
+    pub path: String,
+    pub size_bytes: u64,
+    pub free_bytes: u64,
+}
+
+/// One executable's figures; those of a container that is not running are null.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecMetricsDoc {
+    pub deployment: String,
+    pub component: String,
+    pub executable: String,
+    pub status: Status,
+    /// Percent of one core since the previous document (200 = two cores);
+    /// null for the first reading of a run.
+    pub cpu_percent: Option<f64>,
+    pub memory_bytes: Option<u64>,
+    pub memory_limit_bytes: Option<u64>,
+    pub restart_count: u64,
+    /// Seconds since its container's last start, while it runs.
+    pub uptime_secs: Option<u64>,
+    /// Time `Running` / time deployed over the last 24 h (0 to 1).
+    pub availability: Option<f64>,
+    pub health: Option<String>,
 }
 
 /// The `shared/ros-master` document.

@@ -47,6 +47,8 @@ pub(super) struct Exec {
     pub(super) stop_first: bool,
     /// The task running its `tcp` or `http` probe, for this container and start.
     pub(super) probe_watch: Option<ProbeWatch>,
+    /// Time deployed and time `Running` over the last 24 h.
+    pub(super) availability: crate::state::Availability,
 }
 
 /// A running probe task and the run it watches.
@@ -104,7 +106,8 @@ impl Exec {
         record: Option<ExecRecord>,
     ) -> Exec {
         let hash = spec_hash(&spec, &env);
-        let record = record.unwrap_or_default();
+        let mut record = record.unwrap_or_default();
+        let availability = std::mem::take(&mut record.availability);
         let life = recorded_life(&record);
         Exec {
             key,
@@ -137,6 +140,7 @@ impl Exec {
             reading_evidence: false,
             stop_first: false,
             probe_watch: None,
+            availability,
         }
     }
 
@@ -241,6 +245,7 @@ impl Exec {
                 Life::Exited { code } => code,
                 _ => self.shown.exit_code,
             },
+            availability: self.availability.clone(),
         }
     }
 }

@@ -27,6 +27,7 @@ mod exits;
 mod launch;
 mod lifecycle;
 mod live;
+mod metrics;
 mod publish;
 mod reconcile;
 mod ros;
@@ -127,6 +128,8 @@ enum Msg {
         input: Input,
         evidence: Option<crate::runtime::ExitEvidence>,
     },
+    /// The engine's figures for the `metrics` document.
+    Metrics(metrics::Reading),
     /// berth's own probe changed its verdict on one run of a container.
     Probed {
         key: ExecKey,
@@ -181,6 +184,8 @@ pub struct Supervisor<R, P> {
     down_position: Option<i64>,
     /// Executables an engine restart interrupted, for the next reconcile.
     interrupted: std::collections::HashSet<ExecKey>,
+    /// The `metrics` topic's bookkeeping.
+    metrics: metrics::Metrics,
 }
 
 impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
@@ -232,6 +237,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             ready_sent: false,
             down_position: None,
             interrupted: Default::default(),
+            metrics: Default::default(),
         };
         supervisor.converge(deployments, invalid);
         supervisor
@@ -267,6 +273,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 .watchdog_interval()
                 .unwrap_or(Duration::from_secs(3600)),
         );
+        let mut metrics_tick = self.config.metrics.interval.map(|every| {
+            let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick
+        });
         loop {
             let next_due = self.next_due();
             tokio::select! {
@@ -274,6 +285,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 _ = watchdog_tick.tick() => self.notifier.watchdog(),
                 Some(msg) = self.rx.recv() => self.handle(msg).await,
                 _ = sleep_until_opt(next_due) => self.fire_timers(),
+                _ = metrics::tick(&mut metrics_tick) => self.collect_metrics(),
                 _ = save_tick.tick() => {
                     if self.state_dirty {
                         self.save_state();
@@ -431,6 +443,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             Msg::Reload => self.reload(),
             Msg::Removed { key, result } => self.on_removed(&key, result),
             Msg::Prepared { deployment, result } => self.on_prepared(&deployment, result),
+            Msg::Metrics(reading) => self.on_metrics(reading),
             Msg::Evidence {
                 key,
                 input,

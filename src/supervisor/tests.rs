@@ -120,11 +120,21 @@ impl Harness {
         spec: DeploymentSpec,
         boot_id: &str,
     ) -> Self {
+        Self::start_configured(runtime, state_dir, spec, boot_id, config(state_dir))
+    }
+
+    fn start_configured(
+        runtime: Arc<FakeRuntime>,
+        state_dir: &Path,
+        spec: DeploymentSpec,
+        boot_id: &str,
+        config: AgentConfig,
+    ) -> Self {
         let store = StateStore::open(state_dir).unwrap();
         let reporter = Arc::new(MemoryReporter::default());
         let token = CancellationToken::new();
         let supervisor = Supervisor::from_parts(Parts {
-            config: config(state_dir),
+            config,
             deployments: BTreeMap::from([(spec.id.clone(), spec)]),
             runtime: runtime.clone(),
             reporter: reporter.clone(),
@@ -948,4 +958,98 @@ async fn exits_carry_their_evidence_in_their_events() {
     assert_eq!(error["signal"], "SIGKILL");
     assert_eq!(error["exit_code"], 137);
     h.shutdown().await;
+}
+
+/// The `metrics` document every interval, in paused time: CPU in percent of
+/// one core between two readings, memory, the data root, and availability
+/// that drops once the executable is no longer `Running`.
+#[tokio::test(start_paused = true)]
+async fn metrics_go_out_every_interval_with_cpu_memory_disk_and_availability() {
+    const EVERY: Duration = Duration::from_secs(10);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.metrics.interval = Some(EVERY);
+    let runtime = fake();
+    runtime.set_disk(crate::runtime::DiskUsage {
+        data_root: "/var/lib/docker".into(),
+        total_bytes: 100 << 30,
+        free_bytes: 40 << 30,
+    });
+    let h = Harness::start_configured(
+        runtime,
+        dir.path(),
+        deployment(RestartPolicy::Never, PullPolicy::IfNotPresent, "talker"),
+        BOOT,
+        cfg,
+    );
+    h.running(0).await;
+    let stats = |cpu_secs: u64| crate::runtime::ContainerStats {
+        cpu_usage_nanos: cpu_secs * 1_000_000_000,
+        memory_bytes: 50 << 20,
+        memory_limit_bytes: Some(256 << 20),
+    };
+    h.runtime.set_stats(NAME, stats(1));
+    let metrics = |n: usize| {
+        let h = &h;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(600);
+            loop {
+                let docs: Vec<Value> = h
+                    .reporter
+                    .published
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(t, _)| *t == Topic::Metrics)
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                if docs.len() >= n {
+                    return docs[n - 1].clone();
+                }
+                assert!(Instant::now() < deadline, "no metrics document {n}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let first = metrics(1).await;
+    assert_eq!(first["device_id"], DEVICE);
+    assert_eq!(first["interval_secs"], 10);
+    assert_eq!(first["data_root"]["size_bytes"], 100u64 << 30);
+    assert_eq!(first["data_root"]["free_bytes"], 40u64 << 30);
+    let m = &first["executables"][0];
+    assert_eq!(m["executable"], "talker");
+    assert_eq!(m["cpu_percent"], Value::Null, "one reading is no rate");
+    assert_eq!(m["memory_bytes"], 50u64 << 20);
+    assert_eq!(m["memory_limit_bytes"], 256u64 << 20);
+    assert_eq!(m["restart_count"], 0);
+    assert_eq!(m["health"], Value::Null, "no probe");
+
+    // 5 s of CPU over a 10 s interval: half a core.
+    h.runtime.set_stats(NAME, stats(6));
+    let second = metrics(2).await;
+    let m = &second["executables"][0];
+    assert_eq!(m["cpu_percent"], 50.0);
+    assert_eq!(m["availability"], 1.0);
+    // Uptime runs on the engine's (wall) clock, which paused time does not move.
+    assert!(m["uptime_secs"].is_u64(), "{m}");
+
+    h.runtime.exit(NAME, 3);
+    h.wait_for("Error", |d| exe(d)["status"] == "Error").await;
+    let third = metrics(3).await;
+    let fourth = metrics(4).await;
+    let m = &fourth["executables"][0];
+    assert_eq!(m["status"], "Error");
+    assert_eq!(m["cpu_percent"], Value::Null);
+    assert_eq!(m["uptime_secs"], Value::Null);
+    let availability = m["availability"].as_f64().unwrap();
+    assert!(
+        availability < third["executables"][0]["availability"].as_f64().unwrap()
+            && availability < 1.0,
+        "availability drops: {third} {fourth}"
+    );
+    // Kept across berth restarts, in the state.
+    let store = h.store.clone();
+    h.shutdown().await;
+    let record = store.load().unwrap().exec(&key()).cloned().unwrap();
+    assert!(record.availability.share().unwrap() < 1.0);
 }
