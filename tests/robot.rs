@@ -63,6 +63,24 @@ fn an_exec_probe_that_starts_failing_restarts_an_always_executable() {
             .all(|m| m.payload["event"] != "manual_stop"),
         "no manual_stop"
     );
+    // From the engine's verdict to berth's stop and the start again.
+    let history = s.events.history(&container, 0);
+    let at = |action: &str, after: i128| {
+        history
+            .iter()
+            .find(|(a, t)| a.as_str() == action && *t >= after)
+            .map(|(_, t)| *t)
+            .unwrap_or_else(|| panic!("no {action} after {after}: {history:?}"))
+    };
+    let unhealthy = at("health_status: unhealthy", 0);
+    let kill = at("kill", unhealthy);
+    let start = at("start", kill);
+    eprintln!(
+        "probe failure to restart: {} ms to berth's stop, {} ms to the start",
+        (kill - unhealthy) / 1_000_000,
+        (start - unhealthy) / 1_000_000
+    );
+    assert!(start - unhealthy < 10_000_000_000, "{history:?}");
     // The new run is healthy again, then sick again: counted each time.
     s.wait("sick", |d| {
         d["restart_count"] == 1 && exe(d)["health"] == "healthy"
