@@ -1135,15 +1135,17 @@ mod tests {
         snapshot.publish(Topic::Deployment("b".into()), json!({"v": 3}));
         snapshot.publish(Topic::Events, json!({"event": "restart"}));
         snapshot.publish(Topic::Agent, json!({"state": "online"}));
+        snapshot.publish(Topic::Metrics, json!({"interval_secs": 60}));
         assert_eq!(
             snapshot.status(),
             json!({
                 "agent": {"state": "online"},
                 "deployments": [{"v": 2}, {"v": 3}],
                 "ros_master": null,
+                "metrics": {"interval_secs": 60},
             })
         );
-        assert_eq!(inner.published.lock().unwrap().len(), 5);
+        assert_eq!(inner.published.lock().unwrap().len(), 6);
     }
 
     fn container(deployment: &str, component: &str, executable: &str) -> ContainerInfo {

@@ -37,6 +37,9 @@ pub struct State {
     /// Keyed by `deployment/component/executable`.
     pub executables: BTreeMap<String, ExecRecord>,
     pub ros_master: Option<RosMasterRecord>,
+    /// Image references berth pulled: the only ones its garbage collection
+    /// may remove.
+    pub pulled_images: std::collections::BTreeSet<String>,
 }
 
 impl Default for State {
@@ -47,6 +50,7 @@ impl Default for State {
             event_position: None,
             executables: BTreeMap::new(),
             ros_master: None,
+            pulled_images: Default::default(),
         }
     }
 }

@@ -16,6 +16,8 @@ pub(super) struct Metrics {
     collecting: bool,
     /// When availability was last accounted.
     accounted: Option<SystemTime>,
+    /// A collection of images is under way.
+    collecting_images: bool,
 }
 
 /// One reading of the engine.
@@ -75,9 +77,43 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         });
     }
 
+    /// A collection of images the data root's use started is over.
+    pub(super) fn on_collected(&mut self, removed: Vec<String>) {
+        self.metrics.collecting_images = false;
+        for image in removed {
+            self.state.pulled_images.remove(&image);
+            self.state_dirty = true;
+        }
+    }
+
+    /// The data root is fuller than `gc_high_percent`: unused images berth
+    /// pulled go, down to `gc_low_percent`, in a tracked task.
+    fn maybe_collect_images(&mut self, disk: &DiskUsage) {
+        use crate::runtime::housekeeping::collection_due;
+        if self.metrics.collecting_images
+            || collection_due(disk, &self.config.images, false).is_none()
+        {
+            return;
+        }
+        self.metrics.collecting_images = true;
+        let hk = self.housekeeping();
+        let runtime = self.runtime.clone();
+        let tx = self.tx.clone();
+        self.tracker.spawn(async move {
+            let mut removed = Vec::new();
+            if let Err(e) = launch::collect_images(&*runtime, &hk, false, &mut removed).await {
+                debug!(error = %e, "image collection interrupted");
+            }
+            let _ = tx.send(Msg::Collected { removed });
+        });
+    }
+
     /// The engine's figures are read: the document goes out.
     pub(super) fn on_metrics(&mut self, reading: Reading) {
         self.metrics.collecting = false;
+        if let Some(disk) = &reading.disk {
+            self.maybe_collect_images(disk);
+        }
         let mut by_key: HashMap<ExecKey, (String, ContainerStats)> = HashMap::new();
         for (key, id, stats) in reading.stats {
             if let Some(stats) = stats {

@@ -103,6 +103,17 @@ enum Msg {
     Pulled {
         deployment: String,
         result: Result<(), (String, RuntimeError)>,
+        outcome: PullOutcome,
+    },
+    /// How far a deployment's pull has come (at most every 2 s).
+    PullProgress {
+        deployment: String,
+        image: String,
+        progress: crate::runtime::PullProgress,
+    },
+    /// A collection started because the data root was too full is over.
+    Collected {
+        removed: Vec<String>,
     },
     Launched {
         key: ExecKey,
@@ -434,7 +445,17 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 self.note_position(event.time_nanos);
                 self.on_event(event);
             }
-            Msg::Pulled { deployment, result } => self.on_pulled(&deployment, result),
+            Msg::Pulled {
+                deployment,
+                result,
+                outcome,
+            } => self.on_pulled(&deployment, result, outcome),
+            Msg::PullProgress {
+                deployment,
+                image,
+                progress,
+            } => self.on_pull_progress(&deployment, &image, progress),
+            Msg::Collected { removed } => self.on_collected(removed),
             Msg::Launched {
                 key,
                 container_id,

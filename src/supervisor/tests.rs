@@ -1053,3 +1053,103 @@ async fn metrics_go_out_every_interval_with_cpu_memory_disk_and_availability() {
     let record = store.load().unwrap().exec(&key()).cloned().unwrap();
     assert!(record.availability.share().unwrap() < 1.0);
 }
+
+/// SPEC 8: the pull's progress shows in the Pending reason.
+#[tokio::test]
+async fn pull_progress_shows_in_the_reason_and_the_image_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Arc::new(FakeRuntime::new().with_registry_image_sized(IMAGE, 27_000_000));
+    let h = Harness::start(
+        runtime,
+        dir.path(),
+        deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker"),
+    );
+    h.running(0).await;
+    let mut reasons: Vec<String> = h
+        .docs()
+        .iter()
+        .filter_map(|d| exe(d)["reason"].as_str().map(str::to_string))
+        .filter(|r| r.starts_with(&format!("pulling image {IMAGE}: ")))
+        .collect();
+    reasons.dedup(); // other changes republish the document
+    assert_eq!(
+        reasons,
+        vec![format!("pulling image {IMAGE}: 0% of 27 MB")],
+        "one progress per 2 s at most"
+    );
+    let store = h.store.clone();
+    h.shutdown().await;
+    assert!(store.load().unwrap().pulled_images.contains(IMAGE));
+}
+
+/// `pull = "always"` with the registry out of reach and the image present:
+/// the present image runs, and the reason said so.
+#[tokio::test]
+async fn pull_always_offline_runs_the_present_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Arc::new(FakeRuntime::new().with_image(IMAGE));
+    let h = Harness::start(
+        runtime,
+        dir.path(),
+        deployment(RestartPolicy::Always, PullPolicy::Always, "talker"),
+    );
+    h.running(0).await;
+    assert!(h.runtime.calls().contains(&Call::Pull(IMAGE.into(), None)));
+    assert!(
+        h.docs().iter().any(|d| exe(d)["reason"]
+            .as_str()
+            .is_some_and(|r| r.ends_with("running the image present on the device"))),
+        "the reason says so"
+    );
+    h.shutdown().await;
+}
+
+/// Before a pull with less than `min_free_mb` free: unused images berth
+/// pulled go, others stay; a pull that still does not fit is DEP_E305.
+#[tokio::test]
+async fn a_pull_that_does_not_fit_collects_then_is_dep_e305() {
+    const OLD: &str = "registry.example.com/talker:0.9";
+    const FOREIGN: &str = "registry.example.com/someone-else:1";
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path()).unwrap();
+    let mut state = store.load().unwrap();
+    state.pulled_images.insert(OLD.into());
+    store.save(&state).unwrap();
+    let runtime = Arc::new(
+        FakeRuntime::new()
+            .with_image(OLD)
+            .with_image(FOREIGN)
+            .with_registry_image(IMAGE),
+    );
+    runtime.set_disk(crate::runtime::DiskUsage {
+        data_root: "/var/lib/docker".into(),
+        total_bytes: 10 << 30,
+        free_bytes: 100 << 20,
+    });
+    let h = Harness::start(
+        runtime,
+        dir.path(),
+        deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker"),
+    );
+    let doc = h
+        .wait_for("DEP_E305", |d| exe(d)["error_code"] == "DEP_E305")
+        .await;
+    assert_eq!(exe(&doc)["status"], "Error");
+    let reason = exe(&doc)["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with(&format!("no room to pull image {IMAGE}: 100 MB free")),
+        "{reason}"
+    );
+    let calls = h.runtime.calls();
+    assert!(calls.contains(&Call::RemoveImage(OLD.into())), "{calls:?}");
+    assert!(
+        !calls.contains(&Call::RemoveImage(FOREIGN.into())),
+        "not berth's"
+    );
+    assert!(!calls.contains(&Call::Pull(IMAGE.into(), None)), "no pull");
+    let error = events_named(&h, "error").pop().unwrap();
+    assert_eq!(error["error_code"], "DEP_E305");
+    let store = h.store.clone();
+    h.shutdown().await;
+    assert!(!store.load().unwrap().pulled_images.contains(OLD));
+}
