@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use serde_json::Value;
 
@@ -152,4 +154,135 @@ fn an_exit_carries_the_last_lines_and_an_oom_kill_says_so() {
     assert_eq!(error["oom_killed"], true, "{error}");
     assert_eq!(error["exit_code"], 137, "{error}");
     assert_eq!(error["signal"], "SIGKILL", "{error}");
+}
+
+/// A probe berth runs itself against a busybox `httpd` on the host network:
+/// the `http` probe once the page goes away, the `tcp` probe once the server
+/// is gone. Each is healthy first, then restarts its executable.
+#[test]
+fn tcp_and_http_probes_are_healthy_then_unhealthy() {
+    let mut s = Harness::new("probe-net", |c| c);
+    let http_port = free_port();
+    let tcp_port = free_port();
+    let server = |port: u16, breaks: &str| {
+        format!(
+            "mkdir -p /www; echo ok > /www/index.html; httpd -f -p {port} -h /www & pid=$!; \
+             (sleep 4; {breaks}) & trap 'kill $pid; exit 0' TERM; while true; do sleep 1; done"
+        )
+    };
+    let probe = |check: String| {
+        format!(
+            "\n[components.executables.probe]\n{check}\n\
+             initial_delay_secs = 1\nperiod_secs = 1\ntimeout_secs = 1\nfailure_threshold = 2\n"
+        )
+    };
+    s.berth.write_deployment(
+        "web",
+        &(deployment_toml(
+            "web",
+            &restart_policy("always"),
+            TEST_IMAGE,
+            &server(http_port, "rm /www/index.html"),
+        ) + &probe(format!(
+            "http = \"http://127.0.0.1:{http_port}/index.html\""
+        ))),
+    );
+    s.berth.write_deployment(
+        "port",
+        &(deployment_toml(
+            "port",
+            &restart_policy("always"),
+            TEST_IMAGE,
+            &server(tcp_port, "kill $pid"),
+        ) + &probe(format!("tcp = {tcp_port}"))),
+    );
+    s.berth.start();
+    for id in ["web", "port"] {
+        let doc = s.wait(id, |d| exe(d)["health"] == "healthy");
+        assert_eq!(doc["restart_count"], 0, "{id}");
+    }
+    let web = event(&s, |e| e["event"] == "restart" && e["deployment"] == "web");
+    let reason = web["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("restarting after unhealthy: http probe failed 2 times in a row: GET "),
+        "{reason}"
+    );
+    assert!(reason.contains("404"), "{reason}");
+    let port = event(&s, |e| e["event"] == "restart" && e["deployment"] == "port");
+    let reason = port["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("restarting after unhealthy: tcp probe failed 2 times in a row: "),
+        "{reason}"
+    );
+    for id in ["web", "port"] {
+        s.wait(id, |d| {
+            d["restart_count"] == 1 && d["status"] == "Running" && exe(d)["health"] == "healthy"
+        });
+    }
+}
+
+/// The `metrics` topic, read from MQTT: a busy loop shows more than half a
+/// core, an idle executable less than 5 %, and a crash loop's availability
+/// drops below 1.
+#[test]
+fn metrics_are_plausible_and_availability_drops_in_a_crash_loop() {
+    let mut s = Harness::new("metrics", |c| c.backoff(200, 1, 30));
+    let config = std::fs::read_to_string(s.berth.config_path()).unwrap();
+    s.berth
+        .write_raw_config(&format!("{config}\n[metrics]\ninterval_secs = 2\n"));
+    s.berth.write_deployment(
+        "busy",
+        &deployment_toml(
+            "busy",
+            &restart_policy("always"),
+            TEST_IMAGE,
+            "trap 'exit 0' TERM; while true; do :; done",
+        ),
+    );
+    s.berth.write_deployment(
+        "idle",
+        &deployment_toml("idle", &restart_policy("always"), TEST_IMAGE, UNTIL_SIGTERM),
+    );
+    s.berth.write_deployment(
+        "flaky",
+        &deployment_toml(
+            "flaky",
+            &restart_policy("always"),
+            TEST_IMAGE,
+            "sleep 1; exit 1",
+        ),
+    );
+    s.berth.start();
+    let topic = s.berth.topic("metrics");
+    let figure = |doc: &Value, id: &str, field: &str| -> Option<f64> {
+        doc["executables"]
+            .as_array()?
+            .iter()
+            .find(|e| e["deployment"] == id)?[field]
+            .as_f64()
+    };
+    let doc = s.sub.wait_for(
+        &topic,
+        |d| {
+            figure(d, "busy", "cpu_percent").is_some()
+                && figure(d, "idle", "cpu_percent").is_some()
+                && figure(d, "flaky", "availability").is_some_and(|a| a < 1.0)
+        },
+        Duration::from_secs(60),
+    );
+    let busy = figure(&doc, "busy", "cpu_percent").unwrap();
+    let idle = figure(&doc, "idle", "cpu_percent").unwrap();
+    assert!(busy > 50.0, "busy loop: {busy} % ({doc})");
+    assert!(idle < 5.0, "idle: {idle} % ({doc})");
+    assert!(figure(&doc, "idle", "memory_bytes").unwrap() > 0.0);
+    assert!(
+        doc["data_root"]["size_bytes"].as_u64().unwrap() > 0,
+        "{doc}"
+    );
+    assert!(doc["data_root"]["free_bytes"].as_u64().is_some(), "{doc}");
+    // Retained: a subscriber that comes later gets the latest at once.
+    let late = Subscriber::new(s.broker.port(), &topic);
+    let message = late.wait_for_message(&topic, |_| true, WAIT);
+    assert!(message.retained, "retained");
+    assert_eq!(message.payload["device_id"], s.berth.device_id());
 }
