@@ -286,3 +286,76 @@ fn metrics_are_plausible_and_availability_drops_in_a_crash_loop() {
     assert!(message.retained, "retained");
     assert_eq!(message.payload["device_id"], s.berth.device_id());
 }
+
+/// An update whose new version never becomes healthy within
+/// `min_ready_secs` is rolled back to the previous container.
+#[test]
+fn an_update_that_never_becomes_healthy_is_rolled_back() {
+    let mut s = Harness::new("probe-update", |c| c);
+    let v1 = deployment_toml("svc", &restart_policy("always"), TEST_IMAGE, UNTIL_SIGTERM);
+    s.berth.write_deployment("svc", &v1);
+    s.berth.start();
+    let old = exe(&s.wait("svc", |d| d["status"] == "Running"))["container_id"].clone();
+
+    let v2 = deployment_toml(
+        "svc",
+        &format!(
+            "{}\n[update]\nmin_ready_secs = 30",
+            restart_policy("always")
+        ),
+        TEST_IMAGE,
+        UNTIL_SIGTERM,
+    )
+    .replace("package_version = \"1.2.3\"", "package_version = \"2.0.0\"")
+        + "\n[components.executables.probe]\nexec = [\"false\"]\n\
+           initial_delay_secs = 1\nperiod_secs = 1\ntimeout_secs = 1\nfailure_threshold = 2\n";
+    s.berth.write_deployment("svc", &v2);
+    let rollback = event(&s, |e| e["event"] == "rollback" && e["deployment"] == "svc");
+    let reason = rollback["reason"].as_str().unwrap();
+    assert!(
+        reason.ends_with("unhealthy within min_ready_secs: exec probe failed 2 times in a row"),
+        "{reason}"
+    );
+    assert_eq!(rollback["package_version"], "2.0.0");
+    let doc = s.wait("svc", |d| {
+        d["status"] == "Running" && exe(d)["container_id"] == old && d["update"].is_object()
+    });
+    assert_eq!(doc["update"]["state"], "rolled-back", "{doc}");
+    assert_eq!(container_state(old.as_str().unwrap())["Running"], true);
+}
+
+/// A robot booting offline: `pull = "always"` with the registry out of
+/// reach and the image present runs the present image, and says so.
+#[test]
+fn pull_always_with_the_registry_unreachable_runs_the_present_image() {
+    let mut s = Harness::new("offline", |c| c);
+    // A registry address nothing listens on, and the image under its name.
+    let image = format!(
+        "127.0.0.1:{}/berth/{}:1",
+        free_port(),
+        s.berth.device_id().to_lowercase()
+    );
+    docker(&["tag", TEST_IMAGE, &image]);
+    struct Untag(String);
+    impl Drop for Untag {
+        fn drop(&mut self) {
+            let _ = try_docker(&["rmi", &self.0]);
+        }
+    }
+    let _untag = Untag(image.clone());
+    let file = deployment_toml("boot", &restart_policy("always"), &image, UNTIL_SIGTERM).replace(
+        &format!("image = \"{image}\""),
+        &format!("image = \"{image}\"\npull = \"always\""),
+    );
+    assert!(file.contains("pull = \"always\""));
+    s.berth.write_deployment("boot", &file);
+    s.berth.start();
+    let said = s.wait("boot", |d| {
+        exe(d)["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("running the image present on the device"))
+    });
+    assert_eq!(exe(&said)["status"], "Pending");
+    let doc = s.wait("boot", |d| d["status"] == "Running");
+    assert_eq!(exe(&doc)["image"], image.as_str());
+}
