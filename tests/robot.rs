@@ -359,3 +359,95 @@ fn pull_always_with_the_registry_unreachable_runs_the_present_image() {
     let doc = s.wait("boot", |d| d["status"] == "Running");
     assert_eq!(exe(&doc)["image"], image.as_str());
 }
+
+/// Builds a distinct image from the test image (a label of its own), so
+/// that each version has its own id.
+fn build_version(tag: &str, version: u32) {
+    let dockerfile = format!("FROM {TEST_IMAGE}\nLABEL berth.test.version={version}\n");
+    let mut child = std::process::Command::new("docker")
+        .args(["build", "-q", "-t", tag, "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("docker build");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(dockerfile.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "docker build {tag}");
+}
+
+/// Three versions pulled over time (an update each): a collection removes
+/// the unused versions berth pulled, and keeps the one that runs and an
+/// image berth did not pull. The data root's fullness is simulated with
+/// `gc_high_percent = 1`, so every metrics reading collects.
+#[test]
+fn collection_removes_only_unused_images_berth_pulled() {
+    let registry = Registry::new();
+    let mut s = Harness::new("gc", |c| c);
+    let repo = s.berth.device_id().to_lowercase();
+    let local = |v: u32| format!("berth-test/{repo}:v{v}");
+    struct Cleanup(Vec<String>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for image in &self.0 {
+                let _ = try_docker(&["rmi", image]);
+            }
+        }
+    }
+    let mut cleanup = Cleanup(Vec::new());
+    let mut pushed = Vec::new();
+    for v in 1..=3 {
+        build_version(&local(v), v);
+        cleanup.0.push(local(v));
+        let reference = registry.push(&local(v), &format!("berth/{repo}:v{v}"));
+        cleanup.0.push(reference.clone());
+        // Only in the registry now: berth pulls it, under that name alone.
+        docker(&["rmi", &reference, &local(v)]);
+        pushed.push(reference);
+    }
+    // Not berth's: present on the device, never pulled by berth.
+    let foreign = format!("berth-test/{repo}-foreign:1");
+    build_version(&foreign, 9);
+    cleanup.0.push(foreign.clone());
+
+    let config = std::fs::read_to_string(s.berth.config_path()).unwrap();
+    s.berth.write_raw_config(&format!(
+        "{config}\n[metrics]\ninterval_secs = 1\n\
+         \n[images]\nmin_free_mb = 0\ngc_high_percent = 1\ngc_low_percent = 0\n"
+    ));
+    s.berth.start();
+    for (i, image) in pushed.iter().enumerate() {
+        let file = deployment_toml(
+            "app",
+            &format!("{}\n[update]\nmin_ready_secs = 1", restart_policy("always")),
+            image,
+            UNTIL_SIGTERM,
+        )
+        .replace("1.2.3", &format!("1.{i}.0"));
+        s.berth.write_deployment("app", &file);
+        s.wait("app", |d| {
+            d["phase"] == "Succeeded"
+                && d["status"] == "Running"
+                && exe(d)["image"] == image.as_str()
+        });
+    }
+    let present = |image: &str| try_docker(&["image", "inspect", image]).is_ok();
+    assert!(
+        wait_until(WAIT, || !present(&pushed[0]) && !present(&pushed[1])),
+        "the unused versions berth pulled are removed; berth's log:\n{}",
+        s.berth
+            .stdout()
+            .lines()
+            .chain(s.berth.stderr().lines())
+            .filter(|l| l.contains("image") || l.contains("collect"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(present(&pushed[2]), "the version that runs stays");
+    assert!(present(&foreign), "an image berth did not pull stays");
+    assert!(present(TEST_IMAGE));
+}

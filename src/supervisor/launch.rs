@@ -498,26 +498,9 @@ pub(super) async fn collect_images<R: ContainerRuntime>(
     runtime.data_root_usage().await.map(Some)
 }
 
-/// Pulls each image as its pull policy says.
-pub(super) async fn ensure_images<R: ContainerRuntime>(
-    runtime: &R,
-    images: &[(String, PullPolicy)],
-    registries: &[RegistryAuth],
-) -> Result<(), (String, RuntimeError)> {
-    let mut outcome = PullOutcome::default();
-    ensure_images_with(
-        runtime,
-        images,
-        registries,
-        None,
-        &mut |_, _| {},
-        &mut outcome,
-    )
-    .await
-}
-
-/// [`ensure_images`], collecting images first when space is short
-/// (`housekeeping`), reporting progress, and saying what it did in `outcome`.
+/// Pulls each image as its pull policy says, collecting images first when
+/// space is short (`housekeeping`), reporting progress, and saying what it
+/// did in `outcome`.
 pub(super) async fn ensure_images_with<R: ContainerRuntime>(
     runtime: &R,
     images: &[(String, PullPolicy)],

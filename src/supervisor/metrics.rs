@@ -77,9 +77,16 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         });
     }
 
-    /// A collection of images the data root's use started is over.
-    pub(super) fn on_collected(&mut self, removed: Vec<String>) {
-        self.metrics.collecting_images = false;
+    /// Images pulled by an update, or removed by a collection.
+    pub(super) fn on_collected(&mut self, pulled: Vec<String>, removed: Vec<String>) {
+        if pulled.is_empty() {
+            // The collection the data root's use started is over.
+            self.metrics.collecting_images = false;
+        }
+        for image in pulled {
+            self.state.pulled_images.insert(image);
+            self.state_dirty = true;
+        }
         for image in removed {
             self.state.pulled_images.remove(&image);
             self.state_dirty = true;
@@ -104,7 +111,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             if let Err(e) = launch::collect_images(&*runtime, &hk, false, &mut removed).await {
                 debug!(error = %e, "image collection interrupted");
             }
-            let _ = tx.send(Msg::Collected { removed });
+            let _ = tx.send(Msg::Collected {
+                pulled: Vec::new(),
+                removed,
+            });
         });
     }
 

@@ -111,8 +111,9 @@ enum Msg {
         image: String,
         progress: crate::runtime::PullProgress,
     },
-    /// A collection started because the data root was too full is over.
+    /// Images berth pulled, and images a collection removed.
     Collected {
+        pulled: Vec<String>,
         removed: Vec<String>,
     },
     Launched {
@@ -455,7 +456,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 image,
                 progress,
             } => self.on_pull_progress(&deployment, &image, progress),
-            Msg::Collected { removed } => self.on_collected(removed),
+            Msg::Collected { pulled, removed } => self.on_collected(pulled, removed),
             Msg::Launched {
                 key,
                 container_id,
