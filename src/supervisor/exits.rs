@@ -220,6 +220,18 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         });
     }
 
+    /// [`Self::sync_probe`] for every executable (after a reconcile).
+    pub(super) fn sync_all_probes(&mut self) {
+        let keys: Vec<ExecKey> = self
+            .deployments
+            .values()
+            .flat_map(|d| d.execs.iter().map(|e| e.key.clone()))
+            .collect();
+        for key in keys {
+            self.sync_probe(&key);
+        }
+    }
+
     /// Ends every probe task (berth stops).
     pub(super) fn stop_probes(&mut self) {
         for dep in self.deployments.values_mut() {

@@ -439,7 +439,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
 
     async fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::EngineUp { replay } => self.on_engine_up(replay).await,
+            Msg::EngineUp { replay } => {
+                self.on_engine_up(replay).await;
+                // Containers the reconcile found running get their probes.
+                self.sync_all_probes();
+            }
             Msg::EngineDown { error } => self.on_engine_down(&error),
             Msg::Event(event) => {
                 crate::trace::die_received(&event);

@@ -1153,3 +1153,29 @@ async fn a_pull_that_does_not_fit_collects_then_is_dep_e305() {
     h.shutdown().await;
     assert!(!store.load().unwrap().pulled_images.contains(OLD));
 }
+
+/// berth restarted while a container runs: the reconcile adopts it, and
+/// berth's own probe watches it again.
+#[tokio::test]
+async fn an_adopted_container_is_probed_again() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = with_probe(
+        deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker"),
+        crate::model::ProbeCheck::Tcp(port),
+    );
+    let runtime = fake();
+    let h = Harness::start(runtime.clone(), dir.path(), spec.clone());
+    h.wait_for("healthy", |d| exe(d)["health"] == "healthy")
+        .await;
+    h.shutdown().await;
+
+    let h = Harness::start(runtime, dir.path(), spec);
+    h.wait_for("healthy again", |d| exe(d)["health"] == "healthy")
+        .await;
+    assert_eq!(h.starts(), 1, "adopted, not restarted");
+    drop(listener);
+    h.running(1).await;
+    h.shutdown().await;
+}
