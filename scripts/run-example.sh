@@ -13,6 +13,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/setup.sh
 cargo build --release --bin berth
+# berth reads only deployment files that no group or other may write (a
+# checkout made under umask 002 leaves them group-writable).
+chmod go-w config/deployments.d/*.toml
 
 berth=(target/release/berth run --config config/berth.toml "$@")
 if [[ $EUID -ne 0 ]]; then

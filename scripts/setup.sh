@@ -235,6 +235,35 @@ start_engine() {
     wait_for "$ENGINE_TIMEOUT_SECS" "the Docker engine" "$LOG_DIR/dockerd.log" docker info
 }
 
+# The engine's default bridge: a second dockerd told `--bridge none` in the
+# host's network namespace deletes `docker0` (the tests and the bench run
+# theirs in a namespace of their own, but an older checkout may not have).
+# Without it, containers on the default bridge fail to start: a restart of
+# the engine makes it again.
+restore_default_bridge() {
+    [[ -e /sys/class/net/docker0 ]] && return
+    docker network inspect bridge >/dev/null 2>&1 || return
+    need_root "restoring the engine's docker0 bridge"
+    say "docker0 is missing: restarting the Docker engine to make it again"
+    if have_systemd; then
+        quietly systemctl restart docker
+    else
+        local pidfile=/var/run/docker.pid pid
+        pid="$(cat "$pidfile" 2>/dev/null || true)"
+        if [[ -n $pid ]] && kill "$pid" 2>/dev/null; then
+            local deadline=$((SECONDS + ENGINE_TIMEOUT_SECS))
+            while kill -0 "$pid" 2>/dev/null; do
+                ((SECONDS < deadline)) || die "dockerd ($pid) did not stop"
+                sleep 0.2
+            done
+        fi
+        rm -f "$pidfile"
+        start_detached "$LOG_DIR/dockerd.log" dockerd
+    fi
+    wait_for "$ENGINE_TIMEOUT_SECS" "the Docker engine" "$LOG_DIR/dockerd.log" docker info
+    [[ -e /sys/class/net/docker0 ]] || die "the Docker engine came back without docker0"
+}
+
 # --- test image --------------------------------------------------------------
 
 busybox_binary() {
@@ -356,6 +385,7 @@ start_broker() {
 
 install_packages
 start_engine
+restore_default_bridge
 build_test_image
 start_registry
 push_registry_image

@@ -47,6 +47,7 @@ const DEFAULT_MIN_FREE_MB: i64 = 1024;
 const DEFAULT_GC_HIGH_PERCENT: i64 = 85;
 const DEFAULT_GC_LOW_PERCENT: i64 = 70;
 const DEFAULT_METRICS_INTERVAL_SECS: i64 = 60;
+pub const DEFAULT_TRUSTED_KEYS_DIR: &str = "/etc/berth/trusted-keys";
 const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error"];
 
 const DEVICE_ID_RULE: &str = "use 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'";
@@ -70,6 +71,7 @@ pub struct AgentConfig {
     pub containers: ContainerSettings,
     pub images: ImageSettings,
     pub metrics: MetricsSettings,
+    pub remote: RemoteSettings,
     /// The file it came from.
     pub source: PathBuf,
 }
@@ -193,6 +195,30 @@ pub struct LogSettings {
     pub json: bool,
 }
 
+/// `[remote]`: signed commands over MQTT (SPEC 10), off unless enabled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteSettings {
+    pub enabled: bool,
+    /// `<key_id>.pem` files: the ed25519 public keys allowed to sign commands.
+    pub trusted_keys_dir: PathBuf,
+    /// Absolute, normalized host paths a remotely applied deployment may
+    /// mount (the path itself or anything below it).
+    pub allowed_host_paths: Vec<PathBuf>,
+    /// Whether a remotely applied deployment may map host devices.
+    pub allow_devices: bool,
+}
+
+impl Default for RemoteSettings {
+    fn default() -> Self {
+        RemoteSettings {
+            enabled: false,
+            trusted_keys_dir: PathBuf::from(DEFAULT_TRUSTED_KEYS_DIR),
+            allowed_host_paths: Vec::new(),
+            allow_devices: false,
+        }
+    }
+}
+
 /// Deployment files of a directory, loaded one by one so that a broken file
 /// affects its deployment alone.
 pub type Deployments = BTreeMap<String, DeploymentSpec>;
@@ -227,9 +253,29 @@ impl ConfigError {
         ConfigError {
             file: file.to_path_buf(),
             at: None,
-            message: message.into(),
+            message: one_line(message.into()),
         }
     }
+}
+
+/// A message quotes values from the file, which may hold newlines and other
+/// control characters: escaped, so that each error stays one line and no
+/// value can pass for another error (or a log line) of its own.
+fn one_line(message: String) -> String {
+    if !message.chars().any(char::is_control) {
+        return message;
+    }
+    message
+        .chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
 }
 
 /// The largest deployment file berth reads (SPEC 8).
@@ -252,6 +298,11 @@ pub enum FileError {
          whoever can write a deployment is root on the device"
     )]
     Owner { owner: u32, euid: u32 },
+    #[error(
+        "file is a symlink made by uid {owner}, not by root or berth's user (uid {euid}): \
+         whoever can write a deployment is root on the device"
+    )]
+    LinkOwner { owner: u32, euid: u32 },
     #[error("file is writable by {who} (mode {mode:04o}): run chmod go-w on it")]
     Writable { who: &'static str, mode: u32 },
     #[error("cannot read file: {}", io_message(.0))]
@@ -276,6 +327,14 @@ pub fn read_deployment_file(path: &Path) -> Result<String, FileError> {
     use std::io::Read;
     use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 
+    let euid = nix::unistd::geteuid().as_raw();
+    // A symlink chooses what berth reads: whoever made it must be trusted
+    // as much as the file's owner. (Its own mode means nothing.)
+    if let Ok(link) = fs::symlink_metadata(path) {
+        if link.file_type().is_symlink() {
+            check_link_owner(link.uid(), euid)?;
+        }
+    }
     let file = fs::OpenOptions::new()
         .read(true)
         .custom_flags((nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY).bits())
@@ -299,7 +358,7 @@ pub fn read_deployment_file(path: &Path) -> Result<String, FileError> {
         };
         return Err(FileError::NotRegular { kind });
     }
-    check_owner_and_mode(meta.uid(), meta.mode(), nix::unistd::geteuid().as_raw())?;
+    check_owner_and_mode(meta.uid(), meta.mode(), euid)?;
     if meta.len() > MAX_DEPLOYMENT_FILE_BYTES {
         return Err(FileError::TooLarge { size: meta.len() });
     }
@@ -315,6 +374,14 @@ pub fn read_deployment_file(path: &Path) -> Result<String, FileError> {
     String::from_utf8(bytes).map_err(|e| FileError::NotUtf8 {
         offset: e.utf8_error().valid_up_to(),
     })
+}
+
+/// Who may make a symlink in `deployments_dir`: root or berth's own user.
+fn check_link_owner(owner: u32, euid: u32) -> Result<(), FileError> {
+    if owner != 0 && owner != euid {
+        return Err(FileError::LinkOwner { owner, euid });
+    }
+    Ok(())
 }
 
 /// Who may write a deployment file: its owner, root or berth's own user
@@ -381,6 +448,64 @@ pub fn load_deployments_dir(dir: &Path) -> (Deployments, Vec<(PathBuf, Vec<Confi
         .map(|(id, located)| (id, located.spec))
         .collect();
     (good, errors)
+}
+
+/// Validates the text of a deployment file that is about to be written as
+/// `path` in `dir` (a remote `apply`), as `berth check-config` would once it
+/// is there: the file's own checks, then its id against the other files of
+/// `dir` (a duplicate), then its dependencies (unknown ids, cycles through
+/// it). The file that `path` names now, if any, is the one being replaced
+/// and does not count. Nothing is written.
+pub fn check_deployment_text(
+    path: &Path,
+    text: &str,
+    dir: &Path,
+) -> Result<DeploymentSpec, Vec<ConfigError>> {
+    let located = parse_deployment_located(path, text)?;
+    let (mut others, _) = load_dir_located(dir);
+    others.retain(|_, l| l.spec.source != path);
+    let id = located.spec.id.clone();
+    if let Some(first) = others.get(&id) {
+        return Err(vec![located.id_pos.error(
+            path,
+            format!(
+                "duplicate deployment id \"{id}\": already used by {}",
+                first.spec.source.display()
+            ),
+        )]);
+    }
+    let mut specs: Deployments = others.into_iter().map(|(id, l)| (id, l.spec)).collect();
+    specs.insert(id.clone(), located.spec.clone());
+    let mut errors = Vec::new();
+    for problem in dependency_problems(&specs) {
+        let index = match &problem {
+            DependencyProblem::Unknown {
+                deployment, index, ..
+            } if *deployment == id => *index,
+            DependencyProblem::Cycle(ids) if ids.contains(&id) => {
+                let at = ids.iter().position(|d| *d == id).unwrap_or(0);
+                let next = &ids[(at + 1).min(ids.len() - 1)];
+                located
+                    .spec
+                    .depends_on
+                    .iter()
+                    .position(|d| d == next)
+                    .unwrap_or(0)
+            }
+            _ => continue,
+        };
+        let pos = located
+            .depends_on_pos
+            .get(index)
+            .copied()
+            .unwrap_or(located.id_pos);
+        errors.push(pos.error(path, problem.to_string()));
+    }
+    if errors.is_empty() {
+        Ok(located.spec)
+    } else {
+        Err(errors)
+    }
 }
 
 /// Everything `berth check-config` reports: the agent config, every
@@ -528,7 +653,7 @@ impl Pos {
         ConfigError {
             file: file.to_path_buf(),
             at: Some((self.line, self.col)),
-            message: message.into(),
+            message: one_line(message.into()),
         }
     }
 }
@@ -576,8 +701,20 @@ impl Source<'_> {
                 .filter(|l| !l.is_empty())
                 .collect::<Vec<_>>()
                 .join(": ");
-            let message = message.trim_end_matches('.').to_string();
-            self.error(e.span().unwrap_or(0..0), message)
+            let mut message = message.trim_end_matches('.').to_string();
+            let span = e.span().unwrap_or(0..0);
+            if message.is_empty() {
+                // toml says nothing about some bad characters (a NUL in a
+                // comment, say): name the character.
+                message = match self.text.get(span.start..).and_then(|s| s.chars().next()) {
+                    Some(c) if c.is_control() => format!(
+                        "control character U+{:04X} is not allowed in TOML",
+                        u32::from(c)
+                    ),
+                    _ => "invalid TOML".to_string(),
+                };
+            }
+            self.error(span, message)
         })
     }
 }
@@ -793,6 +930,8 @@ struct RawAgent {
     images: RawImages,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    remote: RawRemote,
 }
 
 #[derive(Deserialize, Default)]
@@ -870,6 +1009,15 @@ struct RawLog {
     format: Option<Spanned<String>>,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRemote {
+    enabled: Option<bool>,
+    trusted_keys_dir: Option<Spanned<String>>,
+    allowed_host_paths: Option<Vec<Spanned<String>>>,
+    allow_devices: Option<bool>,
+}
+
 /// Also returns the deployments directory whenever the file parsed, so that
 /// `check_all` can check the deployments even when another key is wrong.
 fn load_agent_inner(path: &Path) -> (Option<PathBuf>, Result<AgentConfig, Vec<ConfigError>>) {
@@ -925,6 +1073,7 @@ fn parse_agent_inner(
     let containers = check_containers(&mut c, &raw.containers);
     let images = check_images(&mut c, &raw.images);
     let metrics = check_metrics(&mut c, &raw.metrics);
+    let remote = check_remote(&mut c, &base, raw.remote);
 
     let config = AgentConfig {
         device_id,
@@ -939,6 +1088,7 @@ fn parse_agent_inner(
         containers,
         images,
         metrics,
+        remote,
         source: path.to_path_buf(),
     };
     (Some(deployments_dir), c.finish(config))
@@ -1283,6 +1433,53 @@ fn check_log(c: &mut Checker, raw: RawLog) -> LogSettings {
     LogSettings { level, json }
 }
 
+fn check_remote(c: &mut Checker, base: &Path, raw: RawRemote) -> RemoteSettings {
+    let trusted_keys_dir = c.path_or(
+        base,
+        raw.trusted_keys_dir.as_ref(),
+        "trusted_keys_dir",
+        DEFAULT_TRUSTED_KEYS_DIR,
+    );
+    let mut allowed_host_paths = Vec::new();
+    for path in raw.allowed_host_paths.unwrap_or_default() {
+        match normalize_host_path(path.get_ref()) {
+            Some(normalized) => allowed_host_paths.push(normalized),
+            None => c.at(
+                &path,
+                format!(
+                    "allowed_host_paths: \"{}\" must be an absolute path without '..'",
+                    path.get_ref()
+                ),
+            ),
+        }
+    }
+    RemoteSettings {
+        enabled: raw.enabled.unwrap_or(false),
+        trusted_keys_dir,
+        allowed_host_paths,
+        allow_devices: raw.allow_devices.unwrap_or(false),
+    }
+}
+
+/// An absolute path with `.` and repeated `/` removed; `None` for a relative
+/// path or one with `..` (which could climb out of an allowed directory).
+pub fn normalize_host_path(path: &str) -> Option<PathBuf> {
+    use std::path::Component;
+    let path = Path::new(path);
+    if !path.is_absolute() {
+        return None;
+    }
+    let mut out = PathBuf::from("/");
+    for part in path.components() {
+        match part {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(name) => out.push(name),
+            Component::ParentDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(out)
+}
+
 // ---------------------------------------------------------------------------
 // Deployment files
 
@@ -1502,13 +1699,13 @@ fn parse_deployment_located(path: &Path, text: &str) -> Result<Located, Vec<Conf
     c.finish(located)
 }
 
-fn is_deployment_id(s: &str) -> bool {
+pub fn is_deployment_id(s: &str) -> bool {
     is_name(s, false)
 }
 
 /// `[a-z0-9][a-z0-9-]{0,62}`, with `_` too when `underscore`. Names become
 /// parts of container names, which `.` separates.
-fn is_name(s: &str, underscore: bool) -> bool {
+pub fn is_name(s: &str, underscore: bool) -> bool {
     let mut chars = s.chars();
     let first_ok = chars
         .next()
@@ -1950,6 +2147,11 @@ mod tests {
             ("unknown_restart", "device_id = \"r\"\n[restart]\nbackoff_ms = 1\n", "unknown field `backoff_ms`", 3, 1),
             ("unknown_ros", "device_id = \"r\"\n[ros]\nimage = \"x\"\n", "unknown field `image`", 3, 1),
             ("unknown_log", "device_id = \"r\"\n[log]\nlevels = \"x\"\n", "unknown field `levels`", 3, 1),
+            ("unknown_remote", "device_id = \"r\"\n[remote]\nenable = true\n", "unknown field `enable`", 3, 1),
+            ("remote_enabled_string", "device_id = \"r\"\n[remote]\nenabled = \"yes\"\n", "invalid type: string \"yes\", expected a boolean", 3, 11),
+            ("remote_relative_path", "device_id = \"r\"\n[remote]\nallowed_host_paths = [\"/data\", \"data\"]\n", "allowed_host_paths: \"data\" must be an absolute path without '..'", 3, 32),
+            ("remote_parent_path", "device_id = \"r\"\n[remote]\nallowed_host_paths = [\"/data/../etc\"]\n", "allowed_host_paths: \"/data/../etc\" must be an absolute path without '..'", 3, 23),
+            ("remote_empty_keys_dir", "device_id = \"r\"\n[remote]\ntrusted_keys_dir = \"\"\n", "trusted_keys_dir must not be empty", 3, 20),
             ("unknown_table", "device_id = \"r\"\n[mqttt]\nurl = \"x\"\n", "unknown field `mqttt`", 2, 2),
             ("empty_state_dir", "device_id = \"r\"\nstate_dir = \"\"\n", "state_dir must not be empty", 2, 13),
             (
@@ -2033,6 +2235,30 @@ mod tests {
             ("log_format", "device_id = \"r\"\n[log]\nformat = \"xml\"\n", "invalid log format \"xml\": use text or json", 3, 10),
         ];
         assert_rows(rows, |p| load_agent(p).map(|_| ()));
+    }
+
+    #[test]
+    fn remote_settings_are_validated_and_normalized() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "berth.toml",
+            "device_id = \"r\"\n[remote]\nenabled = true\ntrusted_keys_dir = \"keys\"\n\
+             allowed_host_paths = [\"/data/\", \"/srv/./maps\"]\nallow_devices = true\n",
+        );
+        let config = load_agent(&path).unwrap();
+        assert_eq!(
+            config.remote,
+            RemoteSettings {
+                enabled: true,
+                trusted_keys_dir: base_dir(&path).join("keys"),
+                allowed_host_paths: vec![PathBuf::from("/data"), PathBuf::from("/srv/maps")],
+                allow_devices: true,
+            }
+        );
+        let path = write(dir.path(), "min.toml", "device_id = \"r\"\n");
+        assert_eq!(load_agent(&path).unwrap().remote, RemoteSettings::default());
+        assert!(!RemoteSettings::default().enabled);
     }
 
     #[test]
@@ -2167,6 +2393,7 @@ mod tests {
                 metrics: MetricsSettings {
                     interval: Some(Duration::from_secs(60)),
                 },
+                remote: RemoteSettings::default(),
                 source: path.clone(),
             }
         );
@@ -2990,6 +3217,28 @@ min_ready_secs = 10                    # a new version must run (and be healthy)
     }
 
     #[test]
+    fn only_root_and_berths_user_may_make_a_symlink_to_a_deployment() {
+        // (link owner, berth's euid, accepted)
+        for (owner, euid, accepted) in [
+            (0, 0, true),
+            (0, 1000, true),
+            (1000, 1000, true),
+            (1001, 1000, false),
+            (1000, 0, false),
+        ] {
+            assert_eq!(
+                check_link_owner(owner, euid).is_ok(),
+                accepted,
+                "owner {owner} euid {euid}"
+            );
+        }
+        assert!(check_link_owner(65534, 0)
+            .unwrap_err()
+            .to_string()
+            .starts_with("file is a symlink made by uid 65534"));
+    }
+
+    #[test]
     fn a_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let sub = dir.path().join("x.toml");
@@ -3129,6 +3378,32 @@ min_ready_secs = 10                    # a new version must run (and be healthy)
         assert_eq!(
             error.to_string(),
             "d.toml:1:21: arrays and inline tables nested more than 16 levels deep"
+        );
+    }
+
+    /// Found by fuzzing: a value with a newline made a message of two
+    /// lines, which could pass for another error of check-config.
+    #[test]
+    fn values_in_messages_are_escaped_to_one_line() {
+        let text = "device_id = \"\"\"a\n/etc/x.toml:1:1: fake\"\"\"\n";
+        let errors = parse_agent(Path::new("b.toml"), text).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(
+            errors[0].to_string(),
+            format!(
+                "b.toml:1:13: invalid device_id \"a\\n/etc/x.toml:1:1: fake\": {DEVICE_ID_RULE}"
+            )
+        );
+    }
+
+    /// Found by fuzzing: toml's error for a NUL in a comment has no message.
+    #[test]
+    fn a_control_character_is_named_in_the_error() {
+        let errors = parse_deployment(Path::new("d.toml"), "# a comment \0 with a NUL\nid = 1\n")
+            .unwrap_err();
+        assert_eq!(
+            errors[0].to_string(),
+            "d.toml:1:13: control character U+0000 is not allowed in TOML"
         );
     }
 

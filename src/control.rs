@@ -7,8 +7,12 @@
 //! `<state_dir>/berth.sock` (mode 0600) with those documents, exactly as MQTT
 //! carries them, so `berth status` works with the broker away.
 //!
-//! On the operator's side, `query_status` asks the socket and `render_status`
-//! lays the answer out for a terminal. `logs` and `exec` talk to the Docker
+//! The same socket carries the operator actions `stop`, `start` and
+//! `restart` (a line `restart DEPLOYMENT [EXECUTABLE]`) to the supervisor
+//! and answers with the deployment's document after the effect.
+//!
+//! On the operator's side, `query_status` and `query_action` ask the socket
+//! and `render_status` lays the answer out for a terminal. `logs` and `exec` talk to the Docker
 //! engine directly, finding an executable's container by berth's labels, so
 //! they work while the daemon is down too.
 
@@ -33,6 +37,7 @@ use crate::model::{labels, ErrorCode, Phase, Status};
 use crate::report::{AgentDoc, DeploymentDoc, Reporter, RosMasterDoc, Topic};
 use crate::runtime::docker::{DockerRuntime, ExecRequest, LogRequest, OutputStream, TermSize};
 use crate::runtime::{ContainerInfo, ContainerRuntime, RuntimeError};
+use crate::supervisor::{Action, Operator, OperatorRequest};
 
 /// The socket's file name in `state_dir`.
 pub const SOCKET_NAME: &str = "berth.sock";
@@ -48,6 +53,9 @@ const MAX_REQUEST_BYTES: u64 = 256;
 pub const MAX_CLIENTS: usize = 32;
 /// What a client beyond `MAX_CLIENTS` is told, written without waiting.
 const BUSY_ANSWER: &[u8] = b"{\"error\":\"busy: too many control clients at once; try again\"}\n";
+/// How long an operator action may take before the client gives up: a stop
+/// waits for the executables' grace periods, a start may create containers.
+const ACTION_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long `berth exec` waits for the engine to record the exit code after
 /// the command's output has ended.
 const EXIT_CODE_WAIT: Duration = Duration::from_secs(5);
@@ -64,6 +72,8 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 pub struct Snapshot<P> {
     inner: Arc<P>,
     latest: Mutex<Latest>,
+    /// Counts the deployment documents published, for those who wait for one.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -81,7 +91,20 @@ impl<P> Snapshot<P> {
         Snapshot {
             inner,
             latest: Mutex::new(Latest::default()),
+            changes: tokio::sync::watch::channel(0).0,
         }
+    }
+
+    /// The latest document of deployment `id`.
+    pub fn deployment(&self, id: &str) -> Option<Value> {
+        let latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+        latest.deployments.get(id).cloned()
+    }
+
+    /// Changes whenever a deployment document is published: subscribe
+    /// first, then look with [`Snapshot::deployment`], then wait.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The answer to `status`: `{"agent": …, "deployments": [ … ],
@@ -111,7 +134,11 @@ impl<P: Reporter> Reporter for Snapshot<P> {
                 Topic::Events => {}
             }
         }
+        let deployment = matches!(topic, Topic::Deployment(_));
         self.inner.publish(topic, payload);
+        if deployment {
+            self.changes.send_modify(|n| *n += 1);
+        }
     }
 }
 
@@ -141,12 +168,24 @@ fn io_error(operation: &'static str, path: &Path) -> impl FnOnce(std::io::Error)
     }
 }
 
-/// Listens on `<state_dir>/berth.sock` and answers until `shutdown`, then
-/// removes the socket file. The accept loop and every connection are tracked
-/// on `tracker`. Returns the socket's path.
+/// Listens on `<state_dir>/berth.sock` and answers `status` until
+/// `shutdown`, then removes the socket file. The accept loop and every
+/// connection are tracked on `tracker`. Returns the socket's path. Operator
+/// actions are refused: see [`serve_with_operator`].
 pub fn serve<P: Reporter>(
     state_dir: &Path,
     snapshot: Arc<Snapshot<P>>,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<PathBuf, ControlError> {
+    serve_with_operator(state_dir, snapshot, None, shutdown, tracker)
+}
+
+/// As [`serve`], and carries `stop`, `start` and `restart` to `operator`.
+pub fn serve_with_operator<P: Reporter>(
+    state_dir: &Path,
+    snapshot: Arc<Snapshot<P>>,
+    operator: Option<Operator>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<PathBuf, ControlError> {
@@ -169,6 +208,7 @@ pub fn serve<P: Reporter>(
         path.clone(),
         owner,
         snapshot,
+        operator,
         shutdown,
         tracker.clone(),
     ));
@@ -201,6 +241,7 @@ async fn accept_loop<P: Reporter>(
     path: PathBuf,
     owner: u32,
     snapshot: Arc<Snapshot<P>>,
+    operator: Option<Operator>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -240,9 +281,15 @@ async fn accept_loop<P: Reporter>(
             continue;
         };
         let snapshot = Arc::clone(&snapshot);
+        let operator = operator.clone();
         tracker.spawn(async move {
             let _slot = slot;
-            match tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, &snapshot)).await {
+            // Reading the request and writing the answer are each bounded
+            // by EXCHANGE_TIMEOUT inside; an operator action may wait for
+            // its effect up to ACTION_TIMEOUT in between.
+            let answered = answer(stream, &snapshot, operator.as_ref());
+            let limit = ACTION_TIMEOUT + 2 * EXCHANGE_TIMEOUT;
+            match tokio::time::timeout(limit, answered).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!(error = %e, "control socket: request failed"),
                 Err(_) => debug!("control socket: client too slow; closed"),
@@ -257,26 +304,68 @@ async fn accept_loop<P: Reporter>(
 }
 
 /// Reads one request line and writes one answer line.
-async fn answer<P>(stream: UnixStream, snapshot: &Snapshot<P>) -> std::io::Result<()> {
+async fn answer<P>(
+    stream: UnixStream,
+    snapshot: &Snapshot<P>,
+    operator: Option<&Operator>,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut request = Vec::new();
-    tokio::io::BufReader::new(read.take(MAX_REQUEST_BYTES + 1))
-        .read_until(b'\n', &mut request)
-        .await?;
+    let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST_BYTES + 1));
+    let reading = reader.read_until(b'\n', &mut request);
+    // One deadline for the exchange, as for `status`; an operator action
+    // gets a new one for its answer once its effect is there.
+    let mut deadline = tokio::time::Instant::now() + EXCHANGE_TIMEOUT;
+    tokio::time::timeout_at(deadline, reading)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request too slow"))??;
+    let request = String::from_utf8_lossy(&request).into_owned();
+    let words: Vec<&str> = request.split_whitespace().collect();
     let reply = if request.len() as u64 > MAX_REQUEST_BYTES {
         json!({ "error": format!("request longer than {MAX_REQUEST_BYTES} bytes") })
     } else {
-        match String::from_utf8_lossy(&request).trim() {
-            "status" => snapshot.status(),
-            other => json!({
-                "error": format!("unknown request {other:?}; this berth answers `status`")
+        match words.as_slice() {
+            ["status"] => snapshot.status(),
+            [action, deployment, rest @ ..]
+                if Action::parse(action).is_some() && rest.len() <= 1 =>
+            {
+                match operator {
+                    Some(operator) => {
+                        let action = Action::parse(action).expect("checked");
+                        let request = OperatorRequest {
+                            action,
+                            deployment: deployment.to_string(),
+                            executable: rest.first().map(|e| e.to_string()),
+                            by: format!("berth {} (local)", action.as_str()),
+                        };
+                        let answer = match operator.request(request).await {
+                            Ok(doc) => json!({"ok": true, "deployment": doc}),
+                            Err(e) => json!({"error": e.to_string()}),
+                        };
+                        deadline = tokio::time::Instant::now() + EXCHANGE_TIMEOUT;
+                        answer
+                    }
+                    None => json!({"error": "this berth takes no operator actions"}),
+                }
+            }
+            _ => json!({
+                "error": format!(
+                    "unknown request {:?}; this berth answers `status`, and `stop`, `start` or \
+                     `restart` DEPLOYMENT [EXECUTABLE]",
+                    request.trim()
+                )
             }),
         }
     };
     let mut line = reply.to_string();
     line.push('\n');
-    write.write_all(line.as_bytes()).await?;
-    write.shutdown().await
+    let writing = async {
+        write.write_all(line.as_bytes()).await?;
+        write.shutdown().await
+    };
+    tokio::time::timeout_at(deadline, writing)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client too slow"))?
 }
 
 // --- berth status ----------------------------------------------------------------
@@ -313,6 +402,46 @@ pub struct StatusAnswer {
 
 /// Asks the daemon behind `socket` for its status documents.
 pub fn query_status(socket: &Path) -> Result<StatusAnswer, QueryError> {
+    let answer = exchange(socket, "status", EXCHANGE_TIMEOUT)?;
+    serde_json::from_value(answer).map_err(|e| QueryError::Refused {
+        path: socket.to_path_buf(),
+        message: format!("not a status document ({e})"),
+    })
+}
+
+/// Asks the daemon behind `socket` to `stop`, `start` or `restart` a
+/// deployment (or one of its executables: `NAME` or `COMPONENT/NAME`), and
+/// returns the deployment's document after the effect.
+pub fn query_action(
+    socket: &Path,
+    action: Action,
+    deployment: &str,
+    executable: Option<&str>,
+) -> Result<DeploymentDoc, QueryError> {
+    let bad = |what: &str| QueryError::Refused {
+        path: socket.to_path_buf(),
+        message: format!("{what} must be one word"),
+    };
+    if deployment.is_empty() || deployment.contains(char::is_whitespace) {
+        return Err(bad("the deployment"));
+    }
+    if executable.is_some_and(|e| e.is_empty() || e.contains(char::is_whitespace)) {
+        return Err(bad("the executable"));
+    }
+    let mut line = format!("{} {deployment}", action.as_str());
+    if let Some(executable) = executable {
+        line.push(' ');
+        line.push_str(executable);
+    }
+    let answer = exchange(socket, &line, ACTION_TIMEOUT)?;
+    serde_json::from_value(answer["deployment"].clone()).map_err(|e| QueryError::Refused {
+        path: socket.to_path_buf(),
+        message: format!("not a deployment document ({e})"),
+    })
+}
+
+/// One request line, one answer line: the answer, or the error it names.
+fn exchange(socket: &Path, request: &str, timeout: Duration) -> Result<Value, QueryError> {
     use std::io::Write as _;
     use std::os::unix::net::UnixStream;
 
@@ -333,30 +462,24 @@ pub fn query_status(socket: &Path) -> Result<StatusAnswer, QueryError> {
             })
         }
     };
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream
-        .set_read_timeout(Some(EXCHANGE_TIMEOUT))
+        .write_all(format!("{request}\n").as_bytes())
         .map_err(io)?;
-    stream.write_all(b"status\n").map_err(io)?;
     let mut line = String::new();
     std::io::BufReader::new(stream)
         .read_line(&mut line)
         .map_err(io)?;
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Answer {
-        Refused { error: String },
-        Status(Box<StatusAnswer>),
-    }
-    match serde_json::from_str(&line) {
-        Ok(Answer::Status(status)) => Ok(*status),
-        Ok(Answer::Refused { error }) => Err(QueryError::Refused {
+    let answer: Value = serde_json::from_str(&line).map_err(|e| QueryError::Refused {
+        path: path.clone(),
+        message: format!("not an answer berth gives ({e})"),
+    })?;
+    match answer.get("error").and_then(Value::as_str) {
+        Some(message) => Err(QueryError::Refused {
             path,
-            message: error,
+            message: message.to_string(),
         }),
-        Err(e) => Err(QueryError::Refused {
-            path,
-            message: format!("not a status document ({e})"),
-        }),
+        None => Ok(answer),
     }
 }
 
@@ -605,6 +728,14 @@ fn ros_master_line(ros: &RosMasterDoc, colour: bool) -> String {
         line.push_str(&format!(", reason: {}", one_line(reason)));
     }
     line
+}
+
+/// One deployment's rows, as `berth status` shows them: what `berth stop`,
+/// `start` and `restart` print after the effect.
+pub fn render_deployment(doc: &DeploymentDoc, colour: bool) -> String {
+    let mut text = layout(&table_rows(std::slice::from_ref(doc), None), colour).join("\n");
+    text.push('\n');
+    text
 }
 
 /// What `berth status` prints: the agent's line, the deployments table, and

@@ -3,7 +3,7 @@
 //! ```text
 //!  config ──► supervisor ◄── runtime (ContainerRuntime: docker | fake)
 //!               │   │
-//!   policy, backoff   state (state.json, atomic)
+//!   policy, backoff   state (restarts.log + state.json, by a writer task)
 //!               │
 //!               ▼
 //!   report (Reporter) ──► control (snapshot, berth status) ──► report::mqtt
@@ -13,15 +13,21 @@
 //!   settings and specs ([`model`]), every error with file, line and column.
 //! - [`supervisor`] is the loop: engine events, timers and the results of
 //!   engine calls in; restart decisions ([`policy`], [`backoff`]) and status
-//!   documents out. It is generic over [`runtime::ContainerRuntime`] and
-//!   [`report::Reporter`], so it runs against the real Docker engine and
-//!   broker or against fakes.
+//!   documents out. It never waits for I/O: engine calls, state writes and
+//!   file reads run as tasks that answer with messages. It is generic over
+//!   [`runtime::ContainerRuntime`] and [`report::Reporter`], so it runs
+//!   against the real Docker engine and broker or against fakes.
 //! - [`state`] is what survives berth: restart counts (written before each
 //!   restart, exactly once), manual stops, the boot id, the engine event
 //!   position, the ROS master's owner.
 //! - [`probe`] runs the `tcp` and `http` liveness probes (the engine runs
 //!   `exec` ones as healthchecks).
-//! - [`control`] serves the latest documents on a local socket; [`notify`]
+//! - [`remote`] verifies signed commands from MQTT (SPEC 10) and carries
+//!   them out: deployment files written or removed, operator actions
+//!   (`stop`, `start`, `restart`) handed to the supervisor; [`fleet`] is the
+//!   operator's side, `berth fleet`.
+//! - [`control`] serves the latest documents and the operator actions on a
+//!   local socket; [`notify`]
 //!   speaks systemd's notify protocol; [`watch`] turns changes in the
 //!   deployments directory into reloads; [`trace`] is the optional restart
 //!   trace that `berth-bench` reads (`berth run --trace-file`).
@@ -32,10 +38,12 @@
 pub mod backoff;
 pub mod config;
 pub mod control;
+pub mod fleet;
 pub mod model;
 pub mod notify;
 pub mod policy;
 pub mod probe;
+pub mod remote;
 pub mod report;
 pub mod runtime;
 pub mod state;

@@ -6,20 +6,22 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use berth::config::{self, AgentConfig};
 use berth::control::{self, Snapshot};
+use berth::fleet::{self, BrokerOptions, CommandRequest};
 use berth::notify::Notifier;
+use berth::remote::{self, CommandName};
 use berth::report::mqtt::MqttReporter;
 use berth::report::offline_doc;
 use berth::runtime::docker::{DockerRuntime, LogRequest};
 use berth::runtime::RegistryAuth;
 use berth::state::StateStore;
-use berth::supervisor::{Parts, Supervisor};
+use berth::supervisor::{Action, Parts, Supervisor};
 
 /// Exit code for a configuration berth cannot start with (EX_CONFIG); the
 /// systemd unit does not restart on it.
@@ -28,6 +30,8 @@ const EXIT_BAD_CONFIG: u8 = 78;
 const EXIT_NOT_RUNNING: u8 = 3;
 /// Exit code of `berth exec` when berth itself fails, as `docker exec` does.
 const EXIT_EXEC_FAILED: u8 = 125;
+/// Exit code of `berth fleet <command>` when no reply came.
+const EXIT_NO_REPLY: u8 = 2;
 
 /// Runs robot deployments as supervised Docker containers, reports over MQTT
 ///
@@ -191,6 +195,149 @@ Exit status:
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
     },
+    /// Restart a deployment's executables now (counted), through the daemon
+    ///
+    /// Stops the container(s) (SIGTERM, grace period, SIGKILL) and starts
+    /// them again at once; each restart counts, and its `restart` event says
+    /// `"by": "berth restart (local)"`. Prints the deployment afterwards.
+    #[command(after_help = ACTION_EXIT)]
+    Restart(ActionArgs),
+    /// Stop a deployment's executables until `berth start` or a reboot
+    ///
+    /// The manual-stop row of the restart rules: berth stops the
+    /// container(s) on your behalf, they show `Stopped` ("stopped manually;
+    /// restart policy suspended until reboot") and are not restarted, under
+    /// any policy, until `berth start` or the next boot.
+    #[command(after_help = ACTION_EXIT)]
+    Stop(ActionArgs),
+    /// Start a deployment's stopped executables again; the policy applies again
+    ///
+    /// A start by hand: not counted as a restart.
+    #[command(after_help = ACTION_EXIT)]
+    Start(ActionArgs),
+    /// The fleet: every device and deployment on a broker, and signed commands
+    ///
+    /// Without a subcommand, reads the retained `agent` and `deployments`
+    /// documents of every device under `--prefix` on `--broker` and prints
+    /// one table: devices (online or offline, since when), then
+    /// deployments, those in Error first. Needs neither a daemon nor an
+    /// agent config.
+    #[command(after_help = "Exit status:
+  0  shown, or the command was carried out (reply ok)
+  1  the broker cannot be reached, or the command was refused or failed
+  2  no reply to the command in time")]
+    Fleet(FleetArgs),
+}
+
+const ACTION_EXIT: &str = "Exit status:
+  0  done; the deployment is printed as it is afterwards
+  1  refused (no such deployment or executable, engine unreachable), or the
+     agent config is unreadable or invalid
+  3  berth is not running: no daemon answers on the control socket";
+
+#[derive(Args)]
+struct ActionArgs {
+    /// The deployment's id.
+    deployment: String,
+    /// `NAME` or `COMPONENT/NAME`; every executable of the deployment when
+    /// left out.
+    executable: Option<String>,
+}
+
+#[derive(Args)]
+struct FleetArgs {
+    /// The broker: mqtt://host[:port] or mqtts://host[:port].
+    #[arg(long, global = true, default_value = "mqtt://127.0.0.1:1883")]
+    broker: String,
+    /// The topic prefix of the devices (their `[mqtt] topic_prefix`).
+    #[arg(long, global = true, default_value = "berth")]
+    prefix: String,
+    /// Broker login.
+    #[arg(long, global = true)]
+    username: Option<String>,
+    /// A file holding the password of --username.
+    #[arg(long, global = true)]
+    password_file: Option<PathBuf>,
+    /// For mqtts://: the CA of the broker's certificate.
+    #[arg(long, global = true)]
+    ca_file: Option<PathBuf>,
+    /// Keep the table current, redrawing it on every change.
+    #[arg(long)]
+    watch: bool,
+    /// Print the documents: {"devices": [{"device_id", "agent", "deployments"}]}.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    command: Option<FleetCommand>,
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Write a deployment file on a device (validated there first)
+    Apply {
+        #[command(flatten)]
+        signed: Signed,
+        /// The deployment file (TOML) to send.
+        file: PathBuf,
+    },
+    /// Delete a deployment's file on a device: it is deprovisioned
+    Remove {
+        #[command(flatten)]
+        signed: Signed,
+        /// The deployment's id.
+        deployment: String,
+    },
+    /// Restart a deployment, or one executable, on a device (counted)
+    Restart {
+        #[command(flatten)]
+        signed: Signed,
+        /// `DEPLOYMENT` or `DEPLOYMENT/COMPONENT/EXECUTABLE`.
+        target: String,
+    },
+    /// Stop a deployment, or one executable, until start or a reboot
+    Stop {
+        #[command(flatten)]
+        signed: Signed,
+        /// `DEPLOYMENT` or `DEPLOYMENT/COMPONENT/EXECUTABLE`.
+        target: String,
+    },
+    /// Start a stopped deployment, or one executable, again
+    Start {
+        #[command(flatten)]
+        signed: Signed,
+        /// `DEPLOYMENT` or `DEPLOYMENT/COMPONENT/EXECUTABLE`.
+        target: String,
+    },
+    /// Write a new ed25519 key pair: KEY_ID.key (private, 0600) and KEY_ID.pem
+    ///
+    /// Copy KEY_ID.pem into the `trusted_keys_dir` of each device; sign with
+    /// `--key KEY_ID.key`. The same formats as `openssl genpkey -algorithm
+    /// ed25519` and `openssl pkey -pubout`.
+    Keygen {
+        /// The key's name: devices look for `<trusted_keys_dir>/KEY_ID.pem`.
+        key_id: String,
+        /// Where to write the two files.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct Signed {
+    /// The device's id.
+    #[arg(long)]
+    device: String,
+    /// The operator's private key (PEM PRIVATE KEY, ed25519).
+    #[arg(long, env = "BERTH_FLEET_KEY")]
+    key: PathBuf,
+    /// The key's name on the devices (default: the key file's name without
+    /// its extension).
+    #[arg(long)]
+    key_id: Option<String>,
+    /// How long the device may take (an apply waits until the deployment
+    /// is Succeeded, FailedToStart or FailedToUpdate).
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    timeout: u64,
 }
 
 fn main() -> ExitCode {
@@ -217,6 +364,10 @@ fn main() -> ExitCode {
             executable,
             command,
         } => exec(&cli.config, &deployment, &executable, command),
+        Command::Restart(args) => action(&cli.config, Action::Restart, args),
+        Command::Stop(args) => action(&cli.config, Action::Stop, args),
+        Command::Start(args) => action(&cli.config, Action::Start, args),
+        Command::Fleet(args) => fleet(args),
         Command::Run { trace_file } => {
             if let Some(path) = &trace_file {
                 if let Err(e) = berth::trace::enable(path) {
@@ -248,7 +399,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(config)) {
+            let result = runtime.block_on(run(config));
+            // A blocking task still stuck in a file or a disk (the reading of
+            // a deployment file, a state write) must not hold the exit.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(RunError::Config(e)) => {
                     error!("{e:#}");
@@ -317,6 +472,169 @@ fn status(config_path: &Path, json: bool, wide: bool) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+fn action(config_path: &Path, action: Action, args: ActionArgs) -> ExitCode {
+    use std::io::IsTerminal;
+    let Some(config) = load_for_tool(config_path) else {
+        return ExitCode::FAILURE;
+    };
+    let socket = control::socket_path(&config.state_dir);
+    match control::query_action(
+        &socket,
+        action,
+        &args.deployment,
+        args.executable.as_deref(),
+    ) {
+        Ok(doc) => {
+            let colour = std::io::stdout().is_terminal();
+            print!("{}", control::render_deployment(&doc, colour));
+            ExitCode::SUCCESS
+        }
+        Err(e @ control::QueryError::NotRunning { .. }) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_NOT_RUNNING)
+        }
+        Err(e) => {
+            eprintln!("berth: {:#}", anyhow::Error::from(e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn fleet(args: FleetArgs) -> ExitCode {
+    let broker = BrokerOptions {
+        url: args.broker.clone(),
+        username: args.username.clone(),
+        password_file: args.password_file.clone(),
+        ca_file: args.ca_file.clone(),
+    };
+    let rt = match tool_runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("berth: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (command, signed, payload) = match args.command {
+        None => return rt.block_on(fleet_view(&broker, &args.prefix, args.watch, args.json)),
+        Some(FleetCommand::Keygen { key_id, dir }) => {
+            if !remote::valid_key_id(&key_id) {
+                eprintln!("berth: invalid key id {key_id:?}: use 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'");
+                return ExitCode::FAILURE;
+            }
+            return match remote::keys::keygen(&dir, &key_id) {
+                Ok((private, public)) => {
+                    println!("private key: {}", private.display());
+                    println!(
+                        "public key:  {} (copy it into each device's trusted_keys_dir)",
+                        public.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("berth: {:#}", anyhow::Error::from(e));
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(FleetCommand::Apply { signed, file }) => match std::fs::read_to_string(&file) {
+            Ok(text) => (CommandName::Apply, signed, text),
+            Err(e) => {
+                eprintln!("berth: cannot read {}: {e}", file.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        Some(FleetCommand::Remove { signed, deployment }) => {
+            (CommandName::Remove, signed, deployment)
+        }
+        Some(FleetCommand::Restart { signed, target }) => (CommandName::Restart, signed, target),
+        Some(FleetCommand::Stop { signed, target }) => (CommandName::Stop, signed, target),
+        Some(FleetCommand::Start { signed, target }) => (CommandName::Start, signed, target),
+    };
+    let key_id = signed.key_id.clone().unwrap_or_else(|| {
+        signed
+            .key
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    let request = CommandRequest {
+        device: signed.device,
+        prefix: args.prefix,
+        command,
+        payload,
+        key_file: signed.key,
+        key_id,
+        timeout: std::time::Duration::from_secs(signed.timeout),
+    };
+    match rt.block_on(fleet::send_command(&broker, &request)) {
+        Ok(Some(reply)) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&reply).expect("replies serialize")
+            );
+            if reply.ok {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "berth: {} {} on {}: {}",
+                    command,
+                    if reply.deployment.is_some() {
+                        "failed"
+                    } else {
+                        "refused"
+                    },
+                    request.device,
+                    reply.error.as_deref().unwrap_or("no reason given")
+                );
+                ExitCode::FAILURE
+            }
+        }
+        Ok(None) => {
+            eprintln!(
+                "berth: no reply from {} within {} s (is it online, with [remote] enabled?)",
+                request.device,
+                request.timeout.as_secs() + 10
+            );
+            ExitCode::from(EXIT_NO_REPLY)
+        }
+        Err(e) => {
+            eprintln!("berth: {:#}", anyhow::Error::from(e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn fleet_view(broker: &BrokerOptions, prefix: &str, watch: bool, json: bool) -> ExitCode {
+    let result = if watch {
+        fleet::watch(broker, prefix, |view| {
+            if json {
+                println!("{}", fleet::to_json(view));
+            } else {
+                // Clear the screen, then draw from the top.
+                print!("\x1b[H\x1b[2J{}", fleet::render(view));
+            }
+            use std::io::Write;
+            std::io::stdout().flush().is_ok()
+        })
+        .await
+    } else {
+        fleet::collect(broker, prefix).await.map(|view| {
+            if json {
+                println!("{}", fleet::to_json(&view));
+            } else {
+                print!("{}", fleet::render(&view));
+            }
+        })
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("berth: {:#}", anyhow::Error::from(e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn logs(
@@ -426,23 +744,29 @@ async fn run(config: AgentConfig) -> Result<(), RunError> {
     let store = StateStore::open(&config.state_dir)
         .context("cannot open state_dir")
         .map_err(RunError::Other)?;
-    let state = match store.load() {
-        Ok(state) => state,
-        Err(e) => {
-            // DEP_E302: keep the evidence and start afresh rather than never.
-            let aside = store.set_aside().map_err(|e| RunError::Other(e.into()))?;
-            warn!(error = %e, moved_to = %aside.display(), error_code = "DEP_E302", "state unreadable; starting with an empty state");
-            Default::default()
-        }
-    };
+    // An unreadable state file falls back to its previous copy and the
+    // restart log; the problem is reported (DEP_E302) once the loop runs.
+    let recovered = store
+        .recover()
+        .context("cannot use the state")
+        .map_err(RunError::Other)?;
     let (deployments, invalid) = berth::supervisor::load_files(&config.deployments_dir);
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let reporter = MqttReporter::start(
+    // Remote commands (SPEC 10): the reporter subscribes and hands them over.
+    let (commands_tx, commands_rx) = match config.remote.enabled {
+        true => {
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            (Some(tx), Some(rx))
+        }
+        false => (None, None),
+    };
+    let reporter = MqttReporter::start_with_commands(
         &config.mqtt,
         &config.device_id,
         offline_doc(),
+        commands_tx,
         shutdown.child_token(),
         &tracker,
     )
@@ -450,10 +774,35 @@ async fn run(config: AgentConfig) -> Result<(), RunError> {
     .map_err(RunError::Config)?;
     let mqtt = Arc::new(reporter);
     let reporter = Arc::new(Snapshot::new(mqtt.clone()));
-    // The daemon runs without it: only `berth status` depends on it.
-    if let Err(e) = control::serve(
-        &config.state_dir,
+    let runtime = Arc::new(DockerRuntime::from_settings(
+        &config.docker,
+        &config.containers,
+    ));
+
+    spawn_signal_handler(shutdown.clone());
+    let deployments_dir = config.deployments_dir.clone();
+    let state_dir = config.state_dir.clone();
+    let device_id = config.device_id.clone();
+    let remote_settings = config.remote.clone();
+    let mut supervisor = Supervisor::from_parts(Parts {
+        config,
+        deployments,
+        runtime,
+        reporter: reporter.clone(),
+        store,
+        state: recovered.state,
+        boot_id,
+        registries,
+        notifier: Notifier::from_env(),
+        invalid,
+    });
+    supervisor.report_state_problems(recovered.problems);
+    // The daemon runs without it: only `berth status` and the operator
+    // actions depend on it.
+    if let Err(e) = control::serve_with_operator(
+        &state_dir,
         reporter.clone(),
+        Some(supervisor.operator()),
         shutdown.child_token(),
         &tracker,
     ) {
@@ -462,25 +811,27 @@ async fn run(config: AgentConfig) -> Result<(), RunError> {
             anyhow::Error::from(e)
         );
     }
-    let runtime = Arc::new(DockerRuntime::from_settings(
-        &config.docker,
-        &config.containers,
-    ));
-
-    spawn_signal_handler(shutdown.clone());
-    let deployments_dir = config.deployments_dir.clone();
-    let supervisor = Supervisor::from_parts(Parts {
-        config,
-        deployments,
-        runtime,
-        reporter: reporter.clone(),
-        store,
-        state,
-        boot_id,
-        registries,
-        notifier: Notifier::from_env(),
-        invalid,
-    });
+    if let Some(commands) = commands_rx {
+        if !remote_settings.trusted_keys_dir.is_dir() {
+            warn!(dir = %remote_settings.trusted_keys_dir.display(), "remote commands enabled but trusted_keys_dir is missing: every command will be refused");
+        }
+        info!(trusted_keys_dir = %remote_settings.trusted_keys_dir.display(), "remote commands enabled");
+        let replies = mqtt.clone();
+        let service = remote::service::Service {
+            verifier: remote::Verifier::new(
+                &device_id,
+                &remote_settings.trusted_keys_dir,
+                remote::SeenRequests::open(&state_dir),
+            ),
+            device_id,
+            deployments_dir: deployments_dir.clone(),
+            remote: remote_settings,
+            operator: supervisor.operator(),
+            snapshot: reporter.clone(),
+            replies: Arc::new(move |id: &str, reply| replies.reply(id, reply)),
+        };
+        tracker.spawn(service.run(commands, shutdown.child_token(), tracker.clone()));
+    }
     berth::watch::spawn(
         &deployments_dir,
         supervisor.reloader(),

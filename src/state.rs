@@ -1,12 +1,21 @@
 //! The persisted record in `state_dir`: restart counts, manual stops, the boot
-//! id, the engine event position and the ROS master's owner. One JSON file,
-//! replaced atomically (write a temporary file, fsync it, rename it over the
-//! old one, fsync the directory), so that a `kill -9` or a power loss at any
-//! moment leaves either the old record or the new one, never a mix.
+//! id, the engine event position and the ROS master's owner.
+//!
+//! Two files carry it. `state.json` is the whole record, replaced atomically
+//! (write a temporary file, fsync it, rename it over the old one, fsync the
+//! directory), so that a `kill -9` or a power loss at any moment leaves
+//! either the old record or the new one, never a mix; the copy it replaced
+//! is kept as `state.prev.json`, the fallback when `state.json` cannot be
+//! read. `restarts.log` is the restart log: one line per restart commitment
+//! (an executable's count and pending restart), appended with one
+//! `fdatasync`, several times faster than replacing the whole file. Each
+//! replacement of `state.json` (a compaction) starts a new log and keeps the
+//! previous one as `restarts.prev.log`. Reading is `state.json` (or its
+//! previous copy) with the logs replayed over it.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -15,6 +24,9 @@ use crate::backoff::Backoff;
 use crate::model::{ExecKey, RestartPolicy, Status};
 
 const FILE_NAME: &str = "state.json";
+const PREV_FILE_NAME: &str = "state.prev.json";
+const LOG_NAME: &str = "restarts.log";
+const PREV_LOG_NAME: &str = "restarts.prev.log";
 
 /// The format this berth writes, in the file's `version` field. Each format
 /// change bumps it and adds a step to [`migrate`]; berth reads every older
@@ -142,6 +154,40 @@ pub struct PendingRestart {
     pub prev_started_at: Option<String>,
 }
 
+/// One line of the restart log: an executable's count and pending restart
+/// right after a commitment. The values are absolute, so that replaying a
+/// line over a record that already holds it changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    /// `deployment/component/executable`, as in `State::executables`.
+    pub key: String,
+    pub restart_count: u64,
+    pub pending_restart: PendingRestart,
+}
+
+impl Intent {
+    /// The commitment of `key` to log, if its record has one pending.
+    pub fn of(key: &ExecKey, record: &ExecRecord) -> Option<Intent> {
+        Some(Intent {
+            key: key.to_string(),
+            restart_count: record.restart_count,
+            pending_restart: record.pending_restart.clone()?,
+        })
+    }
+}
+
+impl State {
+    /// Applies a logged commitment unless the record already holds it or a
+    /// later one (a count only grows by commitments).
+    pub fn apply_intent(&mut self, intent: &Intent) {
+        let record = self.executables.entry(intent.key.clone()).or_default();
+        if intent.restart_count > record.restart_count {
+            record.restart_count = intent.restart_count;
+            record.pending_restart = Some(intent.pending_restart.clone());
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RosMasterRecord {
     pub owner: String,
@@ -209,10 +255,21 @@ pub fn migrate(path: &Path, mut value: serde_json::Value) -> Result<State, State
     serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))
 }
 
-/// The state file in `state_dir`.
+/// The state files in `state_dir`.
 #[derive(Debug, Clone)]
 pub struct StateStore {
     dir: PathBuf,
+    /// Unit tests make every write fail on demand (a full disk).
+    #[cfg(test)]
+    pub(crate) fail_writes: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What `StateStore::recover` found, and what went wrong on the way
+/// (`DEP_E302`, to report).
+#[derive(Debug)]
+pub struct Recovered {
+    pub state: State,
+    pub problems: Vec<String>,
 }
 
 impl StateStore {
@@ -230,6 +287,8 @@ impl StateStore {
             })?;
         Ok(StateStore {
             dir: dir.to_path_buf(),
+            #[cfg(test)]
+            fail_writes: Default::default(),
         })
     }
 
@@ -237,12 +296,85 @@ impl StateStore {
         self.dir.join(FILE_NAME)
     }
 
-    /// The stored state; the default when there is none yet.
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The stored state: `state.json` (or its previous copy while a
+    /// compaction is between its two renames) with the restart logs
+    /// replayed; the default when there is none yet. An unreadable
+    /// `state.json` is an error (`recover` falls back instead).
     pub fn load(&self) -> Result<State, StateError> {
-        let path = self.path();
-        let text = match fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
+        let (state, logs) = match read_state(&self.path())? {
+            Some(state) => (state, &[LOG_NAME][..]),
+            None => match read_state(&self.file(PREV_FILE_NAME))? {
+                Some(state) => (state, &[PREV_LOG_NAME, LOG_NAME][..]),
+                None => (State::default(), &[PREV_LOG_NAME, LOG_NAME][..]),
+            },
+        };
+        let mut state = state;
+        for log in logs {
+            self.replay(&mut state, log)?;
+        }
+        Ok(state)
+    }
+
+    /// The stored state, whatever happened to it: an unreadable
+    /// `state.json` is set aside (`state.json.corrupt`) and its previous
+    /// copy used, with both restart logs replayed over it, so that no
+    /// committed restart count is lost. Each problem is returned, to be
+    /// reported (`DEP_E302`). A file written by a later berth (a downgrade)
+    /// is the one error: it is not set aside, so that its counts are not
+    /// lost to an older berth.
+    pub fn recover(&self) -> Result<Recovered, StateError> {
+        let mut problems = Vec::new();
+        let state = match self.load() {
+            Ok(state) => state,
+            Err(e @ StateError::Newer { .. }) => return Err(e),
+            Err(e) => {
+                let mut problem = e.to_string();
+                match self.set_aside() {
+                    Ok(to) => problem.push_str(&format!("; moved to {}", to.display())),
+                    Err(e) => problem.push_str(&format!("; {e}")),
+                }
+                let prev = self.file(PREV_FILE_NAME);
+                let mut state = match read_state(&prev) {
+                    Ok(Some(state)) => {
+                        problem.push_str(&format!("; using the previous copy {}", prev.display()));
+                        state
+                    }
+                    Ok(None) => {
+                        problem.push_str(
+                            "; no previous copy: counts are rebuilt from the restart log alone",
+                        );
+                        State::default()
+                    }
+                    Err(e) => {
+                        problem.push_str(&format!(
+                            "; {e}: counts are rebuilt from the restart log alone"
+                        ));
+                        State::default()
+                    }
+                };
+                problems.push(problem);
+                for log in [PREV_LOG_NAME, LOG_NAME] {
+                    if let Err(e) = self.replay(&mut state, log) {
+                        problems.push(e.to_string());
+                    }
+                }
+                state
+            }
+        };
+        Ok(Recovered { state, problems })
+    }
+
+    /// Applies every commitment of one restart log. A last line without its
+    /// newline is a write that never completed (and was never acted on).
+    fn replay(&self, state: &mut State, name: &str) -> Result<(), StateError> {
+        let path = self.file(name);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(source) => {
                 return Err(StateError::Io {
                     operation: "read",
@@ -251,11 +383,28 @@ impl StateStore {
                 })
             }
         };
-        let value = serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        migrate(&path, value)
+        let mut reader = std::io::BufReader::new(file);
+        let mut line = String::new();
+        let mut number = 0;
+        loop {
+            line.clear();
+            let n = reader
+                .read_line(&mut line)
+                .map_err(|source| StateError::Io {
+                    operation: "read",
+                    path: path.clone(),
+                    source,
+                })?;
+            number += 1;
+            if n == 0 || !line.ends_with('\n') {
+                return Ok(());
+            }
+            let intent: Intent = serde_json::from_str(&line).map_err(|e| StateError::Corrupt {
+                path: path.clone(),
+                message: format!("line {number}: {e}"),
+            })?;
+            state.apply_intent(&intent);
+        }
     }
 
     /// Moves an unreadable state file aside (`state.json.corrupt`) so that
@@ -270,18 +419,37 @@ impl StateStore {
         Ok(to)
     }
 
-    /// Replaces the stored state atomically and durably.
+    /// Replaces the stored state atomically and durably, keeping the
+    /// previous copy. The restart logs stay as they are.
     pub fn save(&self, state: &State) -> Result<(), StateError> {
+        self.replace(state, false).map(drop)
+    }
+
+    #[cfg(test)]
+    fn injected_failure(&self, path: &Path) -> Result<(), StateError> {
+        if self.fail_writes.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StateError::Io {
+                operation: "write",
+                path: path.to_path_buf(),
+                source: std::io::Error::from_raw_os_error(28), // ENOSPC
+            });
+        }
+        Ok(())
+    }
+
+    #[cfg(not(test))]
+    fn injected_failure(&self, _: &Path) -> Result<(), StateError> {
+        Ok(())
+    }
+
+    /// Writes `state.json` through a temporary file, keeps the replaced one
+    /// as `state.prev.json`, and with `rotate_log` starts a new restart log
+    /// (the current one becomes `restarts.prev.log`), returning it open.
+    /// One directory fsync makes all the renames durable.
+    fn replace(&self, state: &State, rotate_log: bool) -> Result<Option<File>, StateError> {
         let path = self.path();
+        self.injected_failure(&path)?;
         let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
-        let io = |operation: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StateError::Io {
-                operation,
-                path,
-                source,
-            }
-        };
         let json = serde_json::to_vec(state).expect("state serializes");
         let mut file = OpenOptions::new()
             .write(true)
@@ -292,10 +460,151 @@ impl StateStore {
         file.write_all(&json).map_err(io("write", &tmp))?;
         file.sync_all().map_err(io("sync", &tmp))?;
         drop(file);
+        match fs::rename(&path, self.file(PREV_FILE_NAME)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("keep the previous copy of", &path)(e)),
+        }
         fs::rename(&tmp, &path).map_err(io("replace", &path))?;
+        let log = if rotate_log {
+            let log = self.file(LOG_NAME);
+            match fs::rename(&log, self.file(PREV_LOG_NAME)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("rotate", &log)(e)),
+            }
+            // The old log was just renamed away: this one is new and empty.
+            Some(open_log(&log)?)
+        } else {
+            None
+        };
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io("sync directory of", &path))?;
+        Ok(log)
+    }
+}
+
+fn io(operation: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StateError {
+    let path = path.to_path_buf();
+    move |source| StateError::Io {
+        operation,
+        path,
+        source,
+    }
+}
+
+fn open_log(path: &Path) -> Result<File, StateError> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(io("open", path))
+}
+
+/// The length of a log's complete lines (up to its last newline).
+fn complete_lines(path: &Path) -> std::io::Result<u64> {
+    let text = fs::read(path)?;
+    Ok(text
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |i| i as u64 + 1))
+}
+
+/// `Ok(None)` when the file does not exist.
+fn read_state(path: &Path) -> Result<Option<State>, StateError> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(StateError::Io {
+                operation: "read",
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let value = serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    migrate(path, value).map(Some)
+}
+
+/// The writing end of the store, owned by the supervisor's writer task:
+/// restart commitments are appended to the log, whole states replace
+/// `state.json` and start a new log.
+#[derive(Debug)]
+pub struct Journal {
+    store: StateStore,
+    /// The open log; `None` after a failure, reopened on the next write.
+    log: Option<File>,
+    /// Length of the log's complete lines: a failed append is cut back to it.
+    len: u64,
+}
+
+impl Journal {
+    pub fn new(store: StateStore) -> Self {
+        Journal {
+            store,
+            log: None,
+            len: 0,
+        }
+    }
+
+    pub fn store(&self) -> &StateStore {
+        &self.store
+    }
+
+    /// Appends commitments to the restart log and makes them durable (one
+    /// `fdatasync`).
+    pub fn append(&mut self, intents: &[Intent]) -> Result<(), StateError> {
+        let path = self.store.file(LOG_NAME);
+        self.store.injected_failure(&path)?;
+        let mut lines = Vec::new();
+        for intent in intents {
+            serde_json::to_writer(&mut lines, intent).expect("intents serialize");
+            lines.push(b'\n');
+        }
+        if self.log.is_none() {
+            let existed = path.exists();
+            let file = open_log(&path)?;
+            self.len = complete_lines(&path).map_err(io("read", &path))?;
+            if file.metadata().map_err(io("read", &path))?.len() > self.len {
+                // A line a crash cut short was never acted on: cut it off, so
+                // that the next line starts on a line of its own.
+                file.set_len(self.len).map_err(io("repair", &path))?;
+            }
+            if !existed {
+                // A new file is durable once its directory entry is.
+                File::open(&self.store.dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io("sync directory of", &path))?;
+            }
+            self.log = Some(file);
+        }
+        let file = self.log.as_mut().expect("log is open");
+        match file.write_all(&lines).and_then(|()| file.sync_data()) {
+            Ok(()) => {
+                self.len += lines.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // Cut a partial line off, so that the next append starts clean.
+                let _ = file.set_len(self.len);
+                self.log = None;
+                Err(io("append to", &path)(e))
+            }
+        }
+    }
+
+    /// Replaces `state.json` with `state` (which holds every commitment
+    /// logged so far) and starts a new log.
+    pub fn compact(&mut self, state: &State) -> Result<(), StateError> {
+        self.log = None;
+        let log = self.store.replace(state, true)?;
+        self.log = log;
+        self.len = 0;
         Ok(())
     }
 }
@@ -362,6 +671,133 @@ mod tests {
         assert_eq!(store.load().unwrap(), State::default());
     }
 
+    fn intent(key: &str, count: u64, prev: &str) -> Intent {
+        Intent {
+            key: key.into(),
+            restart_count: count,
+            pending_restart: PendingRestart {
+                prev_started_at: Some(prev.into()),
+            },
+        }
+    }
+
+    #[test]
+    fn a_logged_commitment_is_read_back_without_a_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut journal = Journal::new(store.clone());
+        journal.append(&[intent("d/c/e", 1, "t0")]).unwrap();
+        journal.append(&[intent("d/c/e", 2, "t1")]).unwrap();
+        let record = store.load().unwrap().executables["d/c/e"].clone();
+        assert_eq!(record.restart_count, 2);
+        assert_eq!(
+            record.pending_restart.unwrap().prev_started_at.as_deref(),
+            Some("t1")
+        );
+    }
+
+    #[test]
+    fn an_older_or_repeated_commitment_changes_nothing() {
+        let mut state = State::default();
+        state.apply_intent(&intent("d/c/e", 3, "t2"));
+        state.executables.get_mut("d/c/e").unwrap().pending_restart = None;
+        let before = state.clone();
+        state.apply_intent(&intent("d/c/e", 3, "t2"));
+        state.apply_intent(&intent("d/c/e", 2, "t1"));
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_a_commitment_never_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut journal = Journal::new(store.clone());
+        journal.append(&[intent("d/c/e", 1, "t0")]).unwrap();
+        let mut log = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(LOG_NAME))
+            .unwrap();
+        log.write_all(br#"{"key":"d/c/e","restart_count":2,"pend"#)
+            .unwrap();
+        assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 1);
+        // The next berth's first append starts on a line of its own.
+        let mut journal = Journal::new(store.clone());
+        journal.append(&[intent("d/c/e", 2, "t1")]).unwrap();
+        assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 2);
+    }
+
+    #[test]
+    fn a_compaction_keeps_the_previous_copies_and_starts_a_new_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut journal = Journal::new(store.clone());
+        journal.append(&[intent("d/c/e", 1, "t0")]).unwrap();
+        let first = store.load().unwrap();
+        journal.compact(&first).unwrap();
+        journal.append(&[intent("d/c/e", 2, "t1")]).unwrap();
+        let second = store.load().unwrap();
+        journal.compact(&second).unwrap();
+        assert_eq!(store.load().unwrap(), second);
+        assert_eq!(
+            read_state(&dir.path().join(PREV_FILE_NAME)).unwrap(),
+            Some(first)
+        );
+        assert_eq!(
+            fs::read_to_string(dir.path().join(LOG_NAME)).unwrap(),
+            "",
+            "a new log"
+        );
+        assert!(fs::read_to_string(dir.path().join(PREV_LOG_NAME))
+            .unwrap()
+            .contains(r#""restart_count":2"#));
+    }
+
+    #[test]
+    fn a_corrupt_state_falls_back_to_its_previous_copy_and_the_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut journal = Journal::new(store.clone());
+        let mut state = State {
+            boot_id: Some("b1".into()),
+            ..State::default()
+        };
+        state.apply_intent(&intent("d/c/e", 1, "t0"));
+        journal.compact(&state).unwrap();
+        journal.append(&[intent("d/c/e", 2, "t1")]).unwrap();
+        state.apply_intent(&intent("d/c/e", 2, "t1"));
+        journal.compact(&state).unwrap();
+        journal.append(&[intent("d/c/e", 3, "t2")]).unwrap();
+        fs::write(store.path(), b"\0\0\0").unwrap();
+
+        assert!(store.load().is_err());
+        let recovered = store.recover().unwrap();
+        assert_eq!(recovered.state.boot_id.as_deref(), Some("b1"));
+        assert_eq!(recovered.state.executables["d/c/e"].restart_count, 3);
+        assert_eq!(recovered.problems.len(), 1, "{:?}", recovered.problems);
+        assert!(
+            recovered.problems[0].contains("state.prev.json"),
+            "{:?}",
+            recovered.problems
+        );
+        assert!(dir.path().join("state.json.corrupt").exists());
+    }
+
+    #[test]
+    fn a_write_that_failed_is_retried_cleanly() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut journal = Journal::new(store.clone());
+        journal.append(&[intent("d/c/e", 1, "t0")]).unwrap();
+        store.fail_writes.store(true, SeqCst);
+        assert!(journal.append(&[intent("d/c/e", 2, "t1")]).is_err());
+        assert!(journal.compact(&State::default()).is_err());
+        store.fail_writes.store(false, SeqCst);
+        journal.append(&[intent("d/c/e", 2, "t1")]).unwrap();
+        let text = fs::read_to_string(dir.path().join(LOG_NAME)).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 2);
+    }
     #[test]
     fn a_file_without_version_is_the_first_format() {
         let dir = tempfile::tempdir().unwrap();

@@ -20,16 +20,16 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// How long a tick of the heartbeat may be late: the thread is never held
-/// for the 5 s of a client's time limit, let alone for ever.
-const MAX_STALL: Duration = Duration::from_secs(2);
+/// How long a tick of the heartbeat may be late. Waiting on a client would
+/// hold the thread for a client's whole time limit (5 s) or for ever; a
+/// shorter gap is the scheduler of a loaded machine, not berth.
+const MAX_STALL: Duration = Duration::from_secs(5);
 
 struct Served {
     _dir: tempfile::TempDir,
     path: PathBuf,
     shutdown: CancellationToken,
     tracker: TaskTracker,
-    snapshot: Arc<Snapshot<MemoryReporter>>,
     /// The longest gap between two heartbeat ticks so far.
     stall: Arc<Mutex<Duration>>,
 }
@@ -85,7 +85,6 @@ impl Served {
             path,
             shutdown,
             tracker,
-            snapshot,
             stall,
         }
     }
@@ -114,7 +113,16 @@ fn ask(path: &Path) -> Value {
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    stream.write_all(b"status\n").expect("send the request");
+    // A server that turns the client away answers at once and closes
+    // without reading: the request may then meet a closed socket, and the
+    // answer is still there to read.
+    if let Err(e) = stream.write_all(b"status\n") {
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe,
+            "send the request: {e}"
+        );
+    }
     let mut line = String::new();
     BufReader::new(stream)
         .read_line(&mut line)
@@ -299,6 +307,5 @@ async fn beyond_the_cap_clients_are_told_busy_at_once_until_a_slot_frees() {
     })
     .await;
     assert_eq!(answer["deployments"][0]["status"], "Running");
-    let _ = &served.snapshot;
     served.stop().await;
 }

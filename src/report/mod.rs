@@ -221,7 +221,8 @@ pub enum Event {
         executable: String,
         restart_count: u64,
     },
-    /// Stopped by anyone but berth: the policy is suspended until a reboot.
+    /// Stopped by anyone but berth (an operator's `stop` included): the
+    /// policy is suspended until a start or a reboot.
     ManualStop {
         deployment: String,
         component: String,
@@ -235,6 +236,14 @@ pub enum Event {
         oom_killed: Option<bool>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         log_tail: Option<Vec<String>>,
+    },
+    /// An operator started an executable again; the policy applies again.
+    Start {
+        deployment: String,
+        component: String,
+        executable: String,
+        reason: String,
+        by: String,
     },
     /// An update failed and the previous version runs again.
     Rollback {

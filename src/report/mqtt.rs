@@ -7,6 +7,12 @@
 //! and publishes only while connected. On shutdown it publishes the offline
 //! document itself and disconnects; if it vanishes without that, the broker
 //! publishes the same document as the last will.
+//!
+//! With remote commands on (`start_with_commands`), it also subscribes to
+//! `<prefix>/<device>/commands/+` on every connection, hands each command to
+//! the remote service through a channel, and publishes the service's
+//! replies on `replies/<request_id>` (QoS 1, not retained), queued like
+//! events while the broker is away.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -27,6 +33,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{offline_doc, Reporter, Topic};
 use crate::config::MqttSettings;
+use crate::remote::service::Incoming;
 
 /// Events kept while the broker is away; older ones are dropped first.
 const MAX_QUEUED_EVENTS: usize = 1000;
@@ -113,6 +120,19 @@ impl MqttReporter {
         shutdown: CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<MqttReporter, MqttError> {
+        Self::start_with_commands(settings, device_id, last_will, None, shutdown, tracker)
+    }
+
+    /// As `start`; with `commands`, also subscribes to this device's
+    /// `commands/+` topics and sends each command received there into it.
+    pub fn start_with_commands(
+        settings: &MqttSettings,
+        device_id: &str,
+        last_will: Value,
+        commands: Option<tokio::sync::mpsc::Sender<Incoming>>,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<MqttReporter, MqttError> {
         let options = options(settings, device_id, &last_will)?;
         let (client, eventloop) = AsyncClient::new(options, usize::from(MAX_IN_FLIGHT));
         let shared = Arc::new(Shared::default());
@@ -130,6 +150,7 @@ impl MqttReporter {
                 unacked: HashMap::new(),
                 next_seq: 0,
                 stopping: None,
+                commands,
             },
             stop: stop.clone(),
             broker: settings.endpoint.to_string(),
@@ -163,6 +184,22 @@ impl MqttReporter {
     pub async fn shutdown(&self) {
         self.stop.cancel();
         self.done.cancelled().await;
+    }
+
+    /// Queues the reply to remote command `request_id`, for
+    /// `replies/<request_id>` (QoS 1, not retained).
+    pub fn reply(&self, request_id: &str, payload: Value) {
+        let mut pending = self.shared.lock();
+        if pending.closed {
+            return;
+        }
+        if pending.replies.len() >= MAX_QUEUED_EVENTS {
+            warn!(request_id, "mqtt reply queue full; reply dropped");
+            return;
+        }
+        pending.replies.push_back((request_id.to_string(), payload));
+        drop(pending);
+        self.shared.wake.notify_one();
     }
 }
 
@@ -208,6 +245,8 @@ struct Pending {
     dropped: u64,
     /// Set once stopping began: the offline document is the last word.
     closed: bool,
+    /// Replies to remote commands: request id and payload.
+    replies: VecDeque<(String, Value)>,
 }
 
 impl Pending {
@@ -256,6 +295,8 @@ enum Sent {
     Retained,
     /// `seq` keeps the order of events put back after a lost connection.
     Event { seq: u64, payload: Value },
+    /// A reply to a remote command, put back after a lost connection.
+    Reply { request_id: String, payload: Value },
 }
 
 /// The task's side: the event loop, and when to try it again.
@@ -352,6 +393,7 @@ impl Task {
                     }
                 }
             }
+            Ok(Event::Incoming(Packet::Publish(publish))) => link.on_command(publish),
             Ok(Event::Outgoing(Outgoing::Disconnect)) if link.stopping.is_some() => {
                 info!(broker = %self.broker, "disconnected from the mqtt broker");
                 return Flow::Stop;
@@ -405,6 +447,8 @@ struct Link {
     next_seq: u64,
     /// Set when stopping began: the time it gives up waiting.
     stopping: Option<Instant>,
+    /// Where remote commands go; `None`: no subscription.
+    commands: Option<tokio::sync::mpsc::Sender<Incoming>>,
 }
 
 impl Link {
@@ -428,7 +472,36 @@ impl Link {
             pending.dropped = 0;
         }
         drop(pending);
+        // A clean session forgets subscriptions: made again on each one.
+        if self.commands.is_some() {
+            let filter = format!("{}/{}/commands/+", self.prefix, self.device_id);
+            if let Err(e) = self.client.try_subscribe(filter, QoS::AtLeastOnce) {
+                error!(error = %e, "cannot subscribe to remote commands");
+            }
+        }
         self.pump();
+    }
+
+    /// A message on `commands/<name>`: handed to the remote service.
+    fn on_command(&mut self, publish: rumqttc::Publish) {
+        let Some(commands) = &self.commands else {
+            return;
+        };
+        let prefix = format!("{}/{}/commands/", self.prefix, self.device_id);
+        let Some(name) = publish.topic.strip_prefix(&prefix) else {
+            debug!(topic = %publish.topic, "mqtt message outside the command topics ignored");
+            return;
+        };
+        let incoming = Incoming {
+            command: name.to_string(),
+            payload: publish.payload.to_vec(),
+        };
+        if commands.try_send(incoming).is_err() {
+            warn!(
+                command = name,
+                "remote command queue full or closed; command dropped"
+            );
+        }
     }
 
     /// rumqttc discards what it was handed when the connection drops (clean
@@ -437,19 +510,29 @@ impl Link {
     fn on_disconnected(&mut self) {
         self.connected = false;
         self.shared.connected.store(false, Ordering::Relaxed);
+        let mut replies = Vec::new();
         let mut events: Vec<(u64, Value)> = self
             .unwritten
             .drain(..)
             .chain(self.unacked.drain().map(|(_, sent)| sent))
             .filter_map(|sent| match sent {
                 Sent::Event { seq, payload } => Some((seq, payload)),
+                Sent::Reply {
+                    request_id,
+                    payload,
+                } => {
+                    replies.push((request_id, payload));
+                    None
+                }
                 Sent::Retained => None,
             })
             .collect();
         events.sort_by_key(|(seq, _)| *seq);
-        self.shared
-            .lock()
-            .requeue_events(events.into_iter().map(|(_, payload)| payload).collect());
+        let mut pending = self.shared.lock();
+        pending.requeue_events(events.into_iter().map(|(_, payload)| payload).collect());
+        for reply in replies.into_iter().rev() {
+            pending.replies.push_front(reply);
+        }
     }
 
     /// Starts stopping: the offline document replaces the agent document.
@@ -469,7 +552,10 @@ impl Link {
 
     fn drained(&self) -> bool {
         let pending = self.shared.lock();
-        self.in_flight() == 0 && pending.dirty.is_empty() && pending.events.is_empty()
+        self.in_flight() == 0
+            && pending.dirty.is_empty()
+            && pending.events.is_empty()
+            && pending.replies.is_empty()
     }
 
     /// Hands rumqttc the dirty documents, then the queued events, as far as
@@ -501,6 +587,21 @@ impl Link {
                     pending.events.push_front(payload);
                     return;
                 }
+            } else if let Some((request_id, payload)) = pending.replies.pop_front() {
+                let path = format!("{}/{}/replies/{request_id}", self.prefix, self.device_id);
+                let text = payload.to_string();
+                let sent = Sent::Reply {
+                    request_id,
+                    payload,
+                };
+                if let Err(Sent::Reply {
+                    request_id,
+                    payload,
+                }) = self.send_to(path, false, text, sent)
+                {
+                    pending.replies.push_front((request_id, payload));
+                    return;
+                }
             } else {
                 return;
             }
@@ -513,6 +614,16 @@ impl Link {
     /// reconnection.
     fn send(&mut self, topic: &Topic, payload: String, sent: Sent) -> Result<(), Sent> {
         let path = topic.path(&self.prefix, &self.device_id);
+        self.send_to(path, topic.retained(), payload, sent)
+    }
+
+    fn send_to(
+        &mut self,
+        path: String,
+        retained: bool,
+        payload: String,
+        sent: Sent,
+    ) -> Result<(), Sent> {
         // Fixed header (at most 5 bytes), topic length, packet id.
         let size = 5 + 2 + path.len() + 2 + payload.len();
         if size > MAX_PACKET_SIZE {
@@ -526,7 +637,7 @@ impl Link {
         }
         match self
             .client
-            .try_publish(path, QoS::AtLeastOnce, topic.retained(), payload)
+            .try_publish(path, QoS::AtLeastOnce, retained, payload)
         {
             Ok(()) => {
                 self.unwritten.push_back(sent);

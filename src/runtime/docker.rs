@@ -921,6 +921,12 @@ fn engine_time(nanos: i64) -> String {
     format!("{}.{:09}", nanos / 1_000_000_000, nanos % 1_000_000_000)
 }
 
+/// Decodes one event as the engine sends it on `/events` (a JSON object)
+/// into berth's own [`EngineEvent`]: what the stream does with each message.
+pub fn decode_event(json: &[u8]) -> serde_json::Result<EngineEvent> {
+    serde_json::from_slice(json).map(to_event)
+}
+
 fn to_event(message: bollard::models::EventMessage) -> EngineEvent {
     let actor = message.actor.unwrap_or_default();
     let attributes: BTreeMap<String, String> =
@@ -932,7 +938,7 @@ fn to_event(message: bollard::models::EventMessage) -> EngineEvent {
         labels: attributes,
         time_nanos: message
             .time_nano
-            .or(message.time.map(|t| t * 1_000_000_000))
+            .or(message.time.map(|t| t.saturating_mul(1_000_000_000)))
             .unwrap_or(0),
     }
 }
@@ -1398,6 +1404,18 @@ mod tests {
 
     use super::*;
     use crate::runtime::ContainerRuntime;
+
+    /// Found by fuzzing: an event with a `time` (seconds) far in the
+    /// future and no `timeNano` overflowed when turned into nanoseconds.
+    #[test]
+    fn event_time_in_seconds_saturates() {
+        let event = decode_event(br#"{"Action":"die","time":961660193053}"#).unwrap();
+        assert_eq!(event.time_nanos, i64::MAX);
+        let event = decode_event(br#"{"Action":"start","time":2,"timeNano":5}"#).unwrap();
+        assert_eq!((event.action, event.time_nanos), (EventAction::Start, 5));
+        let event = decode_event(br#"{"Action":"oom","time":3}"#).unwrap();
+        assert_eq!(event.time_nanos, 3_000_000_000);
+    }
 
     #[test]
     fn references_split_into_image_and_tag() {

@@ -31,10 +31,51 @@ pub(super) const NEXT_SUFFIX: &str = ".next";
 pub(super) const PREV_SUFFIX: &str = ".prev";
 
 impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
-    /// SIGHUP or a change in `deployments_dir`: re-read everything. A broken
-    /// agent config is rejected and the running one stays in force.
+    /// SIGHUP or a change in `deployments_dir`: re-read everything, off the
+    /// loop (`on_reloaded` applies it).
     pub(super) fn reload(&mut self) {
-        match config::load_agent(&self.config.source) {
+        self.reload_seq += 1;
+        self.read_files(self.reload_seq, None);
+    }
+
+    /// Reads the agent config and the deployment files in a blocking task
+    /// (a file read never holds the loop); the result comes back as
+    /// `Msg::Reloaded`. With `only_if`, nothing comes back unless that
+    /// deployment has a file.
+    fn read_files(&mut self, seq: u64, only_if: Option<String>) {
+        let source = self.config.source.clone();
+        let dir = self.config.deployments_dir.clone();
+        let tx = self.tx.clone();
+        self.tracker.spawn(async move {
+            let read = tokio::task::spawn_blocking(move || {
+                if let Some(id) = only_if {
+                    if !config::load_deployments_dir(&dir).0.contains_key(&id) {
+                        return None;
+                    }
+                }
+                Some(FilesRead {
+                    agent: config::load_agent(&source),
+                    files: dir.is_dir().then(|| load_files(&dir)),
+                })
+            })
+            .await;
+            if let Ok(Some(read)) = read {
+                let _ = tx.send(Msg::Reloaded {
+                    seq,
+                    read: Box::new(read),
+                });
+            }
+        });
+    }
+
+    /// Applies what a reload read. A broken agent config is rejected and the
+    /// running one stays in force.
+    pub(super) fn on_reloaded(&mut self, seq: u64, read: FilesRead) {
+        if seq < self.reload_seq {
+            return; // a later reload is on its way
+        }
+        self.reloaded_seq = seq;
+        match read.agent {
             Ok(new) => {
                 if new.restart != self.config.restart {
                     info!("reload: new back-off settings apply to the next restarts");
@@ -64,7 +105,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 ));
             }
         }
-        if !self.config.deployments_dir.is_dir() {
+        let Some((specs, invalid)) = read.files else {
             // An unmounted or missing directory must not deprovision everything.
             error!(dir = %self.config.deployments_dir.display(), "reload: deployments_dir is missing; nothing changed");
             self.event(Event::device_error(
@@ -75,9 +116,26 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 ),
             ));
             return;
-        }
-        let (specs, invalid) = load_files(&self.config.deployments_dir);
+        };
         info!(deployments = specs.len(), invalid = invalid.len(), "reload");
+        if specs.is_empty()
+            && invalid.is_empty()
+            && self
+                .deployments
+                .iter()
+                .any(|(id, d)| id != ROS_MASTER_DEPLOYMENT && !d.removing)
+        {
+            // Present but empty is not missing: the operator's word. Said
+            // loudly, as it stops everything.
+            warn!(dir = %self.config.deployments_dir.display(), "reload: deployments_dir holds no deployment file; deprovisioning every deployment");
+            self.event(Event::device_error(
+                None,
+                format!(
+                    "deployments_dir {} holds no deployment file; every deployment is deprovisioned",
+                    self.config.deployments_dir.display()
+                ),
+            ));
+        }
         self.converge(specs, invalid);
     }
 
@@ -609,11 +667,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         } else {
             self.converge_ros();
         }
-        // A file that came back meanwhile is provisioned afresh.
-        let (specs, _) = config::load_deployments_dir(&self.config.deployments_dir);
-        if specs.contains_key(id) {
-            self.reload();
-        }
+        // A file that came back meanwhile is provisioned afresh (read off
+        // the loop; it comes back as a reload).
+        self.read_files(self.reload_seq, Some(id.to_string()));
     }
 
     /// A container of a deployment that has no file (removed while berth
@@ -704,6 +760,14 @@ fn describe(id: &str) -> String {
     } else {
         format!("dependency {id}")
     }
+}
+
+/// What a reload read from disk.
+#[derive(Debug)]
+pub(super) struct FilesRead {
+    agent: Result<config::AgentConfig, Vec<config::ConfigError>>,
+    /// The deployment files; `None` when `deployments_dir` is missing.
+    files: Option<(Deployments, BTreeMap<String, String>)>,
 }
 
 /// The deployment files of `dir`: the valid ones, and the error of each

@@ -2,6 +2,10 @@
 
 use super::*;
 
+/// How long after an unanswered call berth asks the engine again about
+/// the executable's container.
+const RECHECK_AFTER: Duration = Duration::from_secs(1);
+
 /// A start decided, to be sent to the engine.
 #[derive(Debug)]
 pub(super) struct LaunchCall {
@@ -300,14 +304,14 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             crash_looping,
             stop_first,
         };
+        if committed {
+            // The count and the commitment to start are one durable record;
+            // the launch waits for it (see `spawn_launch`).
+            self.commit_restart(key);
+        }
         match self.held_launches.as_mut() {
             Some(held) => held.push(call),
-            None => {
-                if committed {
-                    self.save_state();
-                }
-                self.spawn_launch(call);
-            }
+            None => self.spawn_launch(call),
         }
     }
 
@@ -329,7 +333,12 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         } else {
             self.engine_slots.clone()
         };
+        let durable = self.durable_commitment(&key);
         self.tracker.spawn(async move {
+            // No restart starts without its record on disk.
+            if !durable.await {
+                return;
+            }
             let _lane = match crash_lane {
                 Some(lane) => Some(lane.acquire_owned().await),
                 None => None,
@@ -349,6 +358,61 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 result,
             });
         });
+    }
+
+    /// A call about an executable went unanswered (the engine's request
+    /// timeout) while its event stream may still be alive: ask the engine
+    /// again what became of the container, and reconcile that executable
+    /// alone from the answer. The next reconcile would do the same if the
+    /// engine goes away meanwhile.
+    pub(super) fn recheck(&self, key: &ExecKey, container: Option<String>) {
+        let runtime = self.runtime.clone();
+        let tx = self.tx.clone();
+        let key = key.clone();
+        self.tracker.spawn(async move {
+            tokio::time::sleep(RECHECK_AFTER).await;
+            let result = match container {
+                Some(id) => Some(runtime.inspect(&id).await),
+                None => None,
+            };
+            let _ = tx.send(Msg::Rechecked { key, result });
+        });
+    }
+
+    pub(super) fn on_rechecked(
+        &mut self,
+        key: &ExecKey,
+        result: Option<Result<ContainerInfo, RuntimeError>>,
+    ) {
+        if !self.engine_up {
+            return; // the reconcile after the reconnection decides
+        }
+        let position = self.state.event_position;
+        let Some(exec) = self.exec_mut(key) else {
+            return;
+        };
+        if exec.life != Life::Idle {
+            return; // something else has happened to it since
+        }
+        match result {
+            Some(Err(RuntimeError::Unreachable(_))) => {
+                let container = exec.container_id().map(str::to_string);
+                self.recheck(key, container);
+            }
+            Some(Ok(info)) => {
+                self.reconcile_exec(
+                    key,
+                    Some(info),
+                    super::reconcile::Replayed::default(),
+                    position,
+                );
+            }
+            Some(Err(_)) | None => {
+                self.reconcile_exec(key, None, super::reconcile::Replayed::default(), position);
+                self.maybe_provision(&key.deployment.clone());
+            }
+        }
+        self.mark_dirty(&key.deployment);
     }
 
     /// The engine's answer to a launch, a swap or a rollback.
@@ -397,6 +461,8 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             // committed restart stays pending in the state.
             Err(RuntimeError::Unreachable(e)) => {
                 debug!(executable = %key, error = %e, "engine unreachable during start");
+                let container = exec.container_id().map(str::to_string);
+                self.recheck(key, container);
                 Input::Lost
             }
             Err(RuntimeError::ImageUnavailable { message, .. }) => {

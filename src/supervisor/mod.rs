@@ -4,10 +4,13 @@
 //! reporter, so unit tests drive it with fakes and the daemon with the real
 //! Docker engine and MQTT broker.
 //!
-//! One task runs the loop; engine calls that take time (pull, create, start)
-//! run as tracked tasks and report back as messages. While such an operation
-//! is in flight for an executable, engine events about it wait in a queue and
-//! are applied after it, so each executable sees one ordered history.
+//! One task runs the loop, and it never waits for I/O: engine calls (pull,
+//! create, start, and the listing at each reconnection, made by the event
+//! pump), state writes (the writer task) and the reading of files run as
+//! tracked tasks and report back as messages. The watchdog is fed from the
+//! loop, so it says that the loop is alive. While an engine call is in
+//! flight for an executable, engine events about it wait in a queue and are
+//! applied after it, so each executable sees one ordered history.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -28,9 +31,11 @@ mod launch;
 mod lifecycle;
 mod live;
 mod metrics;
+mod operator;
 mod publish;
 mod reconcile;
 mod ros;
+mod writer;
 
 use crate::model::{
     key_from_labels, spec_hash, DeploymentSpec, ErrorCode, ExecKey, ExecutableSpec, Phase,
@@ -45,11 +50,13 @@ use crate::runtime::{
     ContainerInfo, ContainerRuntime, ContainerSpec, EngineEvent, EventAction, RegistryAuth,
     RuntimeError,
 };
-use crate::state::{ExecRecord, PendingRestart, State, StateStore};
+use crate::state::{ExecRecord, Intent, Journal, PendingRestart, State, StateStore};
 pub use converge::load_files;
 use launch::*;
 use lifecycle::{Effect, Input, Kill, Life, Shown, MANUAL_STOP_REASON};
 use live::*;
+pub use operator::{Action, Operator, OperatorError, OperatorRequest};
+use writer::{StateWriter, WriteReport};
 
 /// Back-off of reconnections to the engine.
 const ENGINE_RETRY_INITIAL: Duration = Duration::from_millis(250);
@@ -69,6 +76,10 @@ const ENGINE_SHUTDOWN_WINDOW: Duration = Duration::from_secs(16);
 const ENGINE_EVENT_MEMORY: usize = 256;
 /// How often changes to the state that need not be durable at once are saved.
 const POSITION_SAVE_INTERVAL: Duration = Duration::from_secs(2);
+/// At shutdown, how long the tasks in flight and then the last state write
+/// may take: together well within the unit's `TimeoutStopSec=15`.
+const TASKS_DEADLINE: Duration = Duration::from_secs(5);
+const WRITER_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Everything the loop needs from outside, so tests can hand in their own.
 pub struct Parts<R, P> {
@@ -92,9 +103,11 @@ pub struct Parts<R, P> {
 #[derive(Debug)]
 enum Msg {
     /// The engine answers again. `replay` holds what happened since the last
-    /// event berth had applied (empty when it had none).
+    /// event berth had applied (empty when it had none); `containers` is the
+    /// listing made after it, the truth to reconcile with.
     EngineUp {
         replay: Vec<EngineEvent>,
+        containers: Vec<ContainerInfo>,
     },
     EngineDown {
         error: String,
@@ -121,8 +134,21 @@ enum Msg {
         container_id: Option<String>,
         result: Result<ContainerInfo, RuntimeError>,
     },
+    /// What the engine says of one executable's container after a call
+    /// about it went unanswered (`None`: it has no container).
+    Rechecked {
+        key: ExecKey,
+        result: Option<Result<ContainerInfo, RuntimeError>>,
+    },
     /// Re-read the agent config and the deployment files.
     Reload,
+    /// What a reload read (off the loop); `seq` tells a stale read.
+    Reloaded {
+        seq: u64,
+        read: Box<converge::FilesRead>,
+    },
+    /// A round of the state writer.
+    StateWrite(WriteReport),
     /// A container berth stopped and removed (deprovisioning or an update).
     Removed {
         key: ExecKey,
@@ -149,6 +175,8 @@ enum Msg {
         started_nanos: i64,
         verdict: crate::probe::Verdict,
     },
+    /// An operator's stop, start or restart (`operator.rs`).
+    Operator(operator::OperatorMsg),
 }
 
 /// Asks a running supervisor to re-read its files (SIGHUP, a change in
@@ -166,7 +194,23 @@ pub struct Supervisor<R, P> {
     config: AgentConfig,
     runtime: Arc<R>,
     reporter: Arc<P>,
-    store: StateStore,
+    /// Writes the state off the loop (see `writer`).
+    writer: StateWriter,
+    /// The writer task, started by `run`.
+    writer_task: Option<writer::WriterTask>,
+    /// Restart commitments not yet durable, with their generation: their
+    /// launches wait for it.
+    commitments: BTreeMap<ExecKey, u64>,
+    /// The state write failure last reported, while writes fail.
+    state_write_error: Option<String>,
+    /// Problems found reading the state at start-up (`DEP_E302`), reported
+    /// as events once the loop runs.
+    state_problems: Vec<String>,
+    /// The latest reload asked for: an older read that comes back is stale.
+    reload_seq: u64,
+    /// The last reload whose files were applied: a reload is under way
+    /// while it is behind `reload_seq`.
+    reloaded_seq: u64,
     state: State,
     boot_id: String,
     /// The recorded boot differs from this one: reboot rules apply once.
@@ -224,11 +268,18 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             }
         }
         state.boot_id = Some(boot_id.clone());
+        let (writer, writer_task) = StateWriter::new(Journal::new(store));
         let mut supervisor = Supervisor {
             config,
             runtime,
             reporter,
-            store,
+            writer,
+            writer_task: Some(writer_task),
+            commitments: BTreeMap::new(),
+            state_write_error: None,
+            state_problems: Vec::new(),
+            reload_seq: 0,
+            reloaded_seq: 0,
             state,
             boot_id,
             rebooted,
@@ -255,6 +306,12 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         supervisor
     }
 
+    /// Problems met reading the state (`StateStore::recover`): each is
+    /// reported as a `DEP_E302` error event once the loop runs.
+    pub fn report_state_problems(&mut self, problems: Vec<String>) {
+        self.state_problems.extend(problems);
+    }
+
     /// A handle that makes the loop re-read its files.
     pub fn reloader(&self) -> Reloader {
         Reloader(self.tx.clone())
@@ -268,6 +325,15 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             rebooted = self.rebooted,
             "berth supervisor starting"
         );
+        let writer = self
+            .writer_task
+            .take()
+            .expect("run once")
+            .spawn(self.tx.clone());
+        for problem in std::mem::take(&mut self.state_problems) {
+            warn!(error = %problem, error_code = %ErrorCode::StateStore, "state unreadable");
+            self.event(Event::device_error(Some(ErrorCode::StateStore), problem));
+        }
         // The agent document goes out with the first answer (or silence) of
         // the engine, so that it never claims a state berth has not seen.
         self.save_state();
@@ -295,7 +361,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = watchdog_tick.tick() => self.notifier.watchdog(),
-                Some(msg) = self.rx.recv() => self.handle(msg).await,
+                Some(msg) = self.rx.recv() => self.handle(msg),
                 _ = sleep_until_opt(next_due) => self.fire_timers(),
                 _ = metrics::tick(&mut metrics_tick) => self.collect_metrics(),
                 _ = save_tick.tick() => {
@@ -313,7 +379,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         // Engine calls in flight finish (or are abandoned with the process:
         // the state already records any restart they were committed to); the
         // starts that finish are recorded, nothing new is begun.
-        let deadline = tokio::time::sleep(Duration::from_secs(5));
+        let deadline = tokio::time::sleep(TASKS_DEADLINE);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
@@ -325,7 +391,14 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         while let Ok(msg) = self.rx.try_recv() {
             self.settle(msg);
         }
+        // The writer writes the last snapshot and ends.
         self.save_state();
+        self.writer.close();
+        if tokio::time::timeout(WRITER_DEADLINE, writer).await.is_err() {
+            warn!(
+                "the last state write did not finish; the next start rebuilds it from the engine"
+            );
+        }
     }
 
     /// During shutdown: records a start that completed, and nothing else.
@@ -346,12 +419,18 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
 
     // ---- engine connection -------------------------------------------------
 
-    /// Connects to the engine, replays what was missed, forwards live events,
-    /// and starts over with back-off whenever the stream ends.
+    /// Connects to the engine, replays what was missed, lists the
+    /// containers, forwards live events, and starts over with back-off
+    /// whenever the stream ends or the engine stops answering. Every call it
+    /// makes is bounded by `[docker] timeout_secs`, and while the stream is
+    /// open a ping every third of that time checks that the engine still
+    /// answers (an engine that hangs sends no events and no end), so that a
+    /// hung engine is `EngineDown` within that time.
     fn spawn_event_pump(&self, shutdown: CancellationToken) {
         let runtime = self.runtime.clone();
         let tx = self.tx.clone();
         let device = self.config.device_id.clone();
+        let timeout = self.config.docker.timeout;
         let mut position = self.state.event_position;
         self.tracker.spawn(async move {
             use futures_util::StreamExt;
@@ -362,20 +441,29 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     return;
                 }
                 let attempt = async {
-                    runtime.ping().await?;
+                    bounded(timeout, "ping", runtime.ping()).await?;
                     let now = unix_nanos(SystemTime::now());
                     // The live stream starts at `now`; the replay ends there.
                     let live = runtime.events(&device, Some(now), None);
                     let mut replay = Vec::new();
                     if let Some(since) = position {
-                        let mut history = runtime.events(&device, Some(since), Some(now));
-                        while let Some(event) = history.next().await {
-                            replay.push(event?);
-                        }
+                        let history = async {
+                            let mut history = runtime.events(&device, Some(since), Some(now));
+                            while let Some(event) = history.next().await {
+                                replay.push(event?);
+                            }
+                            Ok(())
+                        };
+                        bounded(timeout, "event replay", history).await?;
                     }
-                    Ok::<_, RuntimeError>((live, replay))
+                    // The listing is the truth after any reconnect: taken
+                    // after the replay, and sent with it before any live
+                    // event, so that none is applied in between.
+                    let containers =
+                        bounded(timeout, "container listing", runtime.list(&device)).await?;
+                    Ok::<_, RuntimeError>((live, replay, containers))
                 };
-                let (mut live, replay) = tokio::select! {
+                let (mut live, replay, containers) = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     result = attempt => match result {
                         Ok(ok) => ok,
@@ -397,14 +485,20 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 if let Some(last) = replay.last() {
                     position = Some(last.time_nanos);
                 }
-                if tx.send(Msg::EngineUp { replay }).is_err() {
+                if tx.send(Msg::EngineUp { replay, containers }).is_err() {
                     return;
                 }
+                let mut answered = Instant::now();
+                let mut ping: Option<
+                    std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>,
+                > = None;
                 let error = loop {
+                    let next_ping = answered + timeout / 3;
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         item = live.next() => match item {
                             Some(Ok(event)) => {
+                                answered = Instant::now();
                                 position = Some(event.time_nanos);
                                 if tx.send(Msg::Event(event)).is_err() {
                                     return;
@@ -412,6 +506,23 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                             }
                             Some(Err(e)) => break e.to_string(),
                             None => break "event stream ended".to_string(),
+                        },
+                        _ = tokio::time::sleep_until(next_ping), if ping.is_none() => {
+                            let runtime = runtime.clone();
+                            // Whatever the engine last answered, it must answer
+                            // again within the timeout.
+                            let deadline = answered + timeout;
+                            ping = Some(Box::pin(async move {
+                                tokio::time::timeout_at(deadline, runtime.ping()).await
+                            }));
+                        }
+                        result = poll_opt(&mut ping) => {
+                            ping = None;
+                            match result {
+                                Ok(Ok(())) => answered = Instant::now(),
+                                Ok(Err(e)) => break e.to_string(),
+                                Err(_) => break format!("no answer within {}", human(timeout)),
+                            }
                         }
                     }
                 };
@@ -437,10 +548,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         });
     }
 
-    async fn handle(&mut self, msg: Msg) {
+    fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::EngineUp { replay } => {
-                self.on_engine_up(replay).await;
+            Msg::EngineUp { replay, containers } => {
+                self.on_engine_up(replay, containers);
                 // Containers the reconcile found running get their probes.
                 self.sync_all_probes();
             }
@@ -466,7 +577,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 container_id,
                 result,
             } => self.on_launched(&key, container_id, result),
+            Msg::Rechecked { key, result } => self.on_rechecked(&key, result),
             Msg::Reload => self.reload(),
+            Msg::Reloaded { seq, read } => self.on_reloaded(seq, *read),
+            Msg::StateWrite(report) => self.on_state_write(report),
             Msg::Removed { key, result } => self.on_removed(&key, result),
             Msg::Prepared { deployment, result } => self.on_prepared(&deployment, result),
             Msg::Metrics(reading) => self.on_metrics(reading),
@@ -481,6 +595,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 started_nanos,
                 verdict,
             } => self.on_probed(&key, &container_id, started_nanos, verdict),
+            Msg::Operator(msg) => self.on_operator(msg),
         }
         self.provision_waiting();
     }
@@ -571,6 +686,30 @@ use lifecycle::human;
 
 fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
+}
+
+/// An engine call that gives up after `timeout`: the engine is then
+/// unreachable.
+async fn bounded<T>(
+    timeout: Duration,
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, RuntimeError>>,
+) -> Result<T, RuntimeError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result,
+        Err(_) => Err(RuntimeError::Unreachable(format!(
+            "{what}: no answer within {}",
+            human(timeout)
+        ))),
+    }
+}
+
+/// Awaits the future if there is one, else never resolves.
+async fn poll_opt<F: std::future::Future + Unpin>(f: &mut Option<F>) -> F::Output {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {

@@ -1,5 +1,5 @@
-//! Publishing: the state record, the deployment, agent and event documents,
-//! and the systemd status line.
+//! Publishing: the state record (handed to the writer task), the
+//! deployment, agent and event documents, and the systemd status line.
 
 use super::*;
 
@@ -50,15 +50,96 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         state
     }
 
+    /// Hands the writer a snapshot of the whole state, written as soon as
+    /// it can (never on the loop).
     pub(super) fn save_state(&mut self) {
-        if let Err(e) = self.store.save(&self.snapshot()) {
-            warn!(error = %e, "cannot save state");
+        let state = self.snapshot();
+        self.writer.snapshot(&state);
+        self.state_dirty = false;
+    }
+
+    /// Hands the writer the restart commitment of `key` (its count and
+    /// pending restart): the launch waits until it is on disk.
+    pub(super) fn commit_restart(&mut self, key: &ExecKey) {
+        let intent = self
+            .exec_any_mut(key)
+            .and_then(|e| Intent::of(key, &e.record()));
+        if let Some(intent) = intent {
+            let generation = self.writer.commit(intent);
+            self.commitments.insert(key.clone(), generation);
+        }
+        self.mark_state_dirty();
+    }
+
+    /// Waits (in a launch task) until the commitment of `key`, if it has one
+    /// not yet on disk, is; `false` when berth stops first.
+    pub(super) fn durable_commitment(
+        &self,
+        key: &ExecKey,
+    ) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let wait = self
+            .commitments
+            .get(key)
+            .map(|generation| self.writer.wait_durable(*generation));
+        async move {
+            match wait {
+                Some(wait) => wait.await,
+                None => true,
+            }
+        }
+    }
+
+    /// A round of the state writer: commitments now on disk let their
+    /// restarts go ahead; while a commitment cannot be written its
+    /// executable is `Error` + `DEP_E302`, saying so.
+    pub(super) fn on_state_write(&mut self, report: WriteReport) {
+        if let Some(durable) = report.durable {
+            let written: Vec<ExecKey> = self
+                .commitments
+                .iter()
+                .filter(|(_, g)| **g <= durable)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in written {
+                self.commitments.remove(&key);
+                if let Some(exec) = self.exec_mut(&key) {
+                    if exec.shown.error_code == Some(ErrorCode::StateStore) {
+                        exec.set(
+                            Status::Pending,
+                            Some("restarting; its record is written".into()),
+                            None,
+                        );
+                        self.mark_dirty(&key.deployment);
+                    }
+                }
+            }
+        }
+        let Some((error, retry_in)) = report.error else {
+            if self.state_write_error.take().is_some() {
+                info!("the state is written again");
+            }
+            return;
+        };
+        if self.state_write_error.as_ref() != Some(&error) {
             self.event(Event::device_error(
                 Some(ErrorCode::StateStore),
-                e.to_string(),
+                format!("cannot write the state: {error}"),
             ));
-        } else {
-            self.state_dirty = false;
+            self.state_write_error = Some(error.clone());
+        }
+        let waiting: Vec<ExecKey> = self.commitments.keys().cloned().collect();
+        for key in waiting {
+            if let Some(exec) = self.exec_mut(&key) {
+                exec.set(
+                    Status::Error,
+                    Some(format!(
+                        "cannot write its restart record: {error}; the restart waits for it (retrying in {})",
+                        human(retry_in)
+                    )),
+                    Some(ErrorCode::StateStore),
+                );
+                self.mark_dirty(&key.deployment);
+            }
         }
     }
 

@@ -46,7 +46,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         }
     }
 
-    pub(super) async fn on_engine_up(&mut self, replay: Vec<EngineEvent>) {
+    pub(super) fn on_engine_up(
+        &mut self,
+        replay: Vec<EngineEvent>,
+        containers: Vec<ContainerInfo>,
+    ) {
         self.engine_up = true;
         info!(
             replayed = replay.len(),
@@ -54,12 +58,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         );
         self.publish_agent();
         self.detect_engine_restart(&replay);
-        // The listing is the truth after any reconnect; it is awaited here, in
-        // the loop, so that no event is applied between it and the reconcile.
-        match self.runtime.list(&self.config.device_id).await {
-            Ok(containers) => self.reconcile(containers, &replay),
-            Err(e) => self.on_engine_down(&e.to_string()),
-        }
+        // The listing (made by the event pump, after the replay) is the truth
+        // after any reconnect; no live event is applied before it.
+        self.reconcile(containers, &replay);
         if let Some(last) = replay.last() {
             self.note_position(last.time_nanos);
         }

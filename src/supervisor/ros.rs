@@ -11,8 +11,8 @@ use tracing::info;
 
 use super::{Deployment, Supervisor};
 use crate::model::{
-    Command, ComponentSpec, DeploymentSpec, ExecutableSpec, Limits, PullPolicy, Status,
-    ROS_MASTER_DEPLOYMENT,
+    Command, ComponentSpec, DeploymentSpec, ExecutableSpec, Limits, PullPolicy, RestartPolicy,
+    Status, ROS_MASTER_DEPLOYMENT,
 };
 use crate::report::{Reporter, Topic};
 use crate::runtime::ContainerRuntime;
@@ -30,17 +30,20 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
 
     /// Brings the master up for the first ROS deployment, and down after the last.
     pub(super) fn converge_ros(&mut self) {
-        let users = self.ros_users();
-        let present = self.deployments.get(ROS_MASTER_DEPLOYMENT);
-        match (users.first(), present) {
-            (Some(first), None) => {
-                let record = match self.state.ros_master.clone() {
-                    Some(record) => record,
-                    None => RosMasterRecord {
-                        owner: first.clone(),
-                        policy: self.deployments[first].spec.restart,
-                    },
-                };
+        let users: Vec<(String, RestartPolicy)> = self
+            .ros_users()
+            .into_iter()
+            .map(|id| {
+                let policy = self.deployments[&id].spec.restart;
+                (id, policy)
+            })
+            .collect();
+        let master = self
+            .deployments
+            .get(ROS_MASTER_DEPLOYMENT)
+            .map(|m| m.removing);
+        match master_plan(&users, master, self.state.ros_master.as_ref()) {
+            MasterPlan::Start(record) => {
                 info!(owner = %record.owner, policy = %record.policy, "starting the shared ROS master");
                 let spec = master_spec(
                     &self.config.ros,
@@ -59,11 +62,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 self.save_state();
                 self.maybe_provision(ROS_MASTER_DEPLOYMENT);
             }
-            (None, Some(master)) if !master.removing => {
+            MasterPlan::Remove => {
                 info!("no ROS deployment left; removing the shared ROS master");
                 self.deprovision(ROS_MASTER_DEPLOYMENT);
             }
-            _ => {}
+            MasterPlan::Keep => {}
         }
         // The users list is part of its document.
         self.mark_dirty(ROS_MASTER_DEPLOYMENT);
@@ -114,6 +117,43 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     }
 }
 
+/// What the shared master needs.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum MasterPlan {
+    /// Bring it up under this owner and policy.
+    Start(RosMasterRecord),
+    /// No ROS deployment is left: remove it.
+    Remove,
+    /// Leave it as it is: up for its users, already going, or not needed.
+    Keep,
+}
+
+/// The master's rule (SPEC 6), pure: it runs while at least one ROS
+/// deployment is deployed, under the policy of the first one that brought it
+/// up; that owner, once recorded, holds until the master is removed. A
+/// master being removed is left to go: when it is gone, the next ROS
+/// deployment brings up a new one and is its first user again.
+///
+/// `users`: the ROS deployments and their policies, in id order; `master`:
+/// `None` when there is none, else whether it is being removed; `recorded`:
+/// the owner berth recorded.
+pub(super) fn master_plan(
+    users: &[(String, RestartPolicy)],
+    master: Option<bool>,
+    recorded: Option<&RosMasterRecord>,
+) -> MasterPlan {
+    match (users.first(), master) {
+        (Some((first, policy)), None) => {
+            MasterPlan::Start(recorded.cloned().unwrap_or_else(|| RosMasterRecord {
+                owner: first.clone(),
+                policy: *policy,
+            }))
+        }
+        (None, Some(false)) => MasterPlan::Remove,
+        _ => MasterPlan::Keep,
+    }
+}
+
 fn master_spec(
     ros: &crate::config::RosSettings,
     policy: crate::model::RestartPolicy,
@@ -145,5 +185,67 @@ fn master_spec(
         }],
         update: Default::default(),
         source: dir.to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use RestartPolicy::*;
+
+    fn users(list: &[(&str, RestartPolicy)]) -> Vec<(String, RestartPolicy)> {
+        list.iter().map(|(id, p)| (id.to_string(), *p)).collect()
+    }
+
+    fn record(owner: &str, policy: RestartPolicy) -> RosMasterRecord {
+        RosMasterRecord {
+            owner: owner.into(),
+            policy,
+        }
+    }
+
+    #[test]
+    fn the_first_ros_deployment_brings_it_up_under_its_policy() {
+        assert_eq!(
+            master_plan(&users(&[("a", Never), ("b", Always)]), None, None),
+            MasterPlan::Start(record("a", Never))
+        );
+    }
+
+    #[test]
+    fn a_recorded_owner_holds_over_later_deployments() {
+        let recorded = record("gone", OnFailure);
+        assert_eq!(
+            master_plan(&users(&[("b", Always)]), None, Some(&recorded)),
+            MasterPlan::Start(recorded.clone())
+        );
+    }
+
+    #[test]
+    fn it_stays_while_a_ros_deployment_is_deployed() {
+        assert_eq!(
+            master_plan(&users(&[("a", Always)]), Some(false), None),
+            MasterPlan::Keep
+        );
+    }
+
+    #[test]
+    fn the_last_ros_deployment_gone_removes_it() {
+        assert_eq!(master_plan(&[], Some(false), None), MasterPlan::Remove);
+        assert_eq!(master_plan(&[], None, None), MasterPlan::Keep);
+    }
+
+    #[test]
+    fn a_ros_deployment_added_while_it_goes_waits_for_a_new_one() {
+        // The master being removed is left to go; once it is gone (no master,
+        // no record) the newcomer brings up a new one as its first user.
+        assert_eq!(
+            master_plan(&users(&[("late", OnFailure)]), Some(true), None),
+            MasterPlan::Keep
+        );
+        assert_eq!(
+            master_plan(&users(&[("late", OnFailure)]), None, None),
+            MasterPlan::Start(record("late", OnFailure))
+        );
     }
 }

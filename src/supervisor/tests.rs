@@ -59,6 +59,7 @@ fn config(state_dir: &Path) -> AgentConfig {
         containers: Default::default(),
         images: Default::default(),
         metrics: Default::default(),
+        remote: Default::default(),
         source: state_dir.join("berth.toml"),
     }
 }
@@ -120,31 +121,35 @@ impl Harness {
         spec: DeploymentSpec,
         boot_id: &str,
     ) -> Self {
-        Self::start_configured(runtime, state_dir, spec, boot_id, config(state_dir))
+        Self::start_with(runtime, state_dir, vec![spec], boot_id, config(state_dir))
     }
 
-    fn start_configured(
+    /// Several deployments, and an agent config of the test's.
+    fn start_with(
         runtime: Arc<FakeRuntime>,
         state_dir: &Path,
-        spec: DeploymentSpec,
+        specs: Vec<DeploymentSpec>,
         boot_id: &str,
         config: AgentConfig,
     ) -> Self {
         let store = StateStore::open(state_dir).unwrap();
         let reporter = Arc::new(MemoryReporter::default());
         let token = CancellationToken::new();
-        let supervisor = Supervisor::from_parts(Parts {
+        // As `berth run` does: an unreadable state falls back, and says so.
+        let recovered = store.recover().unwrap();
+        let mut supervisor = Supervisor::from_parts(Parts {
             config,
-            deployments: BTreeMap::from([(spec.id.clone(), spec)]),
+            deployments: specs.into_iter().map(|s| (s.id.clone(), s)).collect(),
             runtime: runtime.clone(),
             reporter: reporter.clone(),
             store: store.clone(),
-            state: store.load().unwrap(),
+            state: recovered.state,
             boot_id: boot_id.into(),
             registries: Vec::new(),
             notifier: crate::notify::Notifier::disabled(),
             invalid: BTreeMap::new(),
         });
+        supervisor.report_state_problems(recovered.problems);
         let task = tokio::spawn(supervisor.run(token.clone()));
         Harness {
             runtime,
@@ -204,8 +209,14 @@ impl Harness {
     }
 
     async fn shutdown(self) {
+        self.shutdown_within(Duration::from_secs(5)).await
+    }
+
+    /// Cancels and waits for the loop, which gives engine calls in flight
+    /// up to 5 s and the state writer 2 s more before it ends.
+    async fn shutdown_within(self, limit: Duration) {
         self.token.cancel();
-        tokio::time::timeout(Duration::from_secs(5), self.task)
+        tokio::time::timeout(limit, self.task)
             .await
             .expect("supervisor stops on cancel")
             .unwrap();
@@ -367,7 +378,10 @@ async fn exits_follow_the_restart_table() {
                 .to_string();
             assert!(reason.contains("exited with code 3"), "{name}: {reason}");
         }
-        let record = h.store.load().unwrap().exec(&key()).cloned().unwrap();
+        // The count may still be in the restart log only: read both, as a
+        // berth starting now would.
+        let state = h.store.recover().unwrap().state;
+        let record = state.exec(&key()).cloned().unwrap_or_default();
         assert_eq!(
             record.restart_count, row.restart_count,
             "{name}: persisted count"
@@ -491,7 +505,12 @@ async fn manual_stop_suspends_the_policy_until_started_by_hand() {
         if name == "docker stop" {
             h.runtime.manual_start(NAME);
             h.running(0).await;
-            assert!(!h.store.load().unwrap().exec(&key()).unwrap().manual_stop);
+            // Written by the state writer, off the loop: shortly after.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while h.store.load().unwrap().exec(&key()).unwrap().manual_stop {
+                assert!(Instant::now() < deadline, "manual stop still recorded");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             h.runtime.exit(NAME, 3);
             h.running(1).await;
         }
@@ -785,6 +804,85 @@ async fn replay_tells_a_manual_stop_from_a_crash_while_berth_was_away() {
     futures_util::future::join_all(runs).await;
 }
 
+/// SPEC 5, `DEP_E302`: a restart whose record cannot be written (a full
+/// disk) waits, shown as `Error` with the reason, and goes ahead once the
+/// record is on disk; counted once.
+#[tokio::test]
+async fn a_restart_waits_for_its_record_and_goes_ahead_once_written() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker");
+    let h = Harness::start(fake(), dir.path(), spec);
+    h.running(0).await;
+    h.store.fail_writes.store(true, SeqCst);
+    h.runtime.exit(NAME, 3);
+    let doc = h
+        .wait_for("Error + DEP_E302", |d| {
+            d["status"] == "Error" && d["error_code"] == "DEP_E302"
+        })
+        .await;
+    let reason = exe(&doc)["reason"].as_str().unwrap_or_default().to_string();
+    assert!(
+        reason.starts_with("cannot write its restart record: ") && reason.contains("retrying in"),
+        "{reason}"
+    );
+    assert_eq!(exe(&doc)["error_code"], "DEP_E302");
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(h.starts(), 1, "no restart starts without its record");
+    assert!(
+        h.events()
+            .iter()
+            .any(|e| e["event"] == "error" && e["error_code"] == "DEP_E302"),
+        "an error event: {:?}",
+        h.events()
+    );
+
+    h.store.fail_writes.store(false, SeqCst);
+    let doc = h.running(1).await;
+    assert_eq!(exe(&doc)["error_code"], Value::Null);
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(h.starts(), 2, "started once, once written");
+    assert_eq!(
+        h.store.load().unwrap().exec(&key()).unwrap().restart_count,
+        1,
+        "counted once, on disk"
+    );
+    h.shutdown().await;
+}
+
+/// An unreadable `state.json` falls back to its previous copy and the
+/// restart log: the counts stay, and a `DEP_E302` event says what happened.
+#[tokio::test]
+async fn a_corrupt_state_keeps_its_counts_and_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = fake();
+    let spec = deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker");
+    let h = Harness::start(runtime.clone(), dir.path(), spec.clone());
+    h.running(0).await;
+    for n in 1..=2 {
+        h.runtime.exit(NAME, 3);
+        h.running(n).await;
+    }
+    h.shutdown().await;
+    std::fs::write(dir.path().join("state.json"), b"{ torn").unwrap();
+
+    let h = Harness::start(runtime.clone(), dir.path(), spec);
+    let doc = h.running(2).await;
+    assert_eq!(exe(&doc)["restart_count"], 2);
+    let events = h.events();
+    let error = events
+        .iter()
+        .find(|e| e["event"] == "error" && e["error_code"] == "DEP_E302")
+        .unwrap_or_else(|| panic!("a DEP_E302 event: {events:?}"));
+    let reason = error["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("state.json"), "{reason}");
+    assert!(dir.path().join("state.json.corrupt").exists());
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(h.starts(), 3, "adopted, not restarted");
+    h.shutdown().await;
+}
+
+mod stalls;
 fn with_probe(mut spec: DeploymentSpec, check: crate::model::ProbeCheck) -> DeploymentSpec {
     spec.components[0].executables[0].probe = Some(crate::model::Probe {
         check,
@@ -975,10 +1073,14 @@ async fn metrics_go_out_every_interval_with_cpu_memory_disk_and_availability() {
         total_bytes: 100 << 30,
         free_bytes: 40 << 30,
     });
-    let h = Harness::start_configured(
+    let h = Harness::start_with(
         runtime,
         dir.path(),
-        deployment(RestartPolicy::Never, PullPolicy::IfNotPresent, "talker"),
+        vec![deployment(
+            RestartPolicy::Never,
+            PullPolicy::IfNotPresent,
+            "talker",
+        )],
         BOOT,
         cfg,
     );
@@ -1179,3 +1281,5 @@ async fn an_adopted_container_is_probed_again() {
     h.running(1).await;
     h.shutdown().await;
 }
+
+mod timing;

@@ -1,0 +1,329 @@
+//! The state writer: a task that owns the state files (`state::Journal`) so
+//! that the loop never waits for a disk. The loop hands it restart
+//! commitments (appended to the restart log, one `fdatasync` for all that
+//! are queued) and whole snapshots of the state (every 2 s when something
+//! changed, at once for a manual stop; the latest wins). Each job has a
+//! generation; `durable` says up to which one the commitments are on disk,
+//! and a launch waits for its own before it asks the engine to start the
+//! container. A write that fails is retried with back-off, and the loop is
+//! told (`Msg::StateWrite`) so that it can show why a restart waits.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::Msg;
+use crate::state::{Intent, Journal, State, StateError};
+
+/// Back-off of retries after a failed write.
+const RETRY_INITIAL: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+enum Job {
+    Intent(u64, Intent),
+    Snapshot(u64, Box<State>),
+}
+
+/// What the writer tells the loop after each round of writing.
+#[derive(Debug)]
+pub(super) struct WriteReport {
+    /// Every commitment up to this generation is on disk now.
+    pub(super) durable: Option<u64>,
+    /// What failed, if anything, and when the next attempt is.
+    pub(super) error: Option<(String, Duration)>,
+}
+
+/// The loop's end of the writer.
+pub(super) struct StateWriter {
+    jobs: Option<mpsc::UnboundedSender<Job>>,
+    generation: u64,
+    durable: watch::Receiver<u64>,
+}
+
+/// The writer task before it runs: `Supervisor::run` starts it.
+pub(super) struct WriterTask {
+    journal: Journal,
+    jobs: mpsc::UnboundedReceiver<Job>,
+    durable: watch::Sender<u64>,
+}
+
+impl WriterTask {
+    /// Runs the writer; its reports come back to the loop on `report`. The
+    /// task ends once the loop closes its end and what was queued is written.
+    pub(super) fn spawn(self, report: mpsc::UnboundedSender<Msg>) -> JoinHandle<()> {
+        tokio::spawn(run(self.journal, self.jobs, self.durable, report))
+    }
+}
+
+impl StateWriter {
+    pub(super) fn new(journal: Journal) -> (Self, WriterTask) {
+        let (jobs, rx) = mpsc::unbounded_channel();
+        let (durable_tx, durable) = watch::channel(0);
+        let writer = StateWriter {
+            jobs: Some(jobs),
+            generation: 0,
+            durable,
+        };
+        let task = WriterTask {
+            journal,
+            jobs: rx,
+            durable: durable_tx,
+        };
+        (writer, task)
+    }
+
+    fn send(&mut self, job: impl FnOnce(u64) -> Job) -> u64 {
+        self.generation += 1;
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send(job(self.generation));
+        }
+        self.generation
+    }
+
+    /// Queues a restart commitment; returns the generation a launch waits for.
+    pub(super) fn commit(&mut self, intent: Intent) -> u64 {
+        self.send(|g| Job::Intent(g, intent))
+    }
+
+    /// Queues a snapshot of the whole state.
+    pub(super) fn snapshot(&mut self, state: &State) -> u64 {
+        let state = Box::new(state.clone());
+        self.send(|g| Job::Snapshot(g, state))
+    }
+
+    /// Resolves once generation `generation` is durable; `false` if the
+    /// writer is gone first (berth is stopping: the start must not happen).
+    pub(super) fn wait_durable(
+        &self,
+        generation: u64,
+    ) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let mut durable = self.durable.clone();
+        async move { durable.wait_for(|d| *d >= generation).await.is_ok() }
+    }
+
+    /// No more jobs: the writer writes what is queued and ends.
+    pub(super) fn close(&mut self) {
+        self.jobs = None;
+    }
+}
+
+async fn run(
+    mut journal: Journal,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    durable: watch::Sender<u64>,
+    report: mpsc::UnboundedSender<Msg>,
+) {
+    let mut intents: Vec<(u64, Intent)> = Vec::new();
+    let mut snapshot: Option<(u64, Box<State>)> = None;
+    let mut delay = RETRY_INITIAL;
+    let mut failing = false;
+    let mut open = true;
+    loop {
+        if intents.is_empty() && snapshot.is_none() {
+            match jobs.recv().await {
+                Some(job) => add(job, &mut intents, &mut snapshot),
+                None => return,
+            }
+        }
+        while open {
+            match jobs.try_recv() {
+                Ok(job) => add(job, &mut intents, &mut snapshot),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
+        let (back, error) = tokio::task::spawn_blocking(move || {
+            let error = write(&mut journal, &mut intents, &mut snapshot);
+            ((journal, intents, snapshot), error)
+        })
+        .await
+        .expect("the state writer does not panic");
+        (journal, intents, snapshot) = back;
+        let (error, done) = error;
+        if let Some(generation) = done {
+            durable.send_if_modified(|d| {
+                let newer = generation > *d;
+                *d = (*d).max(generation);
+                newer
+            });
+        }
+        let _ = report.send(Msg::StateWrite(WriteReport {
+            durable: done,
+            error: error.as_ref().map(|e| (e.to_string(), delay)),
+        }));
+        match error {
+            None => {
+                delay = RETRY_INITIAL;
+                failing = false;
+            }
+            Some(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot write the state; retrying");
+                }
+                failing = true;
+                if !open && intents.is_empty() {
+                    // Stopping, and no commitment waits: the batched state
+                    // is rebuilt from the engine at the next start.
+                    return;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+        }
+        if !open && intents.is_empty() && snapshot.is_none() {
+            return;
+        }
+    }
+}
+
+fn add(job: Job, intents: &mut Vec<(u64, Intent)>, snapshot: &mut Option<(u64, Box<State>)>) {
+    match job {
+        Job::Intent(g, intent) => intents.push((g, intent)),
+        Job::Snapshot(g, state) => *snapshot = Some((g, state)),
+    }
+}
+
+/// One round of writing: the commitments first (the launches wait for
+/// them), then the snapshot, which also holds them. Returns the error, if
+/// any, and the generation now durable, if it moved. What is written is
+/// taken out of `intents` and `snapshot`; what failed stays for a retry.
+fn write(
+    journal: &mut Journal,
+    intents: &mut Vec<(u64, Intent)>,
+    snapshot: &mut Option<(u64, Box<State>)>,
+) -> (Option<StateError>, Option<u64>) {
+    let mut error = None;
+    let mut done = None;
+    let mut appended = Vec::new();
+    if !intents.is_empty() {
+        let lines: Vec<Intent> = intents.iter().map(|(_, i)| i.clone()).collect();
+        match journal.append(&lines) {
+            Ok(()) => {
+                done = intents.last().map(|(g, _)| *g);
+                appended = std::mem::take(intents);
+            }
+            Err(e) => error = Some(e),
+        }
+    }
+    if let Some((generation, state)) = snapshot.as_mut() {
+        // Commitments queued after the snapshot was taken are folded in, so
+        // that the new file holds all of them before the log they are in is
+        // rotated away.
+        for (_, intent) in appended
+            .iter()
+            .chain(intents.iter())
+            .filter(|(g, _)| *g > *generation)
+        {
+            state.apply_intent(intent);
+        }
+        match journal.compact(state) {
+            Ok(()) => {
+                let newest = intents.last().map_or(*generation, |(g, _)| *g);
+                done = Some(done.unwrap_or(0).max(newest).max(*generation));
+                intents.clear();
+                *snapshot = None;
+            }
+            Err(e) => error = Some(e),
+        }
+    }
+    (error, done)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering::SeqCst;
+
+    use super::*;
+    use crate::state::{PendingRestart, StateStore};
+
+    fn intent(count: u64) -> Intent {
+        Intent {
+            key: "d/c/e".into(),
+            restart_count: count,
+            pending_restart: PendingRestart {
+                prev_started_at: Some(format!("t{count}")),
+            },
+        }
+    }
+
+    /// What `state.json` alone holds, without the logs.
+    fn file_count(store: &StateStore) -> u64 {
+        let text = std::fs::read_to_string(store.path()).unwrap();
+        let state: State = serde_json::from_str(&text).unwrap();
+        state
+            .executables
+            .get("d/c/e")
+            .map_or(0, |r| r.restart_count)
+    }
+
+    #[test]
+    fn a_snapshot_taken_before_a_commitment_still_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut journal = Journal::new(store.clone());
+        let mut intents = vec![(2, intent(1))];
+        let mut snapshot = Some((1, Box::new(State::default())));
+        let (error, done) = write(&mut journal, &mut intents, &mut snapshot);
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(done, Some(2));
+        assert!(intents.is_empty() && snapshot.is_none());
+        assert_eq!(file_count(&store), 1, "folded into state.json");
+        assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 1);
+    }
+
+    #[test]
+    fn a_later_snapshot_is_not_rolled_back_by_an_older_commitment() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut journal = Journal::new(store.clone());
+        // The record was removed (deprovisioned) after its last commitment.
+        let mut intents = vec![(1, intent(3))];
+        let mut snapshot = Some((2, Box::new(State::default())));
+        let (error, done) = write(&mut journal, &mut intents, &mut snapshot);
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(done, Some(2));
+        assert_eq!(file_count(&store), 0);
+    }
+
+    #[test]
+    fn a_failed_round_keeps_its_work_for_the_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut journal = Journal::new(store.clone());
+        store.fail_writes.store(true, SeqCst);
+        let mut intents = vec![(1, intent(1))];
+        let mut snapshot = Some((2, Box::new(State::default())));
+        let (error, done) = write(&mut journal, &mut intents, &mut snapshot);
+        assert!(error.is_some());
+        assert_eq!(done, None, "nothing durable");
+        assert_eq!(intents.len(), 1);
+        assert!(snapshot.is_some());
+
+        store.fail_writes.store(false, SeqCst);
+        intents.push((3, intent(2)));
+        let (error, done) = write(&mut journal, &mut intents, &mut snapshot);
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(done, Some(3));
+        assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 2);
+    }
+
+    #[tokio::test]
+    async fn launches_wait_for_their_generation_and_give_up_when_the_writer_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let (mut writer, task) = StateWriter::new(Journal::new(store));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let handle = task.spawn(tx);
+        let generation = writer.commit(intent(1));
+        assert!(writer.wait_durable(generation).await);
+        match rx.recv().await {
+            Some(Msg::StateWrite(report)) => assert_eq!(report.durable, Some(generation)),
+            other => panic!("a write report: {other:?}"),
+        }
+        let never = writer.wait_durable(generation + 10);
+        writer.close();
+        handle.await.unwrap();
+        assert!(!never.await, "the writer is gone: no start");
+    }
+}
