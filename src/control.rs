@@ -82,6 +82,8 @@ struct Latest {
     /// Sorted by deployment id, the order `berth status` shows them in.
     deployments: BTreeMap<String, Value>,
     ros_master: Option<Value>,
+    /// The latest `metrics` document, for `berth status --wide`.
+    metrics: Option<Value>,
 }
 
 impl<P> Snapshot<P> {
@@ -113,6 +115,7 @@ impl<P> Snapshot<P> {
             "agent": latest.agent,
             "deployments": latest.deployments.values().collect::<Vec<_>>(),
             "ros_master": latest.ros_master,
+            "metrics": latest.metrics,
         })
     }
 }
@@ -127,6 +130,7 @@ impl<P: Reporter> Reporter for Snapshot<P> {
                     latest.deployments.insert(id.clone(), payload.clone());
                 }
                 Topic::RosMaster => latest.ros_master = Some(payload.clone()),
+                Topic::Metrics => latest.metrics = Some(payload.clone()),
                 Topic::Events => {}
             }
         }
@@ -390,6 +394,10 @@ pub struct StatusAnswer {
     pub agent: Option<AgentDoc>,
     pub deployments: Vec<DeploymentDoc>,
     pub ros_master: Option<RosMasterDoc>,
+    /// The latest `metrics` document; null before the first one (or when
+    /// the topic is off).
+    #[serde(default)]
+    pub metrics: Option<crate::report::MetricsDoc>,
 }
 
 /// Asks the daemon behind `socket` for its status documents.
@@ -540,29 +548,83 @@ fn status_cell(status: Status) -> Cell {
     Cell::coloured(status.to_string(), status_colour(status))
 }
 
-/// One row per deployment, each followed by one row per executable.
-fn table_rows(deployments: &[DeploymentDoc]) -> Vec<Vec<Cell>> {
-    let mut rows = vec![[
-        "DEPLOYMENT",
-        "PHASE",
-        "STATUS",
-        "RESTARTS",
-        "ERROR",
-        "REASON",
+/// Memory in the largest unit that keeps it above 1: `512M`, `1.5G`.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["K", "M", "G", "T"];
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value >= 10.0 || value.fract() == 0.0 {
+        format!("{value:.0}{}", UNITS[unit])
+    } else {
+        format!("{value:.1}{}", UNITS[unit])
+    }
+}
+
+/// The `--wide` cells of one executable: CPU, memory (of its limit), health.
+fn wide_cells(
+    metrics: Option<&crate::report::MetricsDoc>,
+    deployment: &str,
+    exe: &crate::report::ExecutableDoc,
+) -> [Cell; 3] {
+    let m = metrics.and_then(|m| {
+        m.executables.iter().find(|e| {
+            e.deployment == deployment && e.component == exe.component && e.executable == exe.name
+        })
+    });
+    let cpu = or_dash(m.and_then(|m| m.cpu_percent).map(|p| format!("{p:.1}%")));
+    let memory = match m.and_then(|m| m.memory_bytes) {
+        Some(used) => match m.and_then(|m| m.memory_limit_bytes) {
+            Some(limit) => format!("{}/{}", human_bytes(used), human_bytes(limit)),
+            None => human_bytes(used),
+        },
+        None => "-".to_string(),
+    };
+    let health_colour = match exe.health.as_deref() {
+        Some("healthy") => Some(GREEN),
+        Some("unhealthy") => Some(RED),
+        _ => None,
+    };
+    [
+        Cell::plain(cpu),
+        Cell::plain(memory),
+        Cell::coloured(or_dash(exe.health.as_deref()), health_colour),
     ]
-    .map(|h| Cell::coloured(h.to_string(), Some(BOLD)))
-    .to_vec()];
+}
+
+/// One row per deployment, each followed by one row per executable; `wide`
+/// (with the latest metrics) adds CPU, memory and health before the reason.
+fn table_rows(
+    deployments: &[DeploymentDoc],
+    wide: Option<Option<&crate::report::MetricsDoc>>,
+) -> Vec<Vec<Cell>> {
+    let mut header = vec!["DEPLOYMENT", "PHASE", "STATUS", "RESTARTS", "ERROR"];
+    if wide.is_some() {
+        header.extend(["CPU", "MEMORY", "HEALTH"]);
+    }
+    header.push("REASON");
+    let mut rows = vec![header
+        .into_iter()
+        .map(|h| Cell::coloured(h.to_string(), Some(BOLD)))
+        .collect::<Vec<_>>()];
     for doc in deployments {
-        rows.push(vec![
+        let mut row = vec![
             Cell::plain(one_line(&doc.deployment_id)),
             Cell::coloured(doc.phase.to_string(), phase_colour(doc.phase)),
             status_cell(doc.status),
             Cell::plain(doc.restart_count.to_string()),
             error_cell(doc.error_code),
-            Cell::plain(or_dash(doc.reason.as_deref())),
-        ]);
+        ];
+        if wide.is_some() {
+            row.extend([Cell::plain(""), Cell::plain(""), Cell::plain("")]);
+        }
+        row.push(Cell::plain(or_dash(doc.reason.as_deref())));
+        rows.push(row);
         for exe in &doc.executables {
-            rows.push(vec![
+            let mut row = vec![
                 Cell::plain(format!(
                     "  {}/{}",
                     one_line(&exe.component),
@@ -572,8 +634,12 @@ fn table_rows(deployments: &[DeploymentDoc]) -> Vec<Vec<Cell>> {
                 status_cell(exe.status),
                 Cell::plain(exe.restart_count.to_string()),
                 error_cell(exe.error_code),
-                Cell::plain(or_dash(exe.reason.as_deref())),
-            ]);
+            ];
+            if let Some(metrics) = wide {
+                row.extend(wide_cells(metrics, &doc.deployment_id, exe));
+            }
+            row.push(Cell::plain(or_dash(exe.reason.as_deref())));
+            rows.push(row);
         }
     }
     rows
@@ -667,7 +733,7 @@ fn ros_master_line(ros: &RosMasterDoc, colour: bool) -> String {
 /// One deployment's rows, as `berth status` shows them: what `berth stop`,
 /// `start` and `restart` print after the effect.
 pub fn render_deployment(doc: &DeploymentDoc, colour: bool) -> String {
-    let mut text = layout(&table_rows(std::slice::from_ref(doc)), colour).join("\n");
+    let mut text = layout(&table_rows(std::slice::from_ref(doc), None), colour).join("\n");
     text.push('\n');
     text
 }
@@ -675,11 +741,22 @@ pub fn render_deployment(doc: &DeploymentDoc, colour: bool) -> String {
 /// What `berth status` prints: the agent's line, the deployments table, and
 /// the ROS master's line when there is one. `colour` adds ANSI colours.
 pub fn render_status(status: &StatusAnswer, colour: bool) -> String {
+    render(status, colour, false)
+}
+
+/// What `berth status --wide` prints: the table with CPU, memory and health
+/// columns from the latest `metrics` document (`-` before the first one).
+pub fn render_status_wide(status: &StatusAnswer, colour: bool) -> String {
+    render(status, colour, true)
+}
+
+fn render(status: &StatusAnswer, colour: bool, wide: bool) -> String {
     let mut lines = vec![agent_line(status.agent.as_ref(), colour), String::new()];
     if status.deployments.is_empty() {
         lines.push("no deployments".to_string());
     } else {
-        lines.extend(layout(&table_rows(&status.deployments), colour));
+        let wide = wide.then_some(status.metrics.as_ref());
+        lines.extend(layout(&table_rows(&status.deployments, wide), colour));
     }
     if let Some(ros) = &status.ros_master {
         lines.push(String::new());
@@ -1086,10 +1163,50 @@ mod tests {
             ),
         ];
         for (name, docs, want) in rows {
-            let lines = layout(&table_rows(&typed(docs)), false);
+            let lines = layout(&table_rows(&typed(docs), None), false);
             assert_eq!(lines, want, "{name}");
             assert!(lines.iter().all(|l| !l.contains('\x1b')), "{name}");
         }
+    }
+
+    #[test]
+    fn wide_status_adds_cpu_memory_and_health_from_the_metrics() {
+        let mut probed = exe("main", "app", "Running", 1);
+        probed["health"] = json!("healthy");
+        let docs = typed(vec![deployment(
+            "talker",
+            "Succeeded",
+            "Running",
+            vec![probed, exe("main", "idle", "Running", 0)],
+        )]);
+        let metrics: crate::report::MetricsDoc = serde_json::from_value(json!({
+            "device_id": "robot-42", "time": "2026-11-28T16:00:00.000Z", "interval_secs": 60,
+            "data_root": null,
+            "executables": [{
+                "deployment": "talker", "component": "main", "executable": "app",
+                "status": "Running", "cpu_percent": 87.25, "memory_bytes": 52428800u64,
+                "memory_limit_bytes": 268435456u64, "restart_count": 1, "uptime_secs": 30,
+                "availability": 0.99, "health": "healthy",
+            }],
+        }))
+        .unwrap();
+        let lines = layout(&table_rows(&docs, Some(Some(&metrics))), false);
+        assert_eq!(
+            lines,
+            vec![
+                "DEPLOYMENT   PHASE      STATUS   RESTARTS  ERROR  CPU    MEMORY    HEALTH   REASON",
+                "talker       Succeeded  Running  0         -                                -",
+                "  main/app              Running  1         -      87.2%  50M/256M  healthy  -",
+                "  main/idle             Running  0         -      -      -         -        -",
+            ]
+        );
+        // Before the first metrics document: dashes.
+        let lines = layout(&table_rows(&docs, Some(None)), false);
+        assert_eq!(
+            lines[2],
+            "  main/app              Running  1         -      -    -       healthy  -"
+        );
+        assert_eq!(human_bytes(1536 * 1024 * 1024), "1.5G");
     }
 
     #[test]
@@ -1100,7 +1217,7 @@ mod tests {
             "Error",
             vec![exe("main", "app", "Pending", 0)],
         )]);
-        let lines = layout(&table_rows(&docs), true);
+        let lines = layout(&table_rows(&docs, None), true);
         assert_eq!(
             lines[1],
             "talker      \x1b[32mSucceeded\x1b[0m  \x1b[31mError\x1b[0m    0         -      -"
@@ -1149,15 +1266,17 @@ mod tests {
         snapshot.publish(Topic::Deployment("b".into()), json!({"v": 3}));
         snapshot.publish(Topic::Events, json!({"event": "restart"}));
         snapshot.publish(Topic::Agent, json!({"state": "online"}));
+        snapshot.publish(Topic::Metrics, json!({"interval_secs": 60}));
         assert_eq!(
             snapshot.status(),
             json!({
                 "agent": {"state": "online"},
                 "deployments": [{"v": 2}, {"v": 3}],
                 "ros_master": null,
+                "metrics": {"interval_secs": 60},
             })
         );
-        assert_eq!(inner.published.lock().unwrap().len(), 5);
+        assert_eq!(inner.published.lock().unwrap().len(), 6);
     }
 
     fn container(deployment: &str, component: &str, executable: &str) -> ContainerInfo {

@@ -142,6 +142,10 @@ Exit status:
         /// `{"agent": …, "deployments": [ … ], "ros_master": …}`.
         #[arg(long)]
         json: bool,
+        /// Add CPU (percent of one core), memory (of its limit) and health
+        /// columns for each executable, from the latest `metrics` document.
+        #[arg(long)]
+        wide: bool,
     },
     /// Print the output of an executable's container
     ///
@@ -340,7 +344,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig => check_config(&cli.config),
-        Command::Status { json } => status(&cli.config, json),
+        Command::Status { json, wide } => status(&cli.config, json, wide),
         Command::Logs {
             deployment,
             executable,
@@ -440,7 +444,7 @@ fn load_for_tool(path: &Path) -> Option<AgentConfig> {
     }
 }
 
-fn status(config_path: &Path, json: bool) -> ExitCode {
+fn status(config_path: &Path, json: bool, wide: bool) -> ExitCode {
     use std::io::IsTerminal;
     let Some(config) = load_for_tool(config_path) else {
         return ExitCode::FAILURE;
@@ -452,7 +456,11 @@ fn status(config_path: &Path, json: bool) -> ExitCode {
         ),
         Ok(answer) => {
             let colour = std::io::stdout().is_terminal();
-            print!("{}", control::render_status(&answer, colour));
+            if wide {
+                print!("{}", control::render_status_wide(&answer, colour));
+            } else {
+                print!("{}", control::render_status(&answer, colour));
+            }
         }
         Err(e @ control::QueryError::NotRunning { .. }) => {
             eprintln!("{e}");

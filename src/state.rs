@@ -49,6 +49,9 @@ pub struct State {
     /// Keyed by `deployment/component/executable`.
     pub executables: BTreeMap<String, ExecRecord>,
     pub ros_master: Option<RosMasterRecord>,
+    /// Image references berth pulled: the only ones its garbage collection
+    /// may remove.
+    pub pulled_images: std::collections::BTreeSet<String>,
 }
 
 impl Default for State {
@@ -59,6 +62,7 @@ impl Default for State {
             event_position: None,
             executables: BTreeMap::new(),
             ros_master: None,
+            pulled_images: Default::default(),
         }
     }
 }
@@ -97,6 +101,49 @@ pub struct ExecRecord {
     /// that was interrupted from one that had exited before.
     pub status: Option<Status>,
     pub exit_code: Option<i64>,
+    /// Time deployed and time `Running` over the last 24 h (the `metrics`
+    /// topic's availability), kept across berth restarts.
+    pub availability: Availability,
+}
+
+/// How long an executable was deployed and how long it was `Running`, in
+/// hourly buckets over the last 24 hours.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Availability {
+    /// Oldest first: (hour since the epoch, running ms, deployed ms).
+    pub hours: Vec<(u64, u64, u64)>,
+}
+
+impl Availability {
+    /// The window the share is taken over.
+    pub const HOURS: u64 = 24;
+
+    /// Adds `elapsed_ms` of being deployed (and `Running`, when `running`)
+    /// in the hour of `now_secs` (unix seconds), and forgets hours that
+    /// left the window.
+    pub fn add(&mut self, now_secs: u64, elapsed_ms: u64, running: bool) {
+        let hour = now_secs / 3600;
+        match self.hours.last_mut() {
+            Some(last) if last.0 == hour => {
+                last.1 += if running { elapsed_ms } else { 0 };
+                last.2 += elapsed_ms;
+            }
+            _ => self
+                .hours
+                .push((hour, if running { elapsed_ms } else { 0 }, elapsed_ms)),
+        }
+        self.hours.retain(|h| h.0 + Self::HOURS > hour);
+    }
+
+    /// Time `Running` / time deployed over the window; `None` before any.
+    pub fn share(&self) -> Option<f64> {
+        let (running, deployed) = self
+            .hours
+            .iter()
+            .fold((0u64, 0u64), |(r, d), h| (r + h.1, d + h.2));
+        (deployed > 0).then(|| running as f64 / deployed as f64)
+    }
 }
 
 /// Written before berth asks the engine to start a container again.
@@ -559,6 +606,26 @@ impl Journal {
         self.log = log;
         self.len = 0;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod availability_tests {
+    use super::Availability;
+
+    #[test]
+    fn availability_is_the_share_running_over_the_last_24_hours() {
+        let mut a = Availability::default();
+        assert_eq!(a.share(), None);
+        let t0 = 1_000 * 3600;
+        a.add(t0, 3_600_000, true);
+        a.add(t0 + 3600, 1_800_000, true);
+        a.add(t0 + 3600, 1_800_000, false);
+        assert_eq!(a.share(), Some(0.75));
+        // 24 hours later the first hour has left the window.
+        a.add(t0 + 24 * 3600, 3_600_000, false);
+        assert_eq!(a.hours.len(), 2);
+        assert_eq!(a.share(), Some(1_800_000.0 / 7_200_000.0));
     }
 }
 

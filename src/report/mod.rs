@@ -16,6 +16,7 @@ pub enum Topic {
     Deployment(String),
     RosMaster,
     Events,
+    Metrics,
 }
 
 impl Topic {
@@ -26,6 +27,7 @@ impl Topic {
             Topic::Deployment(id) => format!("{prefix}/{device_id}/deployments/{id}"),
             Topic::RosMaster => format!("{prefix}/{device_id}/shared/ros-master"),
             Topic::Events => format!("{prefix}/{device_id}/events"),
+            Topic::Metrics => format!("{prefix}/{device_id}/metrics"),
         }
     }
 
@@ -123,6 +125,44 @@ pub struct UpdateDoc {
     pub at: String,
 }
 
+/// The `metrics` document (SPEC 9): one per `[metrics] interval_secs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsDoc {
+    pub device_id: String,
+    pub time: String,
+    pub interval_secs: u64,
+    /// The engine's data root; null when the engine did not say.
+    pub data_root: Option<DataRootDoc>,
+    pub executables: Vec<ExecMetricsDoc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataRootDoc {
+    pub path: String,
+    pub size_bytes: u64,
+    pub free_bytes: u64,
+}
+
+/// One executable's figures; those of a container that is not running are null.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecMetricsDoc {
+    pub deployment: String,
+    pub component: String,
+    pub executable: String,
+    pub status: Status,
+    /// Percent of one core since the previous document (200 = two cores);
+    /// null for the first reading of a run.
+    pub cpu_percent: Option<f64>,
+    pub memory_bytes: Option<u64>,
+    pub memory_limit_bytes: Option<u64>,
+    pub restart_count: u64,
+    /// Seconds since its container's last start, while it runs.
+    pub uptime_secs: Option<u64>,
+    /// Time `Running` / time deployed over the last 24 h (0 to 1).
+    pub availability: Option<f64>,
+    pub health: Option<String>,
+}
+
 /// The `shared/ros-master` document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RosMasterDoc {
@@ -166,6 +206,13 @@ pub enum Event {
         /// Who asked, for a restart an operator asked for.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         by: Option<String>,
+        /// The crash evidence of the exit, read once right after it (SPEC 9).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        oom_killed: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        log_tail: Option<Vec<String>>,
     },
     /// A counted restart whose start the engine accepted.
     Restarted {
@@ -182,6 +229,13 @@ pub enum Event {
         executable: String,
         exit_code: Option<i64>,
         reason: String,
+        /// The crash evidence of the exit, read once right after it (SPEC 9).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        oom_killed: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        log_tail: Option<Vec<String>>,
     },
     /// An operator started an executable again; the policy applies again.
     Start {
@@ -220,6 +274,13 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         exit_code: Option<i64>,
         reason: String,
+        /// The crash evidence of the exit, read once right after it (SPEC 9).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        oom_killed: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        log_tail: Option<Vec<String>>,
     },
 }
 
@@ -238,7 +299,44 @@ impl Event {
             error_code: Some(error_code),
             exit_code,
             reason,
+            signal: None,
+            oom_killed: None,
+            log_tail: None,
         }
+    }
+
+    /// Adds an exit's crash evidence (signal, OOM kill, last log lines) to a
+    /// `restart`, `manual_stop` or `error` event; other events are unchanged.
+    pub fn with_evidence(mut self, evidence: Option<&crate::runtime::ExitEvidence>) -> Event {
+        let Some(evidence) = evidence else {
+            return self;
+        };
+        match &mut self {
+            Event::Restart {
+                signal,
+                oom_killed,
+                log_tail,
+                ..
+            }
+            | Event::ManualStop {
+                signal,
+                oom_killed,
+                log_tail,
+                ..
+            }
+            | Event::Error {
+                signal,
+                oom_killed,
+                log_tail,
+                ..
+            } => {
+                *signal = evidence.signal.clone();
+                *oom_killed = Some(evidence.oom_killed);
+                *log_tail = Some(evidence.log_tail.clone());
+            }
+            _ => {}
+        }
+        self
     }
 
     /// An `error` event about the device or berth itself.
@@ -250,6 +348,9 @@ impl Event {
             error_code,
             exit_code: None,
             reason,
+            signal: None,
+            oom_killed: None,
+            log_tail: None,
         }
     }
 }

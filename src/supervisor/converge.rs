@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::*;
-use super::{ensure_images, Deployment, Exec, Msg, Supervisor};
+use super::{Deployment, Exec, Msg, Supervisor};
 use crate::config::{self, Deployments};
 use crate::model::{
     container_labels, container_name, labels, network_name, ExecKey, Network, Phase, Status,
@@ -293,15 +293,33 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         let registries = self.registries.clone();
         let tx = self.tx.clone();
         let deployment = id.to_string();
+        let housekeeping = self.housekeeping();
         self.spawn_engine_call(async move {
             let images: Vec<_> = outdated
                 .iter()
                 .map(|(_, s, pull)| (s.image.clone(), *pull))
                 .collect();
             let result = async {
-                ensure_images(&*runtime, &images, &registries)
-                    .await
-                    .map_err(|(_, e)| e.to_string())?;
+                let mut outcome = super::launch::PullOutcome::default();
+                let pulled = super::launch::ensure_images_with(
+                    &*runtime,
+                    &images,
+                    &registries,
+                    Some(&housekeeping),
+                    &mut |_, _| {},
+                    &mut outcome,
+                )
+                .await;
+                if !outcome.pulled.is_empty() {
+                    let _ = tx.send(Msg::Collected {
+                        pulled: std::mem::take(&mut outcome.pulled),
+                        removed: std::mem::take(&mut outcome.removed),
+                    });
+                }
+                pulled.map_err(|(_, e)| e.to_string())?;
+                if let Some((_, reason)) = outcome.disk_full {
+                    return Err(reason);
+                }
                 let mut created = Vec::new();
                 for (key, spec, _) in &outdated {
                     // A leftover of an update berth did not finish.

@@ -37,13 +37,53 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 at: event.time_nanos,
                 signal: signal.and_then(|s| s.parse().ok()),
             }),
-            EventAction::Die { exit_code } => Input::Died {
-                code: exit_code.unwrap_or(0),
-                at: event.time_nanos,
-                ran_for: (container.started_nanos > 0).then(|| {
-                    Duration::from_nanos((event.time_nanos - container.started_nanos).max(0) as u64)
-                }),
-            },
+            EventAction::Die { exit_code } => {
+                let died = Input::Died {
+                    code: exit_code.unwrap_or(0),
+                    at: event.time_nanos,
+                    ran_for: (container.started_nanos > 0).then(|| {
+                        Duration::from_nanos(
+                            (event.time_nanos - container.started_nanos).max(0) as u64
+                        )
+                    }),
+                };
+                // The exit waits for its evidence (inspection and last log
+                // lines), read once, off the loop, before anything restarts it.
+                let id = container.id.clone();
+                exec.reading_evidence = true;
+                exec.probe_watch = None;
+                let runtime = self.runtime.clone();
+                let tx = self.tx.clone();
+                let key = key.clone();
+                self.tracker.spawn(async move {
+                    let evidence = crate::runtime::exit_evidence(&*runtime, &id).await;
+                    if let Err(e) = &evidence {
+                        debug!(container = %short(&id), error = %e, "exit evidence unavailable");
+                    }
+                    let _ = tx.send(Msg::Evidence {
+                        key,
+                        input: died,
+                        evidence: evidence.ok(),
+                    });
+                });
+                return;
+            }
+            EventAction::Health { healthy } => {
+                let Some(probe) = exec.spec.probe.as_ref() else {
+                    return;
+                };
+                let failures = probe.failure_threshold;
+                if healthy {
+                    exec.health = Some(crate::runtime::Health::Healthy);
+                    self.mark_dirty(&key.deployment);
+                    return;
+                }
+                exec.health = Some(crate::runtime::Health::Unhealthy);
+                info!(executable = %key, failures, "exec probe failed");
+                Input::Unhealthy {
+                    reason: format!("exec probe failed {failures} times in a row"),
+                }
+            }
             EventAction::Start => {
                 if matches!(exec.life, Life::Running { .. } | Life::Proving { .. }) {
                     return; // berth's own start, already applied
@@ -63,6 +103,142 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             _ => return,
         };
         self.feed(&key, input);
+    }
+
+    /// An exit's evidence is read: the exit is applied, its events carry it.
+    pub(super) fn on_evidence(
+        &mut self,
+        key: &ExecKey,
+        input: Input,
+        evidence: Option<crate::runtime::ExitEvidence>,
+    ) {
+        let Some(exec) = self.exec_any_mut(key) else {
+            return;
+        };
+        exec.reading_evidence = false;
+        exec.evidence = evidence;
+        self.feed(key, input);
+        if let Some(dep) = self.deployments.get_mut(&key.deployment) {
+            dep.update_phase();
+        }
+        self.apply_deferred(key);
+    }
+
+    /// A verdict of berth's own (`tcp`, `http`) probe on one run of a container.
+    pub(super) fn on_probed(
+        &mut self,
+        key: &ExecKey,
+        container_id: &str,
+        started_nanos: i64,
+        verdict: crate::probe::Verdict,
+    ) {
+        let Some(exec) = self.exec_any_mut(key) else {
+            return;
+        };
+        let current = exec
+            .probe_watch
+            .as_ref()
+            .is_some_and(|w| w.container_id == container_id && w.started_nanos == started_nanos);
+        if !current || exec.busy() {
+            return; // about a run that is over
+        }
+        match verdict {
+            crate::probe::Verdict::Healthy => {
+                exec.health = Some(crate::runtime::Health::Healthy);
+                self.mark_dirty(&key.deployment);
+            }
+            crate::probe::Verdict::Unhealthy { failures, reason } => {
+                exec.health = Some(crate::runtime::Health::Unhealthy);
+                let kind = match exec.spec.probe.as_ref().map(|p| &p.check) {
+                    Some(crate::model::ProbeCheck::Http(_)) => "http",
+                    _ => "tcp",
+                };
+                info!(executable = %key, failures, reason, "probe failed");
+                self.feed(
+                    key,
+                    Input::Unhealthy {
+                        reason: format!("{kind} probe failed {failures} times in a row: {reason}"),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Runs berth's own probe (`tcp`, `http`) while its container runs: one
+    /// tracked task per run, from its start, cancelled when the run is over.
+    /// `exec` probes are the engine's (its healthcheck), not run here.
+    pub(super) fn sync_probe(&mut self, key: &ExecKey) {
+        let tx = self.tx.clone();
+        let Some(exec) = self.exec_any_mut(key) else {
+            return;
+        };
+        let want = match (&exec.spec.probe, &exec.container, &exec.life) {
+            (Some(probe), Some(c), Life::Running { .. } | Life::Proving { .. })
+                if !matches!(probe.check, crate::model::ProbeCheck::Exec(_)) =>
+            {
+                Some((probe.clone(), c.clone()))
+            }
+            _ => None,
+        };
+        let same = match (&exec.probe_watch, &want) {
+            (Some(w), Some((_, c))) => w.container_id == c.id && w.started_nanos == c.started_nanos,
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        exec.probe_watch = None; // cancels the task of a run that is over
+        let Some((probe, container)) = want else {
+            return;
+        };
+        let stop = CancellationToken::new();
+        exec.probe_watch = Some(ProbeWatch {
+            container_id: container.id.clone(),
+            started_nanos: container.started_nanos,
+            stop: stop.clone(),
+        });
+        let host = container
+            .ip_address
+            .clone()
+            .unwrap_or_else(|| "127.0.0.1".to_string());
+        let key = key.clone();
+        self.tracker.spawn(async move {
+            let started = Instant::now();
+            let report = |verdict| {
+                let _ = tx.send(Msg::Probed {
+                    key: key.clone(),
+                    container_id: container.id.clone(),
+                    started_nanos: container.started_nanos,
+                    verdict,
+                });
+            };
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = crate::probe::watch(&probe, started, || crate::probe::check(&probe, &host), report) => {}
+            }
+        });
+    }
+
+    /// [`Self::sync_probe`] for every executable (after a reconcile).
+    pub(super) fn sync_all_probes(&mut self) {
+        let keys: Vec<ExecKey> = self
+            .deployments
+            .values()
+            .flat_map(|d| d.execs.iter().map(|e| e.key.clone()))
+            .collect();
+        for key in keys {
+            self.sync_probe(&key);
+        }
+    }
+
+    /// Ends every probe task (berth stops).
+    pub(super) fn stop_probes(&mut self) {
+        for dep in self.deployments.values_mut() {
+            for exec in dep.execs.iter_mut().chain(dep.retiring.iter_mut()) {
+                exec.probe_watch = None;
+            }
+        }
     }
 
     /// Feeds one happening into an executable's lifecycle and carries out
@@ -107,6 +283,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         for effect in step.effects {
             self.carry(key, effect);
         }
+        self.sync_probe(key);
         self.mark_dirty(&key.deployment);
     }
 
@@ -125,17 +302,28 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 reason,
             } => {
                 warn!(executable = %key, reason, "failed");
-                self.event(Event::exec_error(key, error_code, exit_code, reason));
+                let evidence = self.exec_any_mut(key).and_then(|e| e.evidence.take());
+                self.event(
+                    Event::exec_error(key, error_code, exit_code, reason)
+                        .with_evidence(evidence.as_ref()),
+                );
             }
             Effect::ManualStop { exit_code } => {
                 info!(executable = %key, "stopped manually; restart policy suspended until reboot");
-                self.event(Event::ManualStop {
-                    deployment: key.deployment.clone(),
-                    component: key.component.clone(),
-                    executable: key.executable.clone(),
-                    exit_code,
-                    reason: MANUAL_STOP_REASON.into(),
-                });
+                let evidence = self.exec_any_mut(key).and_then(|e| e.evidence.take());
+                self.event(
+                    Event::ManualStop {
+                        deployment: key.deployment.clone(),
+                        component: key.component.clone(),
+                        executable: key.executable.clone(),
+                        exit_code,
+                        reason: MANUAL_STOP_REASON.into(),
+                        signal: None,
+                        oom_killed: None,
+                        log_tail: None,
+                    }
+                    .with_evidence(evidence.as_ref()),
+                );
             }
             Effect::Restarted => {
                 let restart_count = self.exec_mut(key).map_or(0, |e| e.restart_count);
@@ -171,6 +359,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         };
         let exit_code = after.code();
         let reason = format!("restarting after {}", after.describe());
+        // A restart for unhealthiness stops the container first.
+        exec.stop_first = matches!(after, lifecycle::Exit::Unhealthy(_));
+        let evidence = exec.evidence.take();
         // A committed restart not yet started (berth went away meanwhile) is
         // completed, not counted again.
         if exec.pending_restart.is_none() {
@@ -181,15 +372,21 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         }
         let restart_count = exec.restart_count;
         info!(executable = %key, exit_code, restart_count, "restarting");
-        self.event(Event::Restart {
-            deployment: key.deployment.clone(),
-            component: key.component.clone(),
-            executable: key.executable.clone(),
-            exit_code,
-            reason,
-            restart_count,
-            by: None,
-        });
+        self.event(
+            Event::Restart {
+                deployment: key.deployment.clone(),
+                component: key.component.clone(),
+                executable: key.executable.clone(),
+                exit_code,
+                reason,
+                restart_count,
+                by: None,
+                signal: None,
+                oom_killed: None,
+                log_tail: None,
+            }
+            .with_evidence(evidence.as_ref()),
+        );
         self.launch(key);
     }
 }

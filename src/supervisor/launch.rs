@@ -15,6 +15,8 @@ pub(super) struct LaunchCall {
     spec: ContainerSpec,
     /// Two or more restarts in a row: it takes the crash-loop lane.
     crash_looping: bool,
+    /// Stop the running container first (a restart for unhealthiness).
+    stop_first: bool,
 }
 
 impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
@@ -79,9 +81,35 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             let tx = self.tx.clone();
             let registries = self.registries.clone();
             let deployment = id.to_string();
+            let housekeeping = self.housekeeping();
             self.spawn_engine_call(async move {
-                let result = ensure_images(&*runtime, &images, &registries).await;
-                let _ = tx.send(Msg::Pulled { deployment, result });
+                let progress_tx = tx.clone();
+                let progress_dep = deployment.clone();
+                let mut throttle = crate::runtime::Throttle::new(PULL_PROGRESS_EVERY);
+                let mut progress = move |image: &str, p: crate::runtime::PullProgress| {
+                    if p.total_bytes > 0 && throttle.ready() {
+                        let _ = progress_tx.send(Msg::PullProgress {
+                            deployment: progress_dep.clone(),
+                            image: image.to_string(),
+                            progress: p,
+                        });
+                    }
+                };
+                let mut outcome = PullOutcome::default();
+                let result = ensure_images_with(
+                    &*runtime,
+                    &images,
+                    &registries,
+                    Some(&housekeeping),
+                    &mut progress,
+                    &mut outcome,
+                )
+                .await;
+                let _ = tx.send(Msg::Pulled {
+                    deployment,
+                    result,
+                    outcome,
+                });
             });
             return;
         }
@@ -99,12 +127,115 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         }
     }
 
-    pub(super) fn on_pulled(&mut self, id: &str, result: Result<(), (String, RuntimeError)>) {
+    /// What a collection may remove and must keep, as the loop knows it now.
+    pub(super) fn housekeeping(&self) -> Housekeeping {
+        let mut protected = std::collections::BTreeSet::new();
+        for dep in self.deployments.values() {
+            for exec in dep.execs.iter().chain(&dep.retiring) {
+                protected.insert(exec.spec.image.clone());
+                if let Some(c) = &exec.container {
+                    protected.insert(c.image.clone());
+                }
+            }
+        }
+        Housekeeping {
+            settings: self.config.images,
+            pulled: self.state.pulled_images.clone(),
+            protected,
+        }
+    }
+
+    /// A pull's progress, for the reason of the executables waiting for it.
+    pub(super) fn on_pull_progress(
+        &mut self,
+        id: &str,
+        image: &str,
+        progress: crate::runtime::PullProgress,
+    ) {
+        let Some(dep) = self.deployments.get_mut(id) else {
+            return;
+        };
+        if !dep.pulling {
+            return;
+        }
+        for exec in dep
+            .execs
+            .iter_mut()
+            .filter(|e| e.waiting() && e.spec.image == image && e.shown.status == Status::Pending)
+        {
+            exec.set(
+                Status::Pending,
+                Some(format!("pulling image {image}: {progress}")),
+                None,
+            );
+        }
+        dep.dirty = true;
+    }
+
+    pub(super) fn on_pulled(
+        &mut self,
+        id: &str,
+        result: Result<(), (String, RuntimeError)>,
+        outcome: PullOutcome,
+    ) {
         let settings = self.config.restart;
+        for image in &outcome.pulled {
+            self.state.pulled_images.insert(image.clone());
+            self.state_dirty = true;
+        }
+        for image in &outcome.removed {
+            self.state.pulled_images.remove(image);
+            self.state_dirty = true;
+        }
+        for (image, reason) in &outcome.notes {
+            warn!(
+                deployment = id,
+                image, reason, "pull failed; the present image runs"
+            );
+        }
         let Some(dep) = self.deployments.get_mut(id) else {
             return;
         };
         dep.pulling = false;
+        if let Some((image, reason)) = outcome.disk_full {
+            let delay = dep
+                .pull_backoff
+                .next_delay(&settings, None)
+                .max(settings.backoff_initial);
+            dep.pull_due = Some(Instant::now() + delay);
+            warn!(deployment = id, image, reason, "pull does not fit");
+            for exec in dep.execs.iter_mut().filter(|x| x.waiting()) {
+                if exec.spec.image == image {
+                    exec.set(
+                        Status::Error,
+                        Some(format!("{reason}; retrying in {}", human(delay))),
+                        Some(ErrorCode::DiskFull),
+                    );
+                }
+            }
+            dep.dirty = true;
+            self.event(Event::Error {
+                deployment: Some(id.to_string()),
+                component: None,
+                executable: None,
+                error_code: Some(ErrorCode::DiskFull),
+                exit_code: None,
+                reason,
+                signal: None,
+                oom_killed: None,
+                log_tail: None,
+            });
+            return;
+        }
+        for (image, reason) in &outcome.notes {
+            for exec in dep
+                .execs
+                .iter_mut()
+                .filter(|x| x.waiting() && x.spec.image == *image)
+            {
+                exec.set(Status::Pending, Some(reason.clone()), None);
+            }
+        }
         match result {
             Ok(()) => {
                 dep.images_ready = true;
@@ -140,6 +271,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     error_code: Some(ErrorCode::ImageUnavailable),
                     exit_code: None,
                     reason: e.to_string(),
+                    signal: None,
+                    oom_killed: None,
+                    log_tail: None,
                 });
             }
         }
@@ -162,11 +296,13 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         // never makes a healthy executable wait behind it.
         let crash_looping = exec.backoff.consecutive >= 2;
         let committed = exec.pending_restart.is_some();
+        let stop_first = std::mem::take(&mut exec.stop_first);
         let call = LaunchCall {
             key: key.clone(),
             container_id,
             spec,
             crash_looping,
+            stop_first,
         };
         if committed {
             // The count and the commitment to start are one durable record;
@@ -185,6 +321,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             container_id,
             spec,
             crash_looping,
+            stop_first,
         } = call;
         let runtime = self.runtime.clone();
         let tx = self.tx.clone();
@@ -207,6 +344,13 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 None => None,
             };
             let _slot = slots.acquire_owned().await;
+            if let (true, Some(id)) = (stop_first, container_id.as_deref()) {
+                // berth's own stop: its kill and die come before the start
+                // that follows, and are stale to it.
+                if let Err(e) = runtime.stop(id, converge::STOP_GRACE_SECS).await {
+                    debug!(container = %short(id), error = %e, "stop before restart");
+                }
+            }
             let (container_id, result) = launch_container(&*runtime, container_id, &spec).await;
             let _ = tx.send(Msg::Launched {
                 key,
@@ -289,6 +433,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 image: exec.spec.image.clone(),
                 started_at: None,
                 started_nanos: 0,
+                ip_address: None,
             });
         }
         if matches!(exec.life, Life::Retiring { .. }) {
@@ -303,6 +448,8 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 exec.launched = true;
                 exec.lost_container = false;
                 exec.pending_restart = None;
+                exec.health = None;
+                exec.evidence = None;
                 info!(executable = %key, container = %short(&info.id), restart_count = exec.restart_count, "started");
                 if swapping {
                     Input::Swapped
@@ -339,7 +486,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         if let Some(dep) = self.deployments.get_mut(&key.deployment) {
             dep.update_phase();
         }
-        // Events that arrived meanwhile, in their order.
+        self.apply_deferred(key);
+    }
+
+    /// Events that arrived while an engine call was in flight, in their order.
+    pub(super) fn apply_deferred(&mut self, key: &ExecKey) {
         let deferred = self
             .exec_mut(key)
             .filter(|e| !e.busy())
@@ -351,11 +502,78 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     }
 }
 
-/// Pulls each image as its pull policy says.
-pub(super) async fn ensure_images<R: ContainerRuntime>(
+/// How often a pull's progress may change an executable's reason (SPEC 8).
+pub(super) const PULL_PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// What a collection may remove (images berth pulled) and must keep (those
+/// a current deployment or a container of berth's names).
+#[derive(Debug, Clone)]
+pub(super) struct Housekeeping {
+    pub(super) settings: crate::config::ImageSettings,
+    pub(super) pulled: std::collections::BTreeSet<String>,
+    pub(super) protected: std::collections::BTreeSet<String>,
+}
+
+/// What pulling did besides succeeding or failing.
+#[derive(Debug, Default)]
+pub(super) struct PullOutcome {
+    /// Images berth pulled.
+    pub(super) pulled: Vec<String>,
+    /// Images a collection removed.
+    pub(super) removed: Vec<String>,
+    /// `pull = "always"` failed and the present image is used: (image, reason).
+    pub(super) notes: Vec<(String, String)>,
+    /// The pull does not fit even after a collection: (image, reason).
+    pub(super) disk_full: Option<(String, String)>,
+}
+
+/// Removes unused images berth pulled, oldest first, as `[images]` says
+/// (never one a container uses or `protected` names, never forced), and
+/// returns the data root's use after it. `pulling`: a pull is about to start.
+pub(super) async fn collect_images<R: ContainerRuntime>(
+    runtime: &R,
+    hk: &Housekeeping,
+    pulling: bool,
+    removed: &mut Vec<String>,
+) -> Result<Option<crate::runtime::DiskUsage>, RuntimeError> {
+    use crate::runtime::housekeeping::{collection_due, plan_collection};
+    let usage = runtime.data_root_usage().await?;
+    if collection_due(&usage, &hk.settings, pulling).is_none() {
+        return Ok(Some(usage));
+    }
+    let images = runtime.list_images().await?;
+    let plan = plan_collection(&images, &usage, &hk.settings, |image| {
+        !image.tags.is_empty()
+            && image
+                .tags
+                .iter()
+                .all(|t| hk.pulled.contains(t) && !hk.protected.contains(t))
+    });
+    for image in plan {
+        for tag in &image.tags {
+            match runtime.remove_image(tag).await {
+                Ok(()) => {
+                    info!(image = tag, size_bytes = image.size_bytes, "image removed");
+                    removed.push(tag.clone());
+                }
+                Err(RuntimeError::Unreachable(e)) => return Err(RuntimeError::Unreachable(e)),
+                Err(e) => debug!(image = tag, error = %e, "image kept"),
+            }
+        }
+    }
+    runtime.data_root_usage().await.map(Some)
+}
+
+/// Pulls each image as its pull policy says, collecting images first when
+/// space is short (`housekeeping`), reporting progress, and saying what it
+/// did in `outcome`.
+pub(super) async fn ensure_images_with<R: ContainerRuntime>(
     runtime: &R,
     images: &[(String, PullPolicy)],
     registries: &[RegistryAuth],
+    housekeeping: Option<&Housekeeping>,
+    progress: &mut (dyn FnMut(&str, crate::runtime::PullProgress) + Send),
+    outcome: &mut PullOutcome,
 ) -> Result<(), (String, RuntimeError)> {
     let mut done: Vec<&str> = Vec::new();
     for (image, pull) in images {
@@ -373,9 +591,44 @@ pub(super) async fn ensure_images<R: ContainerRuntime>(
             }
             (PullPolicy::IfNotPresent, true) | (PullPolicy::Never, true) => {}
             (PullPolicy::Always, _) | (PullPolicy::IfNotPresent, false) => {
+                if let Some(hk) = housekeeping {
+                    match collect_images(runtime, hk, true, &mut outcome.removed).await {
+                        Ok(Some(usage))
+                            if !crate::runtime::housekeeping::pull_fits(&usage, &hk.settings) =>
+                        {
+                            outcome.disk_full = Some((
+                                image.clone(),
+                                format!(
+                                    "no room to pull image {image}: {} MB free on {}, \
+                                     [images] min_free_mb is {}",
+                                    usage.free_bytes / (1024 * 1024),
+                                    usage.data_root.display(),
+                                    hk.settings.min_free_bytes / (1024 * 1024)
+                                ),
+                            ));
+                            return Ok(());
+                        }
+                        Err(RuntimeError::Unreachable(e)) => {
+                            return Err(fail(RuntimeError::Unreachable(e)))
+                        }
+                        _ => {}
+                    }
+                }
                 let auth = registries.iter().find(|r| registry_of(image) == r.server);
                 info!(image, authenticated = auth.is_some(), "pulling image");
-                runtime.pull(image, auth).await.map_err(fail)?;
+                let mut report = |p| progress(image, p);
+                match runtime.pull_with_progress(image, auth, &mut report).await {
+                    Ok(()) => outcome.pulled.push(image.clone()),
+                    // The registry cannot be reached (a robot booting
+                    // offline): the image that is there runs.
+                    Err(e) if present && !matches!(e, RuntimeError::Unreachable(_)) => {
+                        outcome.notes.push((
+                            image.clone(),
+                            format!("pull failed ({e}); running the image present on the device"),
+                        ));
+                    }
+                    Err(e) => return Err(fail(e)),
+                }
             }
         }
         done.push(image);

@@ -12,6 +12,8 @@
 //!                               (Due)              │                  (Completed / Error)
 //!                                                  ├──► Suspended (manual stop) ──StartedByHand──┘
 //!                                                  └──► Interrupted (never)
+//!   Running ──Unhealthy──► Starting (counted; berth stops it first) | Running + Error (never)
+//!   Proving ──Unhealthy──► RollingBack
 //!   Replace: any ──► Replacing ──Swapped──► Proving ──Proven──► Running
 //!                        │                     │ Died / SwapFailed
 //!                        └─────────────────────┴──► RollingBack ──Started──► Running (previous)
@@ -115,6 +117,8 @@ pub enum Exit {
     Code(i64),
     FailedStart(String),
     Interruption,
+    /// Its liveness probe failed (`failure_threshold` times in a row); why.
+    Unhealthy(String),
 }
 
 impl Exit {
@@ -130,6 +134,7 @@ impl Exit {
             Exit::Code(c) => format!("exit code {c}"),
             Exit::FailedStart(_) => "a failed start".into(),
             Exit::Interruption => "an interruption".into(),
+            Exit::Unhealthy(why) => format!("unhealthy: {why}"),
         }
     }
 }
@@ -150,6 +155,8 @@ pub enum Input {
     Lost,
     /// A kill berth did not send.
     Killed(Kill),
+    /// Its liveness probe failed `failure_threshold` times in a row; why.
+    Unhealthy { reason: String },
     /// Its main process exited.
     Died {
         code: i64,
@@ -460,6 +467,57 @@ pub fn step(life: &Life, input: Input, ctx: &Ctx) -> Step {
             vec![Effect::DropPrevious {
                 previous: previous.clone(),
             }],
+        ),
+
+        // A liveness probe gave up on it: the restart table's row for
+        // unhealthy (SPEC 6). `always` and `on-failure` restart it, counted,
+        // at once (berth stops it first: the probe's own period is the pace);
+        // `never` reports it and leaves it running.
+        (Running { killed }, Unhealthy { reason }) => match ctx.policy {
+            RestartPolicy::Never => {
+                let reason = format!("unhealthy: {reason}; restart policy never");
+                Step::to(
+                    Running { killed: *killed },
+                    ctx,
+                    vec![
+                        Effect::Failed {
+                            error_code: ErrorCode::ExecutableFailed,
+                            exit_code: None,
+                            reason: reason.clone(),
+                        },
+                        Effect::Show(Shown::new(
+                            Status::Error,
+                            Some(reason),
+                            Some(ErrorCode::ExecutableFailed),
+                        )),
+                    ],
+                )
+            }
+            _ => {
+                let after = Exit::Unhealthy(reason);
+                Step::to(
+                    Starting {
+                        counted: true,
+                        then: None,
+                    },
+                    ctx,
+                    vec![
+                        Effect::Show(Shown::new(
+                            Status::Pending,
+                            Some(format!("restarting after {}", after.describe())),
+                            None,
+                        )),
+                        Effect::Restart { after },
+                    ],
+                )
+            }
+        },
+        // An update's new version must also stay healthy while it proves itself.
+        (Proving { previous, .. }, Unhealthy { reason }) => rollback(
+            previous,
+            format!("unhealthy within min_ready_secs: {reason}"),
+            ErrorCode::ExecutableFailed,
+            ctx,
         ),
 
         // Started again by hand after a stop: the policy applies again.

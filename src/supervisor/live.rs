@@ -36,6 +36,33 @@ pub(super) struct Exec {
     /// The spec hash of an update that was rolled back: not tried again
     /// until the file changes (or berth restarts).
     pub(super) rejected: Option<String>,
+    /// The liveness probe's last verdict on its current run.
+    pub(super) health: Option<crate::runtime::Health>,
+    /// The crash evidence of its last exit, until an event carries it.
+    pub(super) evidence: Option<crate::runtime::ExitEvidence>,
+    /// Its exit's evidence is being read: the exit waits for it, and its
+    /// events with it.
+    pub(super) reading_evidence: bool,
+    /// berth stops its container before the next start (an unhealthy restart).
+    pub(super) stop_first: bool,
+    /// The task running its `tcp` or `http` probe, for this container and start.
+    pub(super) probe_watch: Option<ProbeWatch>,
+    /// Time deployed and time `Running` over the last 24 h.
+    pub(super) availability: crate::state::Availability,
+}
+
+/// A running probe task and the run it watches.
+#[derive(Debug)]
+pub(super) struct ProbeWatch {
+    pub(super) container_id: String,
+    pub(super) started_nanos: i64,
+    pub(super) stop: CancellationToken,
+}
+
+impl Drop for ProbeWatch {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// The container of an executable, as the engine last described it.
@@ -51,6 +78,9 @@ pub(super) struct Container {
     pub(super) started_at: Option<String>,
     /// The same in engine nanoseconds: older events are stale.
     pub(super) started_nanos: i64,
+    /// Its address on an isolated network, where berth's probes reach it;
+    /// `None` on the host network (127.0.0.1).
+    pub(super) ip_address: Option<String>,
 }
 
 impl Container {
@@ -62,6 +92,7 @@ impl Container {
             image: info.image.clone(),
             started_nanos: started_at.as_deref().map(parse_nanos).unwrap_or(0),
             started_at,
+            ip_address: info.ip_address.clone(),
         }
     }
 }
@@ -75,7 +106,8 @@ impl Exec {
         record: Option<ExecRecord>,
     ) -> Exec {
         let hash = spec_hash(&spec, &env);
-        let record = record.unwrap_or_default();
+        let mut record = record.unwrap_or_default();
+        let availability = std::mem::take(&mut record.availability);
         let life = recorded_life(&record);
         Exec {
             key,
@@ -94,6 +126,7 @@ impl Exec {
                 image: String::new(),
                 started_nanos: record.started_at.as_deref().map(parse_nanos).unwrap_or(0),
                 started_at: record.started_at,
+                ip_address: None,
             }),
             restart_count: record.restart_count,
             backoff: record.backoff,
@@ -102,6 +135,12 @@ impl Exec {
             lost_container: false,
             deferred: Vec::new(),
             rejected: None,
+            health: None,
+            evidence: None,
+            reading_evidence: false,
+            stop_first: false,
+            probe_watch: None,
+            availability,
         }
     }
 
@@ -126,6 +165,7 @@ impl Exec {
             image: String::new(),
             started_at: None,
             started_nanos: 0,
+            ip_address: None,
         });
         exec.shown = Shown::new(Status::Pending, Some("stopping".into()), None);
         exec.life = Life::Retiring { retry_at: None };
@@ -157,10 +197,32 @@ impl Exec {
 
     /// An engine call for it is in flight: its events wait.
     pub(super) fn busy(&self) -> bool {
-        matches!(
-            self.life,
-            Life::Starting { .. } | Life::Replacing(_) | Life::RollingBack
-        ) || (matches!(self.life, Life::Retiring { retry_at: None }) && self.container.is_some())
+        self.reading_evidence
+            || matches!(
+                self.life,
+                Life::Starting { .. } | Life::Replacing(_) | Life::RollingBack
+            )
+            || (matches!(self.life, Life::Retiring { retry_at: None }) && self.container.is_some())
+    }
+
+    /// The document's `health`: null without a probe; `starting` until the
+    /// probe's first verdict on a running container.
+    pub(super) fn health_shown(&self) -> Option<String> {
+        self.spec.probe.as_ref()?;
+        let running = matches!(self.life, Life::Running { .. } | Life::Proving { .. });
+        let health = match self.health {
+            None if running => crate::runtime::Health::Starting,
+            None => return None,
+            Some(h) => h,
+        };
+        Some(
+            match health {
+                crate::runtime::Health::Starting => "starting",
+                crate::runtime::Health::Healthy => "healthy",
+                crate::runtime::Health::Unhealthy => "unhealthy",
+            }
+            .to_string(),
+        )
     }
 
     /// What berth persists of it: derived, never written by hand.
@@ -183,6 +245,7 @@ impl Exec {
                 Life::Exited { code } => code,
                 _ => self.shown.exit_code,
             },
+            availability: self.availability.clone(),
         }
     }
 }
@@ -345,7 +408,7 @@ impl Deployment {
                     .as_ref()
                     .and_then(|c| c.started_at.as_deref())
                     .map(normalize_time),
-                health: None,
+                health: e.health_shown(),
             })
             .collect();
         let worst = executables.iter().min_by_key(|e| e.status);

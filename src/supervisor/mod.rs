@@ -30,6 +30,7 @@ mod exits;
 mod launch;
 mod lifecycle;
 mod live;
+mod metrics;
 mod operator;
 mod publish;
 mod reconcile;
@@ -115,6 +116,18 @@ enum Msg {
     Pulled {
         deployment: String,
         result: Result<(), (String, RuntimeError)>,
+        outcome: PullOutcome,
+    },
+    /// How far a deployment's pull has come (at most every 2 s).
+    PullProgress {
+        deployment: String,
+        image: String,
+        progress: crate::runtime::PullProgress,
+    },
+    /// Images berth pulled, and images a collection removed.
+    Collected {
+        pulled: Vec<String>,
+        removed: Vec<String>,
     },
     Launched {
         key: ExecKey,
@@ -146,6 +159,21 @@ enum Msg {
     Prepared {
         deployment: String,
         result: Result<Vec<(ExecKey, String)>, String>,
+    },
+    /// An exit, and its evidence once read (`None`: could not be read).
+    Evidence {
+        key: ExecKey,
+        input: Input,
+        evidence: Option<crate::runtime::ExitEvidence>,
+    },
+    /// The engine's figures for the `metrics` document.
+    Metrics(metrics::Reading),
+    /// berth's own probe changed its verdict on one run of a container.
+    Probed {
+        key: ExecKey,
+        container_id: String,
+        started_nanos: i64,
+        verdict: crate::probe::Verdict,
     },
     /// An operator's stop, start or restart (`operator.rs`).
     Operator(operator::OperatorMsg),
@@ -213,6 +241,8 @@ pub struct Supervisor<R, P> {
     down_position: Option<i64>,
     /// Executables an engine restart interrupted, for the next reconcile.
     interrupted: std::collections::HashSet<ExecKey>,
+    /// The `metrics` topic's bookkeeping.
+    metrics: metrics::Metrics,
 }
 
 impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
@@ -271,6 +301,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             ready_sent: false,
             down_position: None,
             interrupted: Default::default(),
+            metrics: Default::default(),
         };
         supervisor.converge(deployments, invalid);
         supervisor
@@ -321,6 +352,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 .watchdog_interval()
                 .unwrap_or(Duration::from_secs(3600)),
         );
+        let mut metrics_tick = self.config.metrics.interval.map(|every| {
+            let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick
+        });
         loop {
             let next_due = self.next_due();
             tokio::select! {
@@ -328,6 +364,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 _ = watchdog_tick.tick() => self.notifier.watchdog(),
                 Some(msg) = self.rx.recv() => self.handle(msg),
                 _ = sleep_until_opt(next_due) => self.fire_timers(),
+                _ = metrics::tick(&mut metrics_tick) => self.collect_metrics(),
                 _ = save_tick.tick() => {
                     if self.state_dirty {
                         self.save_state();
@@ -338,6 +375,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         }
         info!("berth supervisor stopping; containers keep running");
         self.notifier.stopping();
+        self.stop_probes();
         self.tracker.close();
         // Engine calls in flight finish (or are abandoned with the process:
         // the state already records any restart they were committed to); the
@@ -513,14 +551,28 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
 
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::EngineUp { replay, containers } => self.on_engine_up(replay, containers),
+            Msg::EngineUp { replay, containers } => {
+                self.on_engine_up(replay, containers);
+                // Containers the reconcile found running get their probes.
+                self.sync_all_probes();
+            }
             Msg::EngineDown { error } => self.on_engine_down(&error),
             Msg::Event(event) => {
                 crate::trace::die_received(&event);
                 self.note_position(event.time_nanos);
                 self.on_event(event);
             }
-            Msg::Pulled { deployment, result } => self.on_pulled(&deployment, result),
+            Msg::Pulled {
+                deployment,
+                result,
+                outcome,
+            } => self.on_pulled(&deployment, result, outcome),
+            Msg::PullProgress {
+                deployment,
+                image,
+                progress,
+            } => self.on_pull_progress(&deployment, &image, progress),
+            Msg::Collected { pulled, removed } => self.on_collected(pulled, removed),
             Msg::Launched {
                 key,
                 container_id,
@@ -532,6 +584,18 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             Msg::StateWrite(report) => self.on_state_write(report),
             Msg::Removed { key, result } => self.on_removed(&key, result),
             Msg::Prepared { deployment, result } => self.on_prepared(&deployment, result),
+            Msg::Metrics(reading) => self.on_metrics(reading),
+            Msg::Evidence {
+                key,
+                input,
+                evidence,
+            } => self.on_evidence(&key, input, evidence),
+            Msg::Probed {
+                key,
+                container_id,
+                started_nanos,
+                verdict,
+            } => self.on_probed(&key, &container_id, started_nanos, verdict),
             Msg::Operator(msg) => self.on_operator(msg),
         }
         self.provision_waiting();

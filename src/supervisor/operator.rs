@@ -380,6 +380,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             reason: "restarting at the operator's request".into(),
             restart_count,
             by: Some(by.to_string()),
+            signal: None,
+            oom_killed: None,
+            log_tail: None,
         });
         self.mark_dirty(&key.deployment);
         match container.filter(|_| was_running) {

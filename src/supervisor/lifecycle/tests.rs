@@ -481,3 +481,101 @@ fn what_does_not_apply_leaves_the_state_as_it_is() {
     assert_eq!(s.life, Life::Exited { code: Some(0) });
     assert!(s.effects.is_empty());
 }
+
+#[test]
+fn unhealthy_under_always_and_on_failure_is_a_counted_restart_at_once() {
+    for policy in [Always, OnFailure] {
+        let (s, _) = row(
+            running(),
+            Input::Unhealthy {
+                reason: "exec probe failed 3 times".into(),
+            },
+            policy,
+            2,
+        );
+        assert_eq!(
+            s.life,
+            Life::Starting {
+                counted: true,
+                then: None
+            },
+            "{policy}"
+        );
+        let after = Exit::Unhealthy("exec probe failed 3 times".into());
+        assert!(s.effects.contains(&Effect::Restart {
+            after: after.clone()
+        }));
+        assert_eq!(after.describe(), "unhealthy: exec probe failed 3 times");
+        assert_eq!(
+            shown(&s).reason.as_deref(),
+            Some("restarting after unhealthy: exec probe failed 3 times")
+        );
+        assert_eq!(s.backoff, Backoff { consecutive: 2 });
+    }
+}
+
+#[test]
+fn unhealthy_under_never_is_error_dep_e152_and_left_running() {
+    let (s, _) = row(
+        running(),
+        Input::Unhealthy {
+            reason: "GET http://127.0.0.1/ answered 500".into(),
+        },
+        Never,
+        0,
+    );
+    assert_eq!(s.life, running());
+    let reason = "unhealthy: GET http://127.0.0.1/ answered 500; restart policy never";
+    assert!(s.effects.contains(&Effect::Failed {
+        error_code: ErrorCode::ExecutableFailed,
+        exit_code: None,
+        reason: reason.into(),
+    }));
+    assert_eq!(shown(&s).status, Status::Error);
+    assert_eq!(shown(&s).error_code, Some(ErrorCode::ExecutableFailed));
+    assert!(!s
+        .effects
+        .iter()
+        .any(|e| matches!(e, Effect::Restart { .. } | Effect::Remove)));
+}
+
+#[test]
+fn a_new_version_unhealthy_within_min_ready_is_rolled_back() {
+    let proving = Life::Proving {
+        until: Instant::now() + Duration::from_secs(10),
+        previous: "old".into(),
+        killed: None,
+    };
+    let (s, _) = row(
+        proving,
+        Input::Unhealthy {
+            reason: "connection refused".into(),
+        },
+        Always,
+        0,
+    );
+    assert_eq!(s.life, Life::RollingBack);
+    assert!(s.effects.contains(&Effect::RollBack {
+        previous: "old".into(),
+        reason: "unhealthy within min_ready_secs: connection refused".into(),
+        error_code: ErrorCode::ExecutableFailed,
+    }));
+}
+
+#[test]
+fn unhealthy_while_not_running_changes_nothing() {
+    for life in [
+        Life::Idle,
+        Life::Exited { code: Some(1) },
+        Life::Interrupted,
+    ] {
+        let (s, _) = row(
+            life.clone(),
+            Input::Unhealthy { reason: "x".into() },
+            Always,
+            0,
+        );
+        assert_eq!(s.life, life);
+        assert!(s.effects.is_empty());
+    }
+}
