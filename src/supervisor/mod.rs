@@ -34,7 +34,9 @@ mod metrics;
 mod operator;
 mod publish;
 mod reconcile;
+mod retire;
 mod ros;
+mod update;
 mod writer;
 
 use crate::model::{
