@@ -4,6 +4,11 @@
 
 use super::*;
 
+/// How long an exit waits for its evidence (exit code, signal, OOM kill, the
+/// last lines of its log) before it is applied without: a few milliseconds
+/// on a quiet engine; a storm of exits must not hold the restarts.
+const EVIDENCE_WAIT: Duration = Duration::from_millis(250);
+
 impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     pub(super) fn on_event(&mut self, event: EngineEvent) {
         let Some(key) = key_from_labels(&event.labels) else {
@@ -56,14 +61,28 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 let tx = self.tx.clone();
                 let key = key.clone();
                 self.tracker.spawn(async move {
-                    let evidence = crate::runtime::exit_evidence(&*runtime, &id).await;
-                    if let Err(e) = &evidence {
-                        debug!(container = %short(&id), error = %e, "exit evidence unavailable");
-                    }
+                    // The exit waits for its evidence, but not for long: an
+                    // engine busy with a storm must not hold the restart.
+                    let evidence = match tokio::time::timeout(
+                        EVIDENCE_WAIT,
+                        crate::runtime::exit_evidence(&*runtime, &id),
+                    )
+                    .await
+                    {
+                        Ok(Ok(evidence)) => Some(evidence),
+                        Ok(Err(e)) => {
+                            debug!(container = %short(&id), error = %e, "exit evidence unavailable");
+                            None
+                        }
+                        Err(_) => {
+                            debug!(container = %short(&id), "exit evidence not read in time");
+                            None
+                        }
+                    };
                     let _ = tx.send(Msg::Evidence {
                         key,
                         input: died,
-                        evidence: evidence.ok(),
+                        evidence,
                     });
                 });
                 return;
