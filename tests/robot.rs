@@ -236,7 +236,8 @@ fn metrics_are_plausible_and_availability_drops_in_a_crash_loop() {
             "busy",
             &restart_policy("always"),
             TEST_IMAGE,
-            "trap 'exit 0' TERM; while true; do :; done",
+            // Two busy loops: more than half a core even on a loaded machine.
+            "trap 'exit 0' TERM; (while true; do :; done) & while true; do :; done",
         ),
     );
     s.berth.write_deployment(

@@ -216,7 +216,7 @@ async fn exit_leaves_its_last_lines_and_code() {
     assert_eq!(info.exit_code, Some(3));
     assert_eq!(info.signal(), None);
     assert!(!info.oom_killed);
-    let tail = engine.log_tail(&id).await.unwrap();
+    let tail = engine.log_tail(&id, None).await.unwrap();
     assert_eq!(tail.len(), 20, "{tail:?}");
     assert!(tail.contains(&"out 30".to_string()), "{tail:?}");
     assert!(tail.contains(&"err 29".to_string()), "{tail:?}");
@@ -245,9 +245,58 @@ async fn exit_leaves_its_last_lines_and_code() {
     let id = engine.create(&spec(&device, "long", long)).await.unwrap();
     engine.start(&id).await.unwrap();
     assert_eq!(await_die(&mut events, &id).await, Some(1));
-    let tail = engine.log_tail(&id).await.unwrap();
+    let tail = engine.log_tail(&id, None).await.unwrap();
     assert_eq!(tail.last().map(String::as_str), Some("end"));
     assert_eq!(tail.iter().map(String::len).sum::<usize>(), 4096);
+}
+
+/// The tail of an exited run can be read after the container was started
+/// again: cut at the exit's time, the new run's lines are not in it.
+#[tokio::test]
+async fn the_tail_of_a_run_is_read_after_the_next_started() {
+    let device = unique_id("tailuntil");
+    let _guard = EngineGuard::new(&device);
+    let engine = engine();
+    let mut events = engine.events(&device, None, None);
+    // Each run says which it is (a file in the container counts them); the
+    // second one writes five lines more, then waits.
+    let script = "n=$(cat /run-count 2>/dev/null || echo 0); n=$((n+1)); echo $n > /run-count; \
+                  echo run $n; echo last words of run $n >&2; \
+                  if [ $n = 1 ]; then exit 3; fi; \
+                  for i in 1 2 3 4 5; do echo run $n line $i; done; sleep 600";
+    let id = engine
+        .create(&spec(&device, "again", script))
+        .await
+        .unwrap();
+    engine.start(&id).await.unwrap();
+    let died = tokio::time::timeout(WAIT, async {
+        while let Some(event) = events.next().await {
+            let event = event.expect("event stream");
+            if event.container_id == id && matches!(event.action, EventAction::Die { .. }) {
+                return event.time_nanos;
+            }
+        }
+        panic!("the event stream ended")
+    })
+    .await
+    .expect("a die event");
+    engine.start(&id).await.unwrap();
+    // The second run has written its lines.
+    let mut whole = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        whole = engine.log_tail(&id, None).await.unwrap();
+        if whole.iter().any(|l| l == "run 2 line 5") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(whole.len(), 9, "both runs' lines: {whole:?}");
+    let tail = engine.log_tail(&id, Some(died)).await.unwrap();
+    let mut sorted = tail.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec!["last words of run 1", "run 1"], "{tail:?}");
+    engine.stop(&id, 0).await.unwrap();
 }
 
 #[tokio::test]

@@ -339,6 +339,34 @@ impl Event {
         self
     }
 
+    /// A `restart`, `manual_stop` or `error` event that carries an exit's
+    /// evidence.
+    pub fn has_evidence(&self) -> bool {
+        matches!(
+            self,
+            Event::Restart {
+                log_tail: Some(_),
+                ..
+            } | Event::ManualStop {
+                log_tail: Some(_),
+                ..
+            } | Event::Error {
+                log_tail: Some(_),
+                ..
+            }
+        )
+    }
+
+    /// Sets the log tail of an event that carries an exit's evidence.
+    pub fn set_log_tail(&mut self, lines: Vec<String>) {
+        if let Event::Restart { log_tail, .. }
+        | Event::ManualStop { log_tail, .. }
+        | Event::Error { log_tail, .. } = self
+        {
+            *log_tail = Some(lines);
+        }
+    }
+
     /// An `error` event about the device or berth itself.
     pub fn device_error(error_code: Option<ErrorCode>, reason: String) -> Event {
         Event::Error {

@@ -769,12 +769,20 @@ impl ContainerRuntime for DockerRuntime {
         }
     }
 
-    async fn log_tail(&self, id: &str) -> Result<Vec<String>> {
+    async fn log_tail(&self, id: &str, until_nanos: Option<i64>) -> Result<Vec<String>> {
         let docker = self.client()?;
+        // The engine's `until` is in whole seconds and applies after its
+        // tail: with an end, ask for the second that holds it, with
+        // timestamps to cut it exactly, and a longer tail for the lines of a
+        // new run that the engine counts in it.
         let options = LogsOptions {
             stdout: true,
             stderr: true,
-            tail: LOG_TAIL_LINES.to_string(),
+            timestamps: until_nanos.is_some(),
+            until: until_nanos.map_or(0, |n| {
+                i32::try_from(n.div_euclid(1_000_000_000) + 1).unwrap_or(i32::MAX)
+            }),
+            tail: (LOG_TAIL_LINES * if until_nanos.is_some() { 2 } else { 1 }).to_string(),
             ..Default::default()
         };
         let read = async {
@@ -788,7 +796,11 @@ impl ContainerRuntime for DockerRuntime {
             Ok(text)
         };
         let text = self.bounded("logs", id, read).await?;
-        Ok(bound_tail(&String::from_utf8_lossy(&text)))
+        let text = String::from_utf8_lossy(&text);
+        Ok(match until_nanos {
+            Some(until) => bound_tail(&super::lines_until(&text, until)),
+            None => bound_tail(&text),
+        })
     }
 
     async fn stats(&self, id: &str) -> Result<ContainerStats> {
@@ -1578,7 +1590,7 @@ mod tests {
             ..Default::default()
         };
         assert_unreachable_in_time("create", engine.create(&spec)).await;
-        assert_unreachable_in_time("log_tail", engine.log_tail("c1")).await;
+        assert_unreachable_in_time("log_tail", engine.log_tail("c1", None)).await;
         assert_unreachable_in_time("stats", engine.stats_from_engine("c1")).await;
         assert_unreachable_in_time("list_images", engine.list_images()).await;
         assert_unreachable_in_time("remove_image", engine.remove_image("img:1")).await;

@@ -883,7 +883,8 @@ impl ContainerRuntime for FakeRuntime {
         Ok(())
     }
 
-    async fn log_tail(&self, id: &str) -> Result<Vec<String>> {
+    /// The fake's lines carry no time: `until_nanos` is not applied.
+    async fn log_tail(&self, id: &str, _until_nanos: Option<i64>) -> Result<Vec<String>> {
         self.call(Call::LogTail(id.to_string()), Method::LogTail, Some(id))
             .await?;
         let inner = self.lock();
@@ -1297,7 +1298,7 @@ mod tests {
         assert!(info.oom_killed);
         assert_eq!(info.exit_code, Some(137));
         assert_eq!(info.signal(), Some("SIGKILL"));
-        let tail = fake.log_tail(&id).await.unwrap();
+        let tail = fake.log_tail(&id, None).await.unwrap();
         assert_eq!(tail.len(), 20);
         assert_eq!(tail.first().map(String::as_str), Some("line 10"));
         assert_eq!(tail.last().map(String::as_str), Some("line 29"));

@@ -471,22 +471,43 @@ pub struct ExitEvidence {
     pub log_tail: Vec<String>,
 }
 
-/// Inspects an exited container and reads its log tail: two engine calls,
-/// both bounded by the request timeout. A log that cannot be read leaves
-/// `log_tail` empty rather than losing the rest.
-pub async fn exit_evidence<R: ContainerRuntime>(runtime: &R, id: &str) -> Result<ExitEvidence> {
+/// What the engine's inspection of an exited container says of its exit
+/// (no log tail): one engine call, bounded by the request timeout.
+pub async fn exit_inspection<R: ContainerRuntime>(runtime: &R, id: &str) -> Result<ExitEvidence> {
     let info = runtime.inspect(id).await?;
-    let log_tail = match runtime.log_tail(id).await {
-        Ok(lines) => lines,
-        Err(RuntimeError::Unreachable(e)) => return Err(RuntimeError::Unreachable(e)),
-        Err(_) => Vec::new(),
-    };
     Ok(ExitEvidence {
         exit_code: info.exit_code,
         signal: info.signal().map(str::to_string),
         oom_killed: info.oom_killed,
-        log_tail,
+        log_tail: Vec::new(),
     })
+}
+
+/// The lines of a log read with timestamps (`<RFC 3339> <line>`, as the
+/// engine writes them) that were written until `until_nanos`, without their
+/// timestamps. A line without a timestamp is kept.
+pub fn lines_until(text: &str, until_nanos: i64) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let (written, rest) = match line.split_once(' ') {
+            Some((stamp, rest)) => match humantime::parse_rfc3339(stamp) {
+                Ok(t) => (Some(t), rest),
+                Err(_) => (None, line),
+            },
+            None => match humantime::parse_rfc3339(line) {
+                Ok(t) => (Some(t), ""),
+                Err(_) => (None, line),
+            },
+        };
+        let late = written
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .is_some_and(|d| d.as_nanos() > until_nanos.max(0) as u128);
+        if !late {
+            out.push_str(rest);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// Turns successive readings of each container's CPU counter into percent
@@ -600,8 +621,14 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Removes a network; one that does not exist is fine.
     fn remove_network(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
     /// The last lines the container wrote, both streams in order, bounded
-    /// by [`bound_tail`]: read once, after an exit.
-    fn log_tail(&self, id: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// by [`bound_tail`]: read once, after an exit. With `until_nanos`
+    /// (engine time), only what was written until then: the lines of an
+    /// exited run, read after the container was started again.
+    fn log_tail(
+        &self,
+        id: &str,
+        until_nanos: Option<i64>,
+    ) -> impl Future<Output = Result<Vec<String>>> + Send;
     /// One reading of the container's CPU and memory use.
     fn stats(&self, id: &str) -> impl Future<Output = Result<ContainerStats>> + Send;
     /// Every image on the device, with the containers created from it.
@@ -766,7 +793,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn exit_evidence_reads_inspection_and_log_once() {
+    async fn exit_inspection_reads_code_signal_and_oom() {
         let fake = fake::FakeRuntime::new().with_image("img:1");
         let spec = ContainerSpec {
             name: "c".into(),
@@ -778,31 +805,45 @@ mod tests {
         fake.start(&id).await.unwrap();
         fake.write_log("c", "bye");
         fake.exit("c", 139);
-        let evidence = exit_evidence(&fake, &id).await.unwrap();
+        let evidence = exit_inspection(&fake, &id).await.unwrap();
         assert_eq!(
             evidence,
             ExitEvidence {
                 exit_code: Some(139),
                 signal: Some("SIGSEGV".into()),
                 oom_killed: false,
-                log_tail: vec!["bye".into()],
+                log_tail: vec![],
             }
         );
         let json = serde_json::to_value(&evidence).unwrap();
         assert_eq!(
             json,
-            serde_json::json!({"exit_code": 139, "signal": "SIGSEGV", "oom_killed": false, "log_tail": ["bye"]})
+            serde_json::json!({"exit_code": 139, "signal": "SIGSEGV", "oom_killed": false, "log_tail": []})
         );
-        fake.fault(
-            fake::Method::LogTail,
-            None,
-            fake::Fault::Error(RuntimeError::NotFound(id.clone())),
-        );
-        assert!(exit_evidence(&fake, &id).await.unwrap().log_tail.is_empty());
+        assert_eq!(fake.log_tail(&id, None).await.unwrap(), vec!["bye"]);
         assert_eq!(
             serde_json::to_value(Health::Unhealthy).unwrap(),
             serde_json::json!("unhealthy")
         );
+    }
+
+    #[test]
+    fn a_log_read_with_timestamps_is_cut_at_the_exit() {
+        let text = "2026-12-02T01:30:17.820545123Z first\n\
+                    2026-12-02T01:30:17.999999999Z last words\n\
+                    not stamped\n\
+                    2026-12-02T01:30:18.000000001Z the next run\n";
+        let exit = humantime::parse_rfc3339("2026-12-02T01:30:18Z")
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i64;
+        assert_eq!(lines_until(text, exit), "first\nlast words\nnot stamped\n");
+        assert_eq!(
+            lines_until(text, exit + 1),
+            format!("{}the next run\n", lines_until(text, exit))
+        );
+        assert_eq!(lines_until("", exit), "");
     }
 
     #[test]

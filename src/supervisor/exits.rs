@@ -4,10 +4,23 @@
 
 use super::*;
 
-/// How long an exit waits for its evidence (exit code, signal, OOM kill, the
-/// last lines of its log) before it is applied without: a few milliseconds
-/// on a quiet engine; a storm of exits must not hold the restarts.
+/// How long the events of an exit wait for its log tail, and an exit by
+/// `SIGKILL` for the engine's inspection, before they go without: a few
+/// milliseconds on a quiet engine; a storm must not hold them.
 const EVIDENCE_WAIT: Duration = Duration::from_millis(250);
+
+/// The events of one exit of an executable, held until its log tail is
+/// read (at most [`EVIDENCE_WAIT`]) so that they carry it. The restart does
+/// not wait: the tail is read up to the exit's time, after the next start.
+#[derive(Debug)]
+pub(super) struct HeldExit {
+    pub(super) key: ExecKey,
+    /// The exit's engine time: which read answers it.
+    at: i64,
+    pub(super) docs: Vec<EventDoc>,
+    /// `Some` once the read is over: the lines, or `None` if it failed.
+    tail: Option<Option<Vec<String>>>,
+}
 
 impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     pub(super) fn on_event(&mut self, event: EngineEvent) {
@@ -43,8 +56,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 signal: signal.and_then(|s| s.parse().ok()),
             }),
             EventAction::Die { exit_code } => {
+                let code = exit_code.unwrap_or(0);
                 let died = Input::Died {
-                    code: exit_code.unwrap_or(0),
+                    code,
                     at: event.time_nanos,
                     ran_for: (container.started_nanos > 0).then(|| {
                         Duration::from_nanos(
@@ -52,39 +66,52 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                         )
                     }),
                 };
-                // The exit waits for its evidence (inspection and last log
-                // lines), read once, off the loop, before anything restarts it.
+                exec.probe_watch = None;
+                // The exit's evidence from the events themselves: the code,
+                // its signal, and the engine's `oom` that comes before it.
+                let evidence = crate::runtime::ExitEvidence {
+                    exit_code: Some(code),
+                    signal: crate::runtime::signal_name(code).map(str::to_string),
+                    oom_killed: container.oom_killed,
+                    log_tail: Vec::new(),
+                };
+                if code != 137 || container.oom_killed {
+                    self.on_evidence(&key, died, Some(evidence));
+                    return;
+                }
+                // Killed by `SIGKILL` with no word of an OOM kill: the exit
+                // waits (briefly) for the engine's inspection to say.
                 let id = container.id.clone();
                 exec.reading_evidence = true;
-                exec.probe_watch = None;
                 let runtime = self.runtime.clone();
                 let tx = self.tx.clone();
-                let key = key.clone();
                 self.tracker.spawn(async move {
-                    // The exit waits for its evidence, but not for long: an
-                    // engine busy with a storm must not hold the restart.
-                    let evidence = match tokio::time::timeout(
+                    let read = tokio::time::timeout(
                         EVIDENCE_WAIT,
-                        crate::runtime::exit_evidence(&*runtime, &id),
+                        crate::runtime::exit_inspection(&*runtime, &id),
                     )
-                    .await
-                    {
-                        Ok(Ok(evidence)) => Some(evidence),
+                    .await;
+                    let evidence = match read {
+                        Ok(Ok(inspected)) => inspected,
                         Ok(Err(e)) => {
-                            debug!(container = %short(&id), error = %e, "exit evidence unavailable");
-                            None
+                            debug!(container = %short(&id), error = %e, "exit inspection unavailable");
+                            evidence
                         }
                         Err(_) => {
-                            debug!(container = %short(&id), "exit evidence not read in time");
-                            None
+                            debug!(container = %short(&id), "exit inspection not read in time");
+                            evidence
                         }
                     };
                     let _ = tx.send(Msg::Evidence {
                         key,
                         input: died,
-                        evidence,
+                        evidence: Some(evidence),
                     });
                 });
+                return;
+            }
+            EventAction::Oom => {
+                container.oom_killed = true;
                 return;
             }
             EventAction::Health { healthy } => {
@@ -108,6 +135,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     return; // berth's own start, already applied
                 }
                 container.started_nanos = event.time_nanos;
+                container.oom_killed = false;
                 container.started_at = Some(timestamp(
                     SystemTime::UNIX_EPOCH + Duration::from_nanos(event.time_nanos as u64),
                 ));
@@ -124,7 +152,8 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         self.feed(&key, input);
     }
 
-    /// An exit's evidence is read: the exit is applied, its events carry it.
+    /// An exit is applied with what is known of it; its log tail is read
+    /// meanwhile, and its events wait for it (see [`HeldExit`]).
     pub(super) fn on_evidence(
         &mut self,
         key: &ExecKey,
@@ -136,11 +165,78 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         };
         exec.reading_evidence = false;
         exec.evidence = evidence;
+        let container = exec.container.as_ref().map(|c| c.id.clone());
+        if let (Input::Died { at, .. }, Some(id)) = (&input, container) {
+            self.held.push(HeldExit {
+                key: key.clone(),
+                at: *at,
+                docs: Vec::new(),
+                tail: None,
+            });
+            self.read_tail(key, id, *at);
+        }
         self.feed(key, input);
         if let Some(dep) = self.deployments.get_mut(&key.deployment) {
             dep.update_phase();
         }
         self.apply_deferred(key);
+    }
+
+    /// Reads the log of the run that ended at `at`, off the loop.
+    fn read_tail(&self, key: &ExecKey, id: String, at: i64) {
+        let runtime = self.runtime.clone();
+        let tx = self.tx.clone();
+        let key = key.clone();
+        self.tracker.spawn(async move {
+            let lines =
+                match tokio::time::timeout(EVIDENCE_WAIT, runtime.log_tail(&id, Some(at))).await {
+                    Ok(Ok(lines)) => Some(lines),
+                    Ok(Err(e)) => {
+                        debug!(container = %short(&id), error = %e, "log tail unavailable");
+                        None
+                    }
+                    Err(_) => {
+                        debug!(container = %short(&id), "log tail not read in time");
+                        None
+                    }
+                };
+            let _ = tx.send(Msg::LogTail { key, at, lines });
+        });
+    }
+
+    /// An exit's log tail is read: its held events go out with it.
+    pub(super) fn on_log_tail(&mut self, key: &ExecKey, at: i64, lines: Option<Vec<String>>) {
+        if let Some(held) = self
+            .held
+            .iter_mut()
+            .find(|h| &h.key == key && h.at == at && h.tail.is_none())
+        {
+            held.tail = Some(lines);
+        }
+        self.release_held(false);
+    }
+
+    /// Publishes the held exits whose tail is read and that no earlier exit
+    /// of the same executable holds back (`all`: every one, at shutdown).
+    pub(super) fn release_held(&mut self, all: bool) {
+        let mut waiting: Vec<ExecKey> = Vec::new();
+        let mut i = 0;
+        while i < self.held.len() {
+            let h = &self.held[i];
+            if (all || h.tail.is_some()) && !waiting.contains(&h.key) {
+                let h = self.held.remove(i);
+                let mut tail = h.tail.flatten();
+                for mut doc in h.docs {
+                    if let Some(lines) = tail.take_if(|_| doc.event.has_evidence()) {
+                        doc.event.set_log_tail(lines);
+                    }
+                    self.publish_event(doc);
+                }
+            } else {
+                waiting.push(h.key.clone());
+                i += 1;
+            }
+        }
     }
 
     /// A verdict of berth's own (`tcp`, `http`) probe on one run of a container.
@@ -322,7 +418,8 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             } => {
                 warn!(executable = %key, reason, "failed");
                 let evidence = self.exec_any_mut(key).and_then(|e| e.evidence.take());
-                self.event(
+                self.exec_event(
+                    key,
                     Event::exec_error(key, error_code, exit_code, reason)
                         .with_evidence(evidence.as_ref()),
                 );
@@ -330,7 +427,8 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             Effect::ManualStop { exit_code } => {
                 info!(executable = %key, "stopped manually; restart policy suspended until reboot");
                 let evidence = self.exec_any_mut(key).and_then(|e| e.evidence.take());
-                self.event(
+                self.exec_event(
+                    key,
                     Event::ManualStop {
                         deployment: key.deployment.clone(),
                         component: key.component.clone(),
@@ -346,12 +444,15 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             }
             Effect::Restarted => {
                 let restart_count = self.exec_mut(key).map_or(0, |e| e.restart_count);
-                self.event(Event::Restarted {
-                    deployment: key.deployment.clone(),
-                    component: key.component.clone(),
-                    executable: key.executable.clone(),
-                    restart_count,
-                });
+                self.exec_event(
+                    key,
+                    Event::Restarted {
+                        deployment: key.deployment.clone(),
+                        component: key.component.clone(),
+                        executable: key.executable.clone(),
+                        restart_count,
+                    },
+                );
             }
             // What an operator did by hand: on disk at once.
             Effect::SaveNow => self.save_state(),
@@ -391,7 +492,8 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         }
         let restart_count = exec.restart_count;
         info!(executable = %key, exit_code, restart_count, "restarting");
-        self.event(
+        self.exec_event(
+            key,
             Event::Restart {
                 deployment: key.deployment.clone(),
                 component: key.component.clone(),

@@ -434,6 +434,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 started_at: None,
                 started_nanos: 0,
                 ip_address: None,
+                oom_killed: false,
             });
         }
         if matches!(exec.life, Life::Retiring { .. }) {

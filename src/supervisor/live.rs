@@ -40,8 +40,8 @@ pub(super) struct Exec {
     pub(super) health: Option<crate::runtime::Health>,
     /// The crash evidence of its last exit, until an event carries it.
     pub(super) evidence: Option<crate::runtime::ExitEvidence>,
-    /// Its exit's evidence is being read: the exit waits for it, and its
-    /// events with it.
+    /// Its exit's inspection is being read (an exit by `SIGKILL` that the
+    /// engine did not call an OOM kill): the exit waits for it.
     pub(super) reading_evidence: bool,
     /// berth stops its container before the next start (an unhealthy restart).
     pub(super) stop_first: bool,
@@ -81,6 +81,8 @@ pub(super) struct Container {
     /// Its address on an isolated network, where berth's probes reach it;
     /// `None` on the host network (127.0.0.1).
     pub(super) ip_address: Option<String>,
+    /// The engine said `oom` during this run (it does before the `die`).
+    pub(super) oom_killed: bool,
 }
 
 impl Container {
@@ -93,6 +95,7 @@ impl Container {
             started_nanos: started_at.as_deref().map(parse_nanos).unwrap_or(0),
             started_at,
             ip_address: info.ip_address.clone(),
+            oom_killed: false,
         }
     }
 }
@@ -127,6 +130,7 @@ impl Exec {
                 started_nanos: record.started_at.as_deref().map(parse_nanos).unwrap_or(0),
                 started_at: record.started_at,
                 ip_address: None,
+                oom_killed: false,
             }),
             restart_count: record.restart_count,
             backoff: record.backoff,
@@ -166,6 +170,7 @@ impl Exec {
             started_at: None,
             started_nanos: 0,
             ip_address: None,
+            oom_killed: false,
         });
         exec.shown = Shown::new(Status::Pending, Some("stopping".into()), None);
         exec.life = Life::Retiring { retry_at: None };

@@ -168,6 +168,12 @@ enum Msg {
         input: Input,
         evidence: Option<crate::runtime::ExitEvidence>,
     },
+    /// The log tail of the exit at `at` (`None`: could not be read in time).
+    LogTail {
+        key: ExecKey,
+        at: i64,
+        lines: Option<Vec<String>>,
+    },
     /// The engine's figures for the `metrics` document.
     Metrics(metrics::Reading),
     /// berth's own probe changed its verdict on one run of a container.
@@ -203,6 +209,8 @@ pub struct Supervisor<R, P> {
     /// Restart commitments not yet durable, with their generation: their
     /// launches wait for it.
     commitments: BTreeMap<ExecKey, u64>,
+    /// The events of exits whose log tail is being read, in order.
+    held: Vec<exits::HeldExit>,
     /// The state write failure last reported, while writes fail.
     state_write_error: Option<String>,
     /// Problems found reading the state at start-up (`DEP_E302`), reported
@@ -279,6 +287,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             writer,
             writer_task: Some(writer_task),
             commitments: BTreeMap::new(),
+            held: Vec::new(),
             state_write_error: None,
             state_problems: Vec::new(),
             reload_seq: 0,
@@ -394,6 +403,8 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         while let Ok(msg) = self.rx.try_recv() {
             self.settle(msg);
         }
+        // Events held for a log tail go out with what was read.
+        self.release_held(true);
         // The writer writes the last snapshot and ends.
         self.save_state();
         self.writer.close();
@@ -406,6 +417,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
 
     /// During shutdown: records a start that completed, and nothing else.
     fn settle(&mut self, msg: Msg) {
+        if let Msg::LogTail { key, at, lines } = msg {
+            self.on_log_tail(&key, at, lines);
+            return;
+        }
         if let Msg::Launched {
             key,
             result: Ok(info),
@@ -592,6 +607,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 input,
                 evidence,
             } => self.on_evidence(&key, input, evidence),
+            Msg::LogTail { key, at, lines } => self.on_log_tail(&key, at, lines),
             Msg::Probed {
                 key,
                 container_id,

@@ -251,11 +251,29 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     }
 
     pub(super) fn event(&self, event: Event) {
-        let doc = EventDoc {
+        self.publish_event(self.event_doc(event));
+    }
+
+    /// An event about one executable: held behind an exit of it whose log
+    /// tail is being read, so that its events keep their order.
+    pub(super) fn exec_event(&mut self, key: &ExecKey, event: Event) {
+        let doc = self.event_doc(event);
+        match self.held.iter_mut().rev().find(|h| &h.key == key) {
+            Some(held) => held.docs.push(doc),
+            None => self.publish_event(doc),
+        }
+    }
+
+    /// An event stamped now.
+    pub(super) fn event_doc(&self, event: Event) -> EventDoc {
+        EventDoc {
             device_id: self.config.device_id.clone(),
             time: timestamp(SystemTime::now()),
             event,
-        };
+        }
+    }
+
+    pub(super) fn publish_event(&self, doc: EventDoc) {
         self.reporter.publish(
             Topic::Events,
             serde_json::to_value(doc).expect("documents serialize"),

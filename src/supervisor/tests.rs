@@ -11,7 +11,7 @@ use super::*;
 use crate::config::{DockerSettings, LogSettings, MqttSettings, RestartSettings, RosSettings};
 use crate::model::{labels, Command, ComponentSpec, Limits, RestartPolicy};
 use crate::report::MemoryReporter;
-use crate::runtime::fake::{Call, FakeRuntime};
+use crate::runtime::fake::{Call, FakeRuntime, Fault, Method};
 
 const DEVICE: &str = "robot-42";
 const BOOT: &str = "3f1c0d6e-boot-1";
@@ -192,6 +192,22 @@ impl Harness {
                 Instant::now() < deadline,
                 "timed out waiting for {what}; latest document: {:#}",
                 latest.unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits until an event satisfies `pred`; returns the first that does.
+    async fn wait_event(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(event) = self.events().into_iter().find(|e| pred(e)) {
+                return event;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; events: {:#?}",
+                self.events()
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

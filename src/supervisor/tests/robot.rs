@@ -148,7 +148,7 @@ async fn exits_carry_their_evidence_in_their_events() {
     }
     h.runtime.exit(NAME, 3);
     h.running(1).await;
-    let restart = events_named(&h, "restart").pop().unwrap();
+    let restart = h.wait_event("restart", |e| e["event"] == "restart").await;
     assert_eq!(restart["exit_code"], 3);
     assert_eq!(restart["oom_killed"], false);
     assert_eq!(restart.get("signal"), None, "no signal for exit 3");
@@ -159,7 +159,9 @@ async fn exits_carry_their_evidence_in_their_events() {
     h.runtime.manual_kill(NAME);
     h.wait_for("stopped by hand", |d| exe(d)["status"] == "Stopped")
         .await;
-    let stop = events_named(&h, "manual_stop").pop().unwrap();
+    let stop = h
+        .wait_event("manual_stop", |e| e["event"] == "manual_stop")
+        .await;
     assert_eq!(stop["signal"], "SIGKILL");
     assert_eq!(stop["exit_code"], 137);
     h.shutdown().await;
@@ -173,10 +175,76 @@ async fn exits_carry_their_evidence_in_their_events() {
     h.running(0).await;
     h.runtime.oom_kill(NAME);
     h.wait_for("Error", |d| exe(d)["status"] == "Error").await;
-    let error = events_named(&h, "error").pop().unwrap();
+    let error = h.wait_event("error", |e| e["event"] == "error").await;
     assert_eq!(error["oom_killed"], true);
     assert_eq!(error["signal"], "SIGKILL");
     assert_eq!(error["exit_code"], 137);
+    h.shutdown().await;
+}
+
+/// An exit is restarted without waiting for its log tail: the restart is
+/// started at once, and its events wait for the tail (at most 250 ms) so
+/// that they carry it, in order.
+#[tokio::test(start_paused = true)]
+async fn a_restart_does_not_wait_for_the_log_tail_its_event_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = fake();
+    let h = Harness::start(
+        runtime.clone(),
+        dir.path(),
+        deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker"),
+    );
+    h.running(0).await;
+    runtime.fault_times(
+        Method::LogTail,
+        None,
+        Fault::Delay(Duration::from_millis(100)),
+        1,
+    );
+    runtime.write_log(NAME, "last words");
+    let exited = Instant::now();
+    runtime.exit(NAME, 3);
+    h.running(1).await;
+    assert!(
+        exited.elapsed() < Duration::from_millis(100),
+        "started before the tail is read"
+    );
+    assert!(
+        events_named(&h, "restart").is_empty(),
+        "the event waits for the tail"
+    );
+    let restart = h.wait_event("restart", |e| e["event"] == "restart").await;
+    // Polled every 5 ms of paused time: it went out when the tail came.
+    let waited = exited.elapsed();
+    assert!(
+        waited >= Duration::from_millis(100) && waited <= Duration::from_millis(105),
+        "{waited:?}"
+    );
+    assert_eq!(restart["log_tail"], serde_json::json!(["last words"]));
+    let names: Vec<Value> = h
+        .events()
+        .iter()
+        .map(|e| e["event"].clone())
+        .filter(|name| name != "phase")
+        .collect();
+    assert_eq!(names, ["restart", "restarted"], "in order");
+
+    // A tail that never comes: the events go out after 250 ms without it.
+    runtime.fault(Method::LogTail, None, Fault::Hang);
+    let exited = Instant::now();
+    runtime.exit(NAME, 4);
+    h.running(2).await;
+    let restart = h
+        .wait_event("second restart", |e| {
+            e["event"] == "restart" && e["exit_code"] == 4
+        })
+        .await;
+    let waited = exited.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited <= Duration::from_millis(255),
+        "{waited:?}"
+    );
+    assert_eq!(restart["log_tail"], serde_json::json!([]));
     h.shutdown().await;
 }
 
