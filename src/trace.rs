@@ -3,7 +3,9 @@
 //! per record, `<kind> <executable> <nanos>`:
 //!
 //! - `kind` is `die` (a `die` event received from the engine, as the loop
-//!   takes it) or `start-request` (right before the start call to the engine);
+//!   takes it), `committed` (a restart's durable record is on disk: its
+//!   launch goes ahead) or `start-request` (right before the start call to
+//!   the engine);
 //! - `executable` is `deployment/component/executable` from the container's
 //!   labels (the container id when it has none of berth's labels);
 //! - `nanos` is CLOCK_REALTIME in nanoseconds since the epoch, the clock of
@@ -32,6 +34,8 @@ static TRACE: OnceLock<File> = OnceLock::new();
 pub enum Kind {
     /// A `die` event of one of berth's containers reached the loop.
     Die,
+    /// A restart's commitment is durable; its launch goes ahead.
+    Committed,
     /// berth is about to ask the engine to start a container.
     StartRequest,
 }
@@ -40,6 +44,7 @@ impl Kind {
     fn as_str(self) -> &'static str {
         match self {
             Kind::Die => "die",
+            Kind::Committed => "committed",
             Kind::StartRequest => "start-request",
         }
     }
@@ -57,6 +62,14 @@ pub fn enable(path: &Path) -> io::Result<()> {
 pub fn die_received(event: &EngineEvent) {
     if TRACE.get().is_some() && matches!(event.action, EventAction::Die { .. }) {
         record(Kind::Die, &event.labels, &event.container_id);
+    }
+}
+
+/// Records that a restart's commitment is durable, for the container so
+/// labelled.
+pub fn committed(container_labels: &BTreeMap<String, String>, container_id: &str) {
+    if TRACE.get().is_some() {
+        record(Kind::Committed, container_labels, container_id);
     }
 }
 

@@ -333,11 +333,15 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         } else {
             self.engine_slots.clone()
         };
+        let committed = self.commitments.contains_key(&key);
         let durable = self.durable_commitment(&key);
         self.tracker.spawn(async move {
             // No restart starts without its record on disk.
             if !durable.await {
                 return;
+            }
+            if committed {
+                crate::trace::committed(&spec.labels, container_id.as_deref().unwrap_or(""));
             }
             let _lane = match crash_lane {
                 Some(lane) => Some(lane.acquire_owned().await),

@@ -2,7 +2,9 @@
 //! that the loop never waits for a disk. The loop hands it restart
 //! commitments (appended to the restart log, one `fdatasync` for all that
 //! are queued) and whole snapshots of the state (every 2 s when something
-//! changed, at once for a manual stop; the latest wins). Each job has a
+//! changed, at once for a manual stop; the latest wins). Commitments go
+//! first: a round that appends them ends there and reports them durable, and
+//! a snapshot is written in a round when none is queued. Each job has a
 //! generation; `durable` says up to which one the commitments are on disk,
 //! and a launch waits for its own before it asks the engine to start the
 //! container. A write that fails is retried with back-off, and the loop is
@@ -116,6 +118,8 @@ async fn run(
 ) {
     let mut intents: Vec<(u64, Intent)> = Vec::new();
     let mut snapshot: Option<(u64, Box<State>)> = None;
+    // Commitments in the log that no snapshot on disk holds yet.
+    let mut appended: Vec<(u64, Intent)> = Vec::new();
     let mut delay = RETRY_INITIAL;
     let mut failing = false;
     let mut open = true;
@@ -134,12 +138,12 @@ async fn run(
             }
         }
         let (back, error) = tokio::task::spawn_blocking(move || {
-            let error = write(&mut journal, &mut intents, &mut snapshot);
-            ((journal, intents, snapshot), error)
+            let error = write(&mut journal, &mut intents, &mut snapshot, &mut appended);
+            ((journal, intents, snapshot, appended), error)
         })
         .await
         .expect("the state writer does not panic");
-        (journal, intents, snapshot) = back;
+        (journal, intents, snapshot, appended) = back;
         let (error, done) = error;
         if let Some(generation) = done {
             durable.send_if_modified(|d| {
@@ -184,50 +188,49 @@ fn add(job: Job, intents: &mut Vec<(u64, Intent)>, snapshot: &mut Option<(u64, B
     }
 }
 
-/// One round of writing: the commitments first (the launches wait for
-/// them), then the snapshot, which also holds them. Returns the error, if
-/// any, and the generation now durable, if it moved. What is written is
-/// taken out of `intents` and `snapshot`; what failed stays for a retry.
+/// One round of writing: the commitments queued, if any (the launches wait
+/// for them: the round ends there, so that they are reported durable
+/// without waiting for a snapshot), else the snapshot, which also holds the
+/// commitments appended since it was taken (`appended`) before it rotates
+/// the log they are in. Returns the error, if any, and the generation now
+/// durable, if it moved. What is written is taken out of `intents` and
+/// `snapshot`; what failed stays for a retry.
 fn write(
     journal: &mut Journal,
     intents: &mut Vec<(u64, Intent)>,
     snapshot: &mut Option<(u64, Box<State>)>,
+    appended: &mut Vec<(u64, Intent)>,
 ) -> (Option<StateError>, Option<u64>) {
-    let mut error = None;
-    let mut done = None;
-    let mut appended = Vec::new();
     if !intents.is_empty() {
         let lines: Vec<Intent> = intents.iter().map(|(_, i)| i.clone()).collect();
-        match journal.append(&lines) {
+        return match journal.append(&lines) {
             Ok(()) => {
-                done = intents.last().map(|(g, _)| *g);
-                appended = std::mem::take(intents);
+                let done = intents.last().map(|(g, _)| *g);
+                appended.append(intents);
+                (None, done)
             }
-            Err(e) => error = Some(e),
-        }
+            Err(e) => (Some(e), None),
+        };
     }
-    if let Some((generation, state)) = snapshot.as_mut() {
-        // Commitments queued after the snapshot was taken are folded in, so
-        // that the new file holds all of them before the log they are in is
-        // rotated away.
-        for (_, intent) in appended
-            .iter()
-            .chain(intents.iter())
-            .filter(|(g, _)| *g > *generation)
-        {
-            state.apply_intent(intent);
-        }
-        match journal.compact(state) {
-            Ok(()) => {
-                let newest = intents.last().map_or(*generation, |(g, _)| *g);
-                done = Some(done.unwrap_or(0).max(newest).max(*generation));
-                intents.clear();
-                *snapshot = None;
-            }
-            Err(e) => error = Some(e),
-        }
+    let Some((generation, state)) = snapshot.as_mut() else {
+        return (None, None);
+    };
+    // Commitments made after the snapshot was taken are folded in, so that
+    // the new file holds all of them before the log they are in is rotated
+    // away.
+    for (_, intent) in appended.iter().filter(|(g, _)| *g > *generation) {
+        state.apply_intent(intent);
     }
-    (error, done)
+    match journal.compact(state) {
+        Ok(()) => {
+            let newest = appended.last().map_or(*generation, |(g, _)| *g);
+            let done = Some(newest.max(*generation));
+            appended.clear();
+            *snapshot = None;
+            (None, done)
+        }
+        Err(e) => (Some(e), None),
+    }
 }
 
 #[cfg(test)]
@@ -264,10 +267,17 @@ mod tests {
         let mut journal = Journal::new(store.clone());
         let mut intents = vec![(2, intent(1))];
         let mut snapshot = Some((1, Box::new(State::default())));
-        let (error, done) = write(&mut journal, &mut intents, &mut snapshot);
+        let mut appended = Vec::new();
+        let (error, done) = write(&mut journal, &mut intents, &mut snapshot, &mut appended);
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(done, Some(2), "durable before the snapshot is written");
+        assert!(intents.is_empty() && snapshot.is_some());
+        assert!(!store.path().exists(), "in the log only");
+        assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 1);
+        let (error, done) = write(&mut journal, &mut intents, &mut snapshot, &mut appended);
         assert!(error.is_none(), "{error:?}");
         assert_eq!(done, Some(2));
-        assert!(intents.is_empty() && snapshot.is_none());
+        assert!(snapshot.is_none() && appended.is_empty());
         assert_eq!(file_count(&store), 1, "folded into state.json");
         assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 1);
     }
@@ -280,10 +290,14 @@ mod tests {
         // The record was removed (deprovisioned) after its last commitment.
         let mut intents = vec![(1, intent(3))];
         let mut snapshot = Some((2, Box::new(State::default())));
-        let (error, done) = write(&mut journal, &mut intents, &mut snapshot);
-        assert!(error.is_none(), "{error:?}");
-        assert_eq!(done, Some(2));
+        let mut appended = Vec::new();
+        for _ in 0..2 {
+            let (error, _) = write(&mut journal, &mut intents, &mut snapshot, &mut appended);
+            assert!(error.is_none(), "{error:?}");
+        }
+        assert!(snapshot.is_none());
         assert_eq!(file_count(&store), 0);
+        assert!(store.load().unwrap().executables.is_empty());
     }
 
     #[test]
@@ -294,7 +308,8 @@ mod tests {
         store.fail_writes.store(true, SeqCst);
         let mut intents = vec![(1, intent(1))];
         let mut snapshot = Some((2, Box::new(State::default())));
-        let (error, done) = write(&mut journal, &mut intents, &mut snapshot);
+        let mut appended = Vec::new();
+        let (error, done) = write(&mut journal, &mut intents, &mut snapshot, &mut appended);
         assert!(error.is_some());
         assert_eq!(done, None, "nothing durable");
         assert_eq!(intents.len(), 1);
@@ -302,9 +317,14 @@ mod tests {
 
         store.fail_writes.store(false, SeqCst);
         intents.push((3, intent(2)));
-        let (error, done) = write(&mut journal, &mut intents, &mut snapshot);
+        let (error, done) = write(&mut journal, &mut intents, &mut snapshot, &mut appended);
         assert!(error.is_none(), "{error:?}");
         assert_eq!(done, Some(3));
+        assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 2);
+        let (error, done) = write(&mut journal, &mut intents, &mut snapshot, &mut appended);
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(done, Some(3));
+        assert!(snapshot.is_none());
         assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 2);
     }
 

@@ -51,7 +51,7 @@ impl Options {
 /// One trace record of berth's (src/trace.rs).
 #[derive(Debug, Clone)]
 pub struct TraceLine {
-    /// `die` or `start-request`.
+    /// `die`, `committed` or `start-request`.
     pub kind: String,
     /// `deployment/component/executable`.
     pub executable: String,

@@ -143,6 +143,40 @@ pub fn traced(
     (received, requested)
 }
 
+/// berth's `committed` trace record of `executable` between two moments:
+/// when its restart's record was on disk.
+pub fn committed_between(trace: &[TraceLine], executable: &str, from: i64, to: i64) -> Option<i64> {
+    trace
+        .iter()
+        .find(|t| {
+            t.kind == "committed" && t.executable == executable && t.nanos >= from && t.nanos <= to
+        })
+        .map(|t| t.nanos)
+}
+
+/// This disk's `fdatasync` of a small append, as berth's restart log does
+/// it, `samples` times (ms): the floor of a durable restart record.
+pub fn fdatasync_floor(dir: &Path, samples: usize) -> Result<Vec<f64>> {
+    use std::io::Write;
+    let path = dir.join("fdatasync-floor");
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let mut took = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        file.write_all(&[b'x'; 120])?;
+        let t = std::time::Instant::now();
+        file.sync_data()?;
+        took.push(t.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    drop(file);
+    let _ = fs::remove_file(&path);
+    Ok(took)
+}
+
 fn ms(ns: i64) -> f64 {
     ns as f64 / 1e6
 }
@@ -284,6 +318,9 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     let mut berth_total: [Vec<f64>; 2] = Default::default();
     let mut engine_total: [Vec<f64>; 2] = Default::default();
     let (mut own, mut delivery, mut engine_work) = (Vec::new(), Vec::new(), Vec::new());
+    // The first restarts' own share in two: die received → record durable,
+    // record durable → start request.
+    let (mut own_write, mut own_rest) = (Vec::new(), Vec::new());
     let mut own_later = Vec::new();
     let mut floor = Vec::new();
     let (mut mqtt_restart, mut mqtt_error) = (Vec::new(), Vec::new());
@@ -296,6 +333,10 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
                 if let (Some(rc), Some(rq)) = (received, requested) {
                     if k == 0 {
                         own.push(ms(rq - rc));
+                        if let Some(c) = committed_between(&trace, &key, rc, rq) {
+                            own_write.push(ms(c - rc));
+                            own_rest.push(ms(rq - c));
+                        }
                         delivery.push(ms(rc - die));
                         engine_work.push(ms(start - rq));
                     } else {
@@ -445,6 +486,37 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
                 .berth("no die / start-request trace records")
                 .target(format!("p99 ≤ {own_target} ms"), false),
         ),
+    }
+    if let (Some(w), Some(r)) = (dist(&own_write), dist(&own_rest)) {
+        rows.push(
+            Row::new(
+                1,
+                "… of which: die received → restart record durable (one `fdatasync`), p50 / p99",
+            )
+            .berth(p50_p99(&w)),
+        );
+        rows.push(
+            Row::new(
+                1,
+                "… of which: record durable → start request sent, p50 / p99",
+            )
+            .berth(p50_p99(&r))
+            .target(format!("p99 ≤ {own_target} ms"), r.p99 <= own_target),
+        );
+    }
+    match fdatasync_floor(&dir, if ctx.quick { 20 } else { 200 }) {
+        Ok(took) => {
+            if let Some(d) = dist(&took) {
+                rows.push(
+                    Row::new(
+                        1,
+                        "this disk: one `fdatasync` of a small append (the floor of a durable record), p50 / p99",
+                    )
+                    .other(format!("floor: {}", p50_p99(&d))),
+                );
+            }
+        }
+        Err(e) => eprintln!("berth-bench: fdatasync floor: {e:#}"),
     }
     if let Some(d) = dist(&own_later) {
         rows.push(
