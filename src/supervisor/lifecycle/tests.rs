@@ -1,6 +1,9 @@
 //! The transition table, one test per row, named after it.
 
 use super::*;
+use crate::backoff::Backoff;
+use crate::config::RestartSettings;
+use tokio::time::Instant;
 use RestartPolicy::*;
 
 const SECOND: Duration = Duration::from_secs(1);
