@@ -229,6 +229,9 @@ pub enum Event {
         executable: String,
         exit_code: Option<i64>,
         reason: String,
+        /// Who asked, for an operator's `stop`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
         /// The crash evidence of the exit, read once right after it (SPEC 9).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         signal: Option<String>,

@@ -426,7 +426,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             }
             Effect::ManualStop { exit_code } => {
                 info!(executable = %key, "stopped manually; restart policy suspended until reboot");
-                let evidence = self.exec_any_mut(key).and_then(|e| e.evidence.take());
+                let (evidence, by) = self
+                    .exec_any_mut(key)
+                    .map(|e| (e.evidence.take(), e.stop_by.take()))
+                    .unwrap_or_default();
                 self.exec_event(
                     key,
                     Event::ManualStop {
@@ -435,6 +438,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                         executable: key.executable.clone(),
                         exit_code,
                         reason: MANUAL_STOP_REASON.into(),
+                        by,
                         signal: None,
                         oom_killed: None,
                         log_tail: None,

@@ -455,6 +455,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 exec.pending_restart = None;
                 exec.health = None;
                 exec.evidence = None;
+                exec.stop_by = None;
                 info!(executable = %key, container = %short(&info.id), restart_count = exec.restart_count, "started");
                 if swapping {
                     Input::Swapped

@@ -43,6 +43,9 @@ pub(super) struct Exec {
     /// Its exit's inspection is being read (an exit by `SIGKILL` that the
     /// engine did not call an OOM kill): the exit waits for it.
     pub(super) reading_evidence: bool,
+    /// Who asked for the stop under way (an operator's `stop`), for its
+    /// `manual_stop` event.
+    pub(super) stop_by: Option<String>,
     /// berth stops its container before the next start (an unhealthy restart).
     pub(super) stop_first: bool,
     /// The task running its `tcp` or `http` probe, for this container and start.
@@ -142,6 +145,7 @@ impl Exec {
             health: None,
             evidence: None,
             reading_evidence: false,
+            stop_by: None,
             stop_first: false,
             probe_watch: None,
             availability,

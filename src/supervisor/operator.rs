@@ -267,6 +267,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 continue;
             };
             let container = exec.container_id().map(str::to_string);
+            if request.action == Action::Stop {
+                exec.stop_by = Some(by.clone());
+            }
             match (request.action, container) {
                 (Action::Stop, Some(id)) if running(&exec.life) => stops.push(id),
                 (Action::Stop, _) => {
@@ -627,8 +630,16 @@ mod tests {
         );
         assert_eq!(exe(&doc)["exit_code"], 143);
         assert_eq!(doc["restart_count"], 0);
-        let stops = l.events("manual_stop");
+        let mut stops = l.events("manual_stop");
+        for _ in 0..1000 {
+            if !stops.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            stops = l.events("manual_stop");
+        }
         assert_eq!(stops.len(), 1, "{stops:?}");
+        assert_eq!(stops[0]["by"], "test", "who asked");
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(l.starts(), 1, "not restarted under always");
         assert!(!l.runtime.container(NAME).unwrap().running);
