@@ -593,7 +593,8 @@ fn reaction(ctx: &Ctx) -> Result<Vec<Row>> {
             ITEM,
             format!(
                 "… of which detection: the file appears → engine `health_status: unhealthy` \
-                 (inherent: up to period × threshold = {} s, plus the probe runs)",
+                 (inherent: up to period × threshold = {} s, plus the probe runs: the engine \
+                 waits a period after each run ends), p50 / max",
                 FAST_PERIOD_SECS * u64::from(FAST_THRESHOLD)
             ),
         )
