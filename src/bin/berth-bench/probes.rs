@@ -61,6 +61,8 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
 struct Side {
     window_s: f64,
     berth_cpu: f64,
+    /// berth's CPU time in the window, in ticks (the reading's resolution).
+    berth_ticks: u64,
     rss_median_kb: u64,
     rss_max_kb: u64,
     dockerd_cpu: f64,
@@ -90,8 +92,12 @@ fn cost(ctx: &Ctx) -> Result<Vec<Row>> {
                  without probes and metrics, as shipped, over {window:.0} s"
             ),
         )
-        .berth(pct(with.berth_cpu))
-        .other(format!("{} (without)", pct(without.berth_cpu)))
+        .berth(format!("{} ({} ticks)", pct(with.berth_cpu), with.berth_ticks))
+        .other(format!(
+            "{} ({} ticks, without)",
+            pct(without.berth_cpu),
+            without.berth_ticks
+        ))
         .ratio(diff(with.berth_cpu, without.berth_cpu)),
         Row::new(ITEM, "… berth resident memory (VmRSS), median / max over the window")
             .berth(format!(
@@ -278,6 +284,7 @@ fn measure_side(ctx: &Ctx, n: usize, probes: bool) -> Result<Side> {
     Ok(Side {
         window_s,
         berth_cpu: sys::cpu_percent(&first, &last),
+        berth_ticks: last.cpu_ticks.saturating_sub(first.cpu_ticks),
         rss_median_kb: rss[rss.len() / 2],
         rss_max_kb: rss[rss.len() - 1],
         dockerd_cpu: share(engine_first.dockerd, engine_last.dockerd),
