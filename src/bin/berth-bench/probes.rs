@@ -48,6 +48,9 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
         Ok(rows) => rows,
         Err(e) => vec![Row::error(ITEM, "probes and metrics: cost", &e)],
     };
+    if sys::interrupted() {
+        return Ok(rows);
+    }
     match reaction(ctx) {
         Ok(more) => rows.extend(more),
         Err(e) => rows.push(Row::error(ITEM, "probe failure → restart", &e)),
