@@ -1,6 +1,8 @@
 //! Robot realities end to end (issue "robot realities"), against the real
-//! engine and broker: liveness probes restart or fail an executable, and an
-//! exit's events carry its evidence (last log lines, OOM kill).
+//! engine, broker and registries of the tests' own: liveness probes restart
+//! or fail an executable, an exit's events carry its evidence (last log
+//! lines, OOM kill), metrics, image collection, a pull that cannot fit, and
+//! a boot with the registry stopped.
 
 mod common;
 
@@ -325,31 +327,38 @@ fn an_update_that_never_becomes_healthy_is_rolled_back() {
     assert_eq!(container_state(old.as_str().unwrap())["Running"], true);
 }
 
-/// A robot booting offline: `pull = "always"` with the registry out of
-/// reach and the image present runs the present image, and says so.
-#[test]
-fn pull_always_with_the_registry_unreachable_runs_the_present_image() {
-    let mut s = Harness::new("offline", |c| c);
-    // A registry address nothing listens on, and the image under its name.
-    let image = format!(
-        "127.0.0.1:{}/berth/{}:1",
-        free_port(),
-        s.berth.device_id().to_lowercase()
-    );
-    docker(&["tag", TEST_IMAGE, &image]);
-    struct Untag(String);
-    impl Drop for Untag {
-        fn drop(&mut self) {
-            let _ = try_docker(&["rmi", &self.0]);
-        }
-    }
-    let _untag = Untag(image.clone());
-    let file = deployment_toml("boot", &restart_policy("always"), &image, UNTIL_SIGTERM).replace(
+/// `pull = "always"` for the executable of deployment file `file`.
+fn pull_always(file: &str, image: &str) -> String {
+    let file = file.replace(
         &format!("image = \"{image}\""),
         &format!("image = \"{image}\"\npull = \"always\""),
     );
     assert!(file.contains("pull = \"always\""));
-    s.berth.write_deployment("boot", &file);
+    file
+}
+
+/// A robot booting offline: the image was pulled from a registry of the
+/// test's own, which is then stopped; `pull = "always"` runs the present
+/// image, and says so.
+#[test]
+fn pull_always_with_the_registry_stopped_runs_the_present_image() {
+    let mut registry = Registry::new();
+    let mut s = Harness::new("offline", |c| c);
+    let image = registry.push(
+        TEST_IMAGE,
+        &format!("berth/{}:1", s.berth.device_id().to_lowercase()),
+    );
+    // On the device as a pull leaves it, then the registry goes away.
+    docker(&["rmi", &image]);
+    registry.pull(&image);
+    registry.stop();
+    s.berth.write_deployment(
+        "boot",
+        &pull_always(
+            &deployment_toml("boot", &restart_policy("always"), &image, UNTIL_SIGTERM),
+            &image,
+        ),
+    );
     s.berth.start();
     let said = s.wait("boot", |d| {
         exe(d)["reason"]
@@ -357,8 +366,61 @@ fn pull_always_with_the_registry_unreachable_runs_the_present_image() {
             .is_some_and(|r| r.contains("running the image present on the device"))
     });
     assert_eq!(exe(&said)["status"], "Pending");
+    let reason = exe(&said)["reason"].as_str().unwrap();
+    assert!(reason.contains("pull failed"), "{reason}");
     let doc = s.wait("boot", |d| d["status"] == "Running");
     assert_eq!(exe(&doc)["image"], image.as_str());
+    let container = exe(&doc)["container_id"].as_str().unwrap();
+    assert_eq!(container_state(container)["Running"], true);
+}
+
+/// A pull that cannot fit, with the real engine and registry: `min_free_mb`
+/// above the data root's free space, so a collection (which finds nothing
+/// of berth's to remove) leaves it short, and the pull of an image absent
+/// from the device never starts.
+#[test]
+fn a_pull_that_cannot_fit_is_dep_e305_and_pulls_nothing() {
+    let registry = Registry::new();
+    let mut s = Harness::new("nofit", |c| c);
+    let image = registry.push(
+        TEST_IMAGE,
+        &format!("berth/{}:1", s.berth.device_id().to_lowercase()),
+    );
+    // Only in the registry now.
+    docker(&["rmi", &image]);
+    let present = || try_docker(&["image", "inspect", &image]).is_ok();
+    assert!(!present());
+    // A petabyte: more than any test machine's data root holds.
+    let config = std::fs::read_to_string(s.berth.config_path()).unwrap();
+    s.berth
+        .write_raw_config(&format!("{config}\n[images]\nmin_free_mb = 1000000000\n"));
+    s.berth.write_deployment(
+        "big",
+        &pull_always(
+            &deployment_toml("big", &restart_policy("always"), &image, UNTIL_SIGTERM),
+            &image,
+        ),
+    );
+    s.berth.start();
+    let doc = s.wait("big", |d| d["status"] == "Error");
+    assert_eq!(doc["error_code"], "DEP_E305", "{doc}");
+    assert_eq!(exe(&doc)["error_code"], "DEP_E305", "{doc}");
+    let reason = exe(&doc)["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with(&format!("no room to pull image {image}: ")),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("[images] min_free_mb is 1000000000"),
+        "{reason}"
+    );
+    let error = event(&s, |e| e["event"] == "error" && e["deployment"] == "big");
+    assert_eq!(error["error_code"], "DEP_E305");
+    assert!(!present(), "the image was not pulled");
+    assert!(
+        containers(s.berth.device_id()).is_empty(),
+        "no container was created"
+    );
 }
 
 /// Builds a distinct image from the test image (a label of its own), so

@@ -788,6 +788,17 @@ impl Registry {
         read_lossy(&self.dir.path().join("registry.log"))
     }
 
+    /// Stops the registry process, as a registry out of reach; its data
+    /// and the images it pushed stay until it is dropped.
+    pub fn stop(&mut self) {
+        kill_and_reap(&mut self.child);
+        assert!(
+            http_status(self.port, "/v2/").is_none(),
+            "the registry on port {} still answers after it was stopped",
+            self.port
+        );
+    }
+
     /// Runs the docker CLI with a config directory of this registry's own
     /// (so that parallel tests never share `~/.docker/config.json`), logged
     /// in for the duration of the command when the registry has auth.

@@ -30,6 +30,9 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Arm the watchdog as the systemd unit does (`WatchdogSec=30`).
     pub watchdog: bool,
+    /// Appended to the agent config as it is (more sections, e.g.
+    /// `[metrics]`).
+    pub extra_config: String,
 }
 
 impl Options {
@@ -44,6 +47,7 @@ impl Options {
             backoff_reset_after_secs: 60,
             env: Vec::new(),
             watchdog: false,
+            extra_config: String::new(),
         }
     }
 }
@@ -102,7 +106,7 @@ impl Berth {
              \n[docker]\nhost = {}\n\
              \n[mqtt]\nurl = {}\ntopic_prefix = \"berth\"\nkeep_alive_secs = 30\n\
              \n[restart]\nbackoff_initial_ms = {}\nbackoff_max_secs = {}\nbackoff_reset_after_secs = {}\n\
-             \n[log]\nlevel = \"info\"\nformat = \"text\"\n",
+             \n[log]\nlevel = \"info\"\nformat = \"text\"\n{}",
             s(&o.device_id),
             p(self.deployments_dir()),
             p(self.state_dir()),
@@ -112,6 +116,7 @@ impl Berth {
             o.backoff_initial_ms,
             o.backoff_max_secs,
             o.backoff_reset_after_secs,
+            o.extra_config,
         )
     }
 

@@ -28,6 +28,7 @@ mod build;
 mod burst;
 mod engine;
 mod mqtt;
+mod probes;
 mod provision;
 mod reboot;
 mod report;
@@ -113,6 +114,9 @@ enum Bench {
     Footprint,
     /// 8: the release build from scratch (only when named: it takes minutes).
     Build,
+    /// 9: what exec probes and metrics cost berth and the engine, and probe
+    /// failure → restart.
+    Probes,
 }
 
 /// What every benchmark gets.
@@ -374,6 +378,9 @@ fn run_lanes(ctx: &Ctx, selected: &dyn Fn(Bench) -> bool) -> (Vec<Row>, Vec<Stri
     }
     if selected(Bench::Reboot) {
         step("reboot recovery", 4, &reboot::run);
+    }
+    if selected(Bench::Probes) {
+        step("probes and metrics", 9, &probes::run);
     }
     if selected(Bench::Build) {
         step("build cost", 8, &build::run);
