@@ -1,6 +1,7 @@
 //! `berth run --trace-file`: the real binary against the real engine, with
 //! an executable that exits once. The trace must show its first start
-//! request, the die berth received, and the start request of the restart,
+//! request, the die berth received, the restart's durable record, and the
+//! start request of the restart,
 //! in that order, on the engine's clock (CLOCK_REALTIME): the die is
 //! recorded after the container's own `FinishedAt`.
 
@@ -98,15 +99,17 @@ fn the_trace_shows_die_received_and_start_requests_on_the_engines_clock() {
             .collect()
     };
     assert!(
-        wait_until(WAIT, || kinds(&traced).len() >= 3),
-        "no start request, die and start request in the trace: {:?}; log:\n{}",
+        wait_until(WAIT, || kinds(&traced).len() >= 4),
+        "no start request, die, commitment and start request in the trace: {:?}; log:\n{}",
         traced.records(),
         fs::read_to_string(berth.dir().join("traced.log")).unwrap_or_default()
     );
     let records = traced.records();
+    // The first start is not a restart: no commitment; the restart's record
+    // is durable before its start is asked for.
     assert_eq!(
-        kinds(&traced)[..3],
-        ["start-request", "die", "start-request"],
+        kinds(&traced)[..4],
+        ["start-request", "die", "committed", "start-request"],
         "{records:?}"
     );
     for (_, executable, nanos) in &records {
@@ -116,8 +119,11 @@ fn the_trace_shows_die_received_and_start_requests_on_the_engines_clock() {
             "a record before berth started: {records:?}"
         );
     }
-    let (first, die, second) = (records[0].2, records[1].2, records[2].2);
-    assert!(first <= die && die <= second, "out of order: {records:?}");
+    let (first, die, committed, second) = (records[0].2, records[1].2, records[2].2, records[3].2);
+    assert!(
+        first <= die && die <= committed && committed <= second,
+        "out of order: {records:?}"
+    );
 
     // The die reached berth after the process had exited, by the engine's
     // own account, on the same clock.

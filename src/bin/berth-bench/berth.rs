@@ -179,9 +179,13 @@ impl Berth {
         command
             .arg("run")
             .arg("--config")
-            .arg(self.dir.join("berth.toml"))
-            .arg("--trace-file")
-            .arg(self.trace_path())
+            .arg(self.dir.join("berth.toml"));
+        // An older berth (`--berth`, for a before/after comparison) may not
+        // have a trace file: its own share is then not measured.
+        if has_trace_file(&self.bin) {
+            command.arg("--trace-file").arg(self.trace_path());
+        }
+        command
             .env_remove("RUST_LOG")
             .env_remove("BERTH_CONFIG")
             .env_remove("NOTIFY_SOCKET")
@@ -336,4 +340,19 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))
+}
+
+/// Whether the berth binary `bin` takes `run --trace-file` (its help says so).
+fn has_trace_file(bin: &Path) -> bool {
+    static KNOWN: std::sync::Mutex<Vec<(PathBuf, bool)>> = std::sync::Mutex::new(Vec::new());
+    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, has)) = known.iter().find(|(b, _)| b == bin) {
+        return *has;
+    }
+    let has = Command::new(bin)
+        .args(["run", "--help"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--trace-file"));
+    known.push((bin.to_path_buf(), has));
+    has
 }
