@@ -243,6 +243,11 @@ impl Berth {
     }
 
     /// Its trace records so far, in the order written.
+    /// Whether this berth writes a trace file (an older one does not).
+    pub fn traces(&self) -> bool {
+        has_trace_file(&self.bin)
+    }
+
     pub fn trace(&self) -> Vec<TraceLine> {
         let text = fs::read_to_string(self.trace_path()).unwrap_or_default();
         text.lines()

@@ -481,6 +481,10 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
             .berth(format!("{} (n = {})", p50_p99(&d), d.n))
             .target(format!("p99 ≤ {own_target} ms"), d.p99 <= own_target),
         ),
+        None if !berth.traces() => rows.push(
+            Row::new(1, "berth's own share (trace)")
+                .berth("not measured: this berth writes no trace file"),
+        ),
         None => rows.push(
             Row::new(1, "berth's own share (trace)")
                 .berth("no die / start-request trace records")
