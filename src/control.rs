@@ -76,14 +76,21 @@ pub struct Snapshot<P> {
     changes: tokio::sync::watch::Sender<u64>,
 }
 
+/// Each document as the text published: a document as a `Value` takes
+/// several times its size in memory, and it is read back only when asked.
 #[derive(Default)]
 struct Latest {
-    agent: Option<Value>,
+    agent: Option<String>,
     /// Sorted by deployment id, the order `berth status` shows them in.
-    deployments: BTreeMap<String, Value>,
-    ros_master: Option<Value>,
+    deployments: BTreeMap<String, String>,
+    ros_master: Option<String>,
     /// The latest `metrics` document, for `berth status --wide`.
-    metrics: Option<Value>,
+    metrics: Option<String>,
+}
+
+/// A document kept as text, read back.
+fn parsed(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::Null)
 }
 
 impl<P> Snapshot<P> {
@@ -98,7 +105,7 @@ impl<P> Snapshot<P> {
     /// The latest document of deployment `id`.
     pub fn deployment(&self, id: &str) -> Option<Value> {
         let latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
-        latest.deployments.get(id).cloned()
+        latest.deployments.get(id).map(|text| parsed(text))
     }
 
     /// Changes whenever a deployment document is published: subscribe
@@ -111,11 +118,12 @@ impl<P> Snapshot<P> {
     /// "ros_master": …}`, null where nothing was published yet.
     pub fn status(&self) -> Value {
         let latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+        let one = |text: &Option<String>| text.as_deref().map(parsed);
         json!({
-            "agent": latest.agent,
-            "deployments": latest.deployments.values().collect::<Vec<_>>(),
-            "ros_master": latest.ros_master,
-            "metrics": latest.metrics,
+            "agent": one(&latest.agent),
+            "deployments": latest.deployments.values().map(|t| parsed(t)).collect::<Vec<_>>(),
+            "ros_master": one(&latest.ros_master),
+            "metrics": one(&latest.metrics),
         })
     }
 }
@@ -125,12 +133,12 @@ impl<P: Reporter> Reporter for Snapshot<P> {
         {
             let mut latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
             match &topic {
-                Topic::Agent => latest.agent = Some(payload.clone()),
+                Topic::Agent => latest.agent = Some(payload.to_string()),
                 Topic::Deployment(id) => {
-                    latest.deployments.insert(id.clone(), payload.clone());
+                    latest.deployments.insert(id.clone(), payload.to_string());
                 }
-                Topic::RosMaster => latest.ros_master = Some(payload.clone()),
-                Topic::Metrics => latest.metrics = Some(payload.clone()),
+                Topic::RosMaster => latest.ros_master = Some(payload.to_string()),
+                Topic::Metrics => latest.metrics = Some(payload.to_string()),
                 Topic::Events => {}
             }
         }

@@ -237,7 +237,9 @@ impl Shared {
 
 #[derive(Debug, Default)]
 struct Pending {
-    latest: BTreeMap<Topic, Value>,
+    /// Kept as the text sent: a document as a `Value` takes several times
+    /// its size in memory, and a robot keeps one per deployment.
+    latest: BTreeMap<Topic, String>,
     /// Retained topics whose latest document the broker has not been sent.
     dirty: BTreeSet<Topic>,
     events: VecDeque<Value>,
@@ -252,7 +254,7 @@ struct Pending {
 impl Pending {
     fn set_latest(&mut self, topic: Topic, payload: Value) {
         self.dirty.insert(topic.clone());
-        self.latest.insert(topic, payload);
+        self.latest.insert(topic, payload.to_string());
     }
 
     fn push_event(&mut self, payload: Value) {
@@ -572,7 +574,7 @@ impl Link {
                 let Some(payload) = pending.latest.get(&topic) else {
                     continue;
                 };
-                let payload = payload.to_string();
+                let payload = payload.clone();
                 if self.send(&topic, payload, Sent::Retained).is_err() {
                     pending.dirty.insert(topic);
                     return;
@@ -1438,7 +1440,7 @@ mod tests {
         let mut pending = Pending::default();
         pending.set_latest(Topic::Agent, json!(1));
         pending.set_latest(Topic::Agent, json!(2));
-        assert_eq!(pending.latest[&Topic::Agent], json!(2));
+        assert_eq!(pending.latest[&Topic::Agent], json!(2).to_string());
         assert_eq!(pending.dirty.len(), 1);
     }
 

@@ -77,7 +77,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
             format!("release build of `berth` from scratch ({cores} cores, crates downloaded)"),
         )
         .berth(format!("{:.0} s ({:.1} min)", took, took / 60.0)),
-        Row::new(8, "release binary size (stripped, LTO, opt-level s)").berth(format!(
+        Row::new(8, "release binary size (stripped, LTO, opt-level z)").berth(format!(
             "{:.2} MB ({size} bytes)",
             size as f64 / 1024.0 / 1024.0
         )),
