@@ -141,6 +141,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 ));
                 exec.launched = true;
                 exec.shown.exit_code = None;
+                exec.stop_by = None;
                 Input::StartedByHand
             }
             EventAction::Destroy => {
@@ -165,6 +166,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         };
         exec.reading_evidence = false;
         exec.evidence = evidence;
+        exec.evidence_at = match &input {
+            Input::Died { at, .. } => Some(*at),
+            _ => None,
+        };
         let container = exec.container.as_ref().map(|c| c.id.clone());
         if let (Input::Died { at, .. }, Some(id)) = (&input, container) {
             self.held.push(HeldExit {
@@ -231,6 +236,15 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                         doc.event.set_log_tail(lines);
                     }
                     self.publish_event(doc);
+                }
+                // No event took it yet (a restart after a back-off): the
+                // exit's evidence keeps it for the event to come.
+                if let (Some(lines), Some(exec)) = (tail, self.exec_any_mut(&h.key)) {
+                    if exec.evidence_at == Some(h.at) {
+                        if let Some(evidence) = exec.evidence.as_mut() {
+                            evidence.log_tail = lines;
+                        }
+                    }
                 }
             } else {
                 waiting.push(h.key.clone());

@@ -40,6 +40,8 @@ pub(super) struct Exec {
     pub(super) health: Option<crate::runtime::Health>,
     /// The crash evidence of its last exit, until an event carries it.
     pub(super) evidence: Option<crate::runtime::ExitEvidence>,
+    /// The engine time of that exit: which log tail belongs to it.
+    pub(super) evidence_at: Option<i64>,
     /// Its exit's inspection is being read (an exit by `SIGKILL` that the
     /// engine did not call an OOM kill): the exit waits for it.
     pub(super) reading_evidence: bool,
@@ -144,6 +146,7 @@ impl Exec {
             rejected: None,
             health: None,
             evidence: None,
+            evidence_at: None,
             reading_evidence: false,
             stop_by: None,
             stop_first: false,

@@ -267,13 +267,15 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 continue;
             };
             let container = exec.container_id().map(str::to_string);
-            if request.action == Action::Stop {
-                exec.stop_by = Some(by.clone());
-            }
             match (request.action, container) {
-                (Action::Stop, Some(id)) if running(&exec.life) => stops.push(id),
+                (Action::Stop, Some(id)) if running(&exec.life) => {
+                    // Its `manual_stop` says who asked.
+                    exec.stop_by = Some(by.clone());
+                    stops.push(id);
+                }
                 (Action::Stop, _) => {
                     if !matches!(exec.life, Life::Suspended { .. }) {
+                        exec.stop_by = Some(by.clone());
                         // Nothing runs: suspended as after a removal by hand.
                         self.feed(key, Input::Removed);
                     }
@@ -339,13 +341,16 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             return;
         }
         info!(executable = %key, by, "started by the operator");
-        self.event(Event::Start {
-            deployment: key.deployment.clone(),
-            component: key.component.clone(),
-            executable: key.executable.clone(),
-            reason: "started by the operator".into(),
-            by: by.to_string(),
-        });
+        self.exec_event(
+            key,
+            Event::Start {
+                deployment: key.deployment.clone(),
+                component: key.component.clone(),
+                executable: key.executable.clone(),
+                reason: "started by the operator".into(),
+                by: by.to_string(),
+            },
+        );
         self.feed(key, Input::Launch { restart: None });
     }
 
@@ -375,18 +380,21 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             None,
         );
         info!(executable = %key, by, restart_count, "restarting at the operator's request");
-        self.event(Event::Restart {
-            deployment: key.deployment.clone(),
-            component: key.component.clone(),
-            executable: key.executable.clone(),
-            exit_code: None,
-            reason: "restarting at the operator's request".into(),
-            restart_count,
-            by: Some(by.to_string()),
-            signal: None,
-            oom_killed: None,
-            log_tail: None,
-        });
+        self.exec_event(
+            key,
+            Event::Restart {
+                deployment: key.deployment.clone(),
+                component: key.component.clone(),
+                executable: key.executable.clone(),
+                exit_code: None,
+                reason: "restarting at the operator's request".into(),
+                restart_count,
+                by: Some(by.to_string()),
+                signal: None,
+                oom_killed: None,
+                log_tail: None,
+            },
+        );
         self.mark_dirty(&key.deployment);
         match container.filter(|_| was_running) {
             Some(id) => {

@@ -271,14 +271,17 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 at: timestamp(SystemTime::now()),
             });
             let version = dep.spec.package_version.clone();
-            self.event(Event::Rollback {
-                deployment: key.deployment.clone(),
-                component: key.component.clone(),
-                executable: key.executable.clone(),
-                package_version: version,
-                error_code,
-                reason,
-            });
+            self.exec_event(
+                key,
+                Event::Rollback {
+                    deployment: key.deployment.clone(),
+                    component: key.component.clone(),
+                    executable: key.executable.clone(),
+                    package_version: version,
+                    error_code,
+                    reason,
+                },
+            );
         }
         let name = container_name(&device, key);
         let runtime = self.runtime.clone();

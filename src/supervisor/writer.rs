@@ -21,6 +21,10 @@ use crate::state::{Intent, Journal, State, StateError};
 /// Back-off of retries after a failed write.
 const RETRY_INITIAL: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(10);
+/// Commitments appended since the last snapshot after which a waiting
+/// snapshot is written in the same round (so that an endless stream of
+/// commitments cannot starve it and grow the log without bound).
+const SNAPSHOT_AFTER: usize = 64;
 
 enum Job {
     Intent(u64, Intent),
@@ -201,19 +205,24 @@ fn write(
     snapshot: &mut Option<(u64, Box<State>)>,
     appended: &mut Vec<(u64, Intent)>,
 ) -> (Option<StateError>, Option<u64>) {
+    let mut done = None;
     if !intents.is_empty() {
         let lines: Vec<Intent> = intents.iter().map(|(_, i)| i.clone()).collect();
-        return match journal.append(&lines) {
+        match journal.append(&lines) {
             Ok(()) => {
-                let done = intents.last().map(|(g, _)| *g);
+                done = intents.last().map(|(g, _)| *g);
                 appended.append(intents);
-                (None, done)
             }
-            Err(e) => (Some(e), None),
-        };
+            Err(e) => return (Some(e), None),
+        }
+        // The launches waiting for them go ahead now; the snapshot waits for
+        // a round of its own, unless commitments never stop coming.
+        if appended.len() < SNAPSHOT_AFTER {
+            return (None, done);
+        }
     }
     let Some((generation, state)) = snapshot.as_mut() else {
-        return (None, None);
+        return (None, done);
     };
     // Commitments made after the snapshot was taken are folded in, so that
     // the new file holds all of them before the log they are in is rotated
@@ -229,7 +238,7 @@ fn write(
             *snapshot = None;
             (None, done)
         }
-        Err(e) => (Some(e), None),
+        Err(e) => (Some(e), done),
     }
 }
 
@@ -298,6 +307,24 @@ mod tests {
         assert!(snapshot.is_none());
         assert_eq!(file_count(&store), 0);
         assert!(store.load().unwrap().executables.is_empty());
+    }
+
+    #[test]
+    fn commitments_that_never_stop_do_not_starve_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut journal = Journal::new(store.clone());
+        let mut snapshot = Some((1, Box::new(State::default())));
+        let mut appended = Vec::new();
+        for n in 0..SNAPSHOT_AFTER as u64 {
+            let mut intents = vec![(n + 2, intent(n + 1))];
+            let (error, done) = write(&mut journal, &mut intents, &mut snapshot, &mut appended);
+            assert!(error.is_none(), "{error:?}");
+            assert_eq!(done, Some(n + 2));
+        }
+        assert!(snapshot.is_none(), "written in the round of the 64th");
+        assert!(appended.is_empty());
+        assert_eq!(file_count(&store), SNAPSHOT_AFTER as u64);
     }
 
     #[test]

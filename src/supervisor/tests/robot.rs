@@ -156,6 +156,22 @@ async fn exits_carry_their_evidence_in_their_events() {
     assert_eq!(tail.last().unwrap(), "giving up");
     assert!(tail.iter().any(|l| l == "lost the map"));
 
+    // A second exit is restarted after a back-off: its event, made then,
+    // still carries the tail read right after the exit.
+    h.runtime.write_log(NAME, "lost it again");
+    h.runtime.exit(NAME, 5);
+    h.running(2).await;
+    let restart = h
+        .wait_event("second restart", |e| {
+            e["event"] == "restart" && e["exit_code"] == 5
+        })
+        .await;
+    assert_eq!(
+        restart["log_tail"].as_array().unwrap().last().unwrap(),
+        "lost it again",
+        "{restart}"
+    );
+
     h.runtime.manual_kill(NAME);
     h.wait_for("stopped by hand", |d| exe(d)["status"] == "Stopped")
         .await;
