@@ -196,6 +196,45 @@ pub fn valid_key_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// A command refused before its signature is checked: why, the request id
+/// to reply to when the payload names a valid one, and the key it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub request_id: Option<String>,
+    pub key_id: String,
+    pub refusal: Refusal,
+}
+
+/// Decodes a command as it comes off the broker: `command` is the last
+/// level of its topic, `payload` the JSON envelope. What this accepts still
+/// has to pass [`Verifier::verify`].
+pub fn decode(command: &str, payload: &[u8]) -> Result<(CommandName, Envelope), Rejected> {
+    let envelope: Envelope = match serde_json::from_slice(payload) {
+        Ok(envelope) => envelope,
+        Err(e) => {
+            // Without a request id there is no topic to reply on; the
+            // refusal is an event only.
+            let request_id = serde_json::from_slice::<serde_json::Value>(payload)
+                .ok()
+                .and_then(|v| v.get("request_id")?.as_str().map(str::to_string))
+                .filter(|id| valid_request_id(id));
+            return Err(Rejected {
+                request_id,
+                key_id: String::new(),
+                refusal: Refusal::Malformed(e.to_string()),
+            });
+        }
+    };
+    match CommandName::parse(command) {
+        Some(name) => Ok((name, envelope)),
+        None => Err(Rejected {
+            request_id: valid_request_id(&envelope.request_id).then(|| envelope.request_id.clone()),
+            key_id: envelope.key_id,
+            refusal: Refusal::UnknownCommand(command.to_string()),
+        }),
+    }
+}
+
 /// Checks the signature, the time and the request id of commands for one
 /// device.
 #[derive(Debug)]

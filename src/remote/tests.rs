@@ -589,3 +589,43 @@ fn envelopes_read_what_any_fleet_tool_writes() {
     assert_eq!(CommandName::parse("apply"), Some(CommandName::Apply));
     assert_eq!(CommandName::parse("reboot"), None);
 }
+
+#[test]
+fn a_payload_is_decoded_or_rejected_with_the_id_to_reply_to() {
+    let good = br#"{"request_id":"r-1","issued_at":"2026-11-28T16:00:00Z","payload":"app","key_id":"ops","signature":"c2ln"}"#;
+    let (command, envelope) = decode("restart", good).expect("an envelope");
+    assert_eq!(command, CommandName::Restart);
+    assert_eq!(
+        (envelope.request_id.as_str(), envelope.key_id.as_str()),
+        ("r-1", "ops")
+    );
+
+    let unknown = decode("reboot", good).expect_err("no such command");
+    assert_eq!(
+        unknown,
+        Rejected {
+            request_id: Some("r-1".into()),
+            key_id: "ops".into(),
+            refusal: Refusal::UnknownCommand("reboot".into()),
+        }
+    );
+
+    // Malformed: the request id is still read, when it is a valid one.
+    let wrong_type = br#"{"request_id":"r-2","issued_at":"2026-11-28T16:00:00Z","payload":5}"#;
+    let rejected = decode("stop", wrong_type).expect_err("payload is not a string");
+    assert_eq!(rejected.request_id.as_deref(), Some("r-2"));
+    assert!(
+        matches!(rejected.refusal, Refusal::Malformed(_)),
+        "{rejected:?}"
+    );
+    let bad_id = br#"{"request_id":"a/b","payload":5}"#;
+    assert_eq!(
+        decode("stop", bad_id).expect_err("malformed").request_id,
+        None
+    );
+    for not_an_object in [&b"[\"request_id\"]"[..], b"\"r-3\"", b"", b"{"] {
+        let rejected = decode("stop", not_an_object).expect_err("malformed");
+        assert_eq!(rejected.request_id, None);
+        assert_eq!(rejected.key_id, "");
+    }
+}
