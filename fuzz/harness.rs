@@ -111,11 +111,19 @@ pub fn remote_envelope(dir: &Path, data: &[u8]) {
     let key = keys::signing_key(&trusted.join(format!("{KEY_ID}.key"))).expect("the key");
     let _ = std::fs::remove_file(state.join(berth::remote::replay::FILE_NAME));
 
-    // A refusal is one line (it goes into an event and a reply), and says
-    // something.
+    // A refusal is one line (it goes into an event and a reply), says
+    // something, and is short: berth publishes at most 256 KiB in one
+    // message, and a reply too large to publish is dropped, which would
+    // leave the command without its one reply.
     let check = |refusal: &Refusal| {
         let text = refusal.to_string();
         assert!(!text.is_empty(), "{refusal:?}");
+        assert!(
+            text.len() <= 1024,
+            "a refusal of {} bytes: {:?}…",
+            text.len(),
+            text.chars().take(80).collect::<String>()
+        );
         assert!(
             !text.chars().any(|c| c == '\n' || c == '\r'),
             "multi-line refusal: {text:?}"

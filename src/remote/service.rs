@@ -264,6 +264,9 @@ impl<P: Reporter> Shared<P> {
     /// An `error` event, a warning without the payload, and the reply when
     /// there is a request id to reply to.
     fn refuse(&self, command: &str, request_id: Option<&str>, key_id: &str, refusal: &Refusal) {
+        // The last level of the topic, as it came (for an unknown command).
+        let command = super::quote(command);
+        let command = command.as_str();
         warn!(
             request_id = request_id.unwrap_or("-"),
             command,
