@@ -339,7 +339,7 @@ fn round_trips(ctx: &Ctx, dir: &Path) -> Result<(Vec<Row>, Templates)> {
     let restarts = if ctx.quick { 10 } else { 100 };
     let min_applies = if ctx.quick { 3 } else { 20 };
     let apply_window = if ctx.quick {
-        Duration::from_secs(20)
+        Duration::from_secs(5)
     } else {
         Duration::from_secs(120)
     };
