@@ -77,3 +77,118 @@ pub fn engine_event(data: &[u8]) {
         let _ = format!("{event:?}");
     }
 }
+
+/// The remote command envelope (SPEC 10): the first byte picks the command
+/// name (the topic's last level) and whether the harness signs the decoded
+/// envelope itself with the trusted key, so that the checks after the
+/// signature (the time window, the request ids seen) are reached; the rest
+/// is the payload, as it comes off the broker. `dir` holds the trusted key
+/// and the record of request ids (emptied for each input).
+pub fn remote_envelope(dir: &Path, data: &[u8]) {
+    use berth::remote::{
+        decode, keys, signed_message, valid_request_id, CommandName, Refusal, SeenRequests,
+        Verifier,
+    };
+
+    const NAMES: [&str; 8] = [
+        "apply", "remove", "restart", "stop", "start", "reboot", "", "APPLY",
+    ];
+    const DEVICE: &str = "robot-42";
+    const KEY_ID: &str = "fuzz-operator";
+    let Some((&head, payload)) = data.split_first() else {
+        return;
+    };
+    let name = NAMES[usize::from(head & 7)];
+    let sign = head & 8 != 0;
+
+    let trusted = dir.join("trusted");
+    let state = dir.join("state");
+    if !trusted.join(format!("{KEY_ID}.pem")).exists() {
+        std::fs::create_dir_all(&trusted).expect("trusted keys dir");
+        std::fs::create_dir_all(&state).expect("state dir");
+        keys::keygen(&trusted, KEY_ID).expect("a key pair");
+    }
+    let key = keys::signing_key(&trusted.join(format!("{KEY_ID}.key"))).expect("the key");
+    let _ = std::fs::remove_file(state.join(berth::remote::replay::FILE_NAME));
+
+    // A refusal is one line (it goes into an event and a reply), says
+    // something, and is short: berth publishes at most 256 KiB in one
+    // message, and a reply too large to publish is dropped, which would
+    // leave the command without its one reply.
+    let check = |refusal: &Refusal| {
+        let text = refusal.to_string();
+        assert!(!text.is_empty(), "{refusal:?}");
+        assert!(
+            text.len() <= 1024,
+            "a refusal of {} bytes: {:?}…",
+            text.len(),
+            text.chars().take(80).collect::<String>()
+        );
+        assert!(
+            !text.chars().any(|c| c == '\n' || c == '\r'),
+            "multi-line refusal: {text:?}"
+        );
+    };
+    let (command, mut envelope) = match decode(name, payload) {
+        Ok(decoded) => decoded,
+        Err(rejected) => {
+            assert!(matches!(
+                rejected.refusal,
+                Refusal::Malformed(_) | Refusal::UnknownCommand(_)
+            ));
+            if let Some(id) = &rejected.request_id {
+                assert!(valid_request_id(id), "reply topic from {id:?}");
+            }
+            check(&rejected.refusal);
+            return;
+        }
+    };
+    assert_eq!(command.as_str(), name);
+    if sign {
+        envelope.key_id = KEY_ID.to_string();
+        envelope.signature = keys::sign(&key, &signed_message(DEVICE, command, &envelope));
+    }
+    // 2026-12-02T00:00:00Z: the time window is fuzzed through issued_at.
+    let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_169_600);
+    let mut verifier = Verifier::new(DEVICE, &trusted, SeenRequests::open(&state));
+    match verifier.verify(command, &envelope, now) {
+        Ok(()) => {
+            assert!(
+                sign,
+                "accepted without the harness's signature: {envelope:?}"
+            );
+            assert!(valid_request_id(&envelope.request_id));
+            // Carried out once: the same command again is refused, also
+            // by a berth that restarted (the record is on disk).
+            let again = verifier.verify(command, &envelope, now);
+            assert_eq!(again, Err(Refusal::Replayed(envelope.request_id.clone())));
+            let mut restarted = Verifier::new(DEVICE, &trusted, SeenRequests::open(&state));
+            let again = restarted.verify(command, &envelope, now);
+            assert_eq!(again, Err(Refusal::Replayed(envelope.request_id.clone())));
+            if !matches!(command, CommandName::Apply | CommandName::Remove) {
+                match berth::remote::files::parse_target(&envelope.payload) {
+                    Ok((deployment, executable)) => {
+                        assert!(berth::config::is_deployment_id(&deployment));
+                        assert!(executable.is_none_or(|e| e.split('/').count() == 2));
+                    }
+                    Err(refusal) => check(&refusal),
+                }
+            }
+        }
+        Err(refusal) => {
+            if sign && valid_request_id(&envelope.request_id) {
+                // Signed by a trusted key: refused only for its time.
+                assert!(
+                    matches!(
+                        refusal,
+                        Refusal::BadTime(_)
+                            | Refusal::Expired { .. }
+                            | Refusal::FromTheFuture { .. }
+                    ),
+                    "a well-signed command refused: {refusal:?}"
+                );
+            }
+            check(&refusal);
+        }
+    }
+}

@@ -32,13 +32,14 @@ pub fn apply(dir: &Path, remote: &RemoteSettings, text: &str) -> Result<String, 
         .filter(|id| config::is_deployment_id(id));
     let path = dir.join(format!("{}.toml", id.as_deref().unwrap_or("remote-apply")));
     let spec = config::check_deployment_text(&path, text, dir).map_err(|errors| {
-        Refusal::Invalid(
-            errors
+        Refusal::Invalid(super::clip(
+            &errors
                 .iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
                 .join("; "),
-        )
+            super::MESSAGE_MAX,
+        ))
     })?;
     check_limits(&spec, remote)?;
     write_atomically(dir, &spec.id, text)?;
@@ -81,9 +82,9 @@ pub fn check_limits(spec: &DeploymentSpec, remote: &RemoteSettings) -> Result<()
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(Refusal::Limits(format!(
-            "outside the [remote] limits: {}",
-            problems.join("; ")
+        Err(Refusal::Limits(super::clip(
+            &format!("outside the [remote] limits: {}", problems.join("; ")),
+            super::MESSAGE_MAX,
         )))
     }
 }
@@ -124,7 +125,7 @@ fn write_atomically(dir: &Path, id: &str, text: &str) -> Result<(), Refusal> {
 /// Deletes `<dir>/<id>.toml`.
 pub fn remove(dir: &Path, id: &str) -> Result<(), Refusal> {
     if !config::is_deployment_id(id) {
-        return Err(Refusal::BadTarget(id.to_string()));
+        return Err(Refusal::BadTarget(super::quote(id)));
     }
     let path = dir.join(format!("{id}.toml"));
     match fs::symlink_metadata(&path) {
@@ -151,7 +152,7 @@ pub fn remove(dir: &Path, id: &str) -> Result<(), Refusal> {
 /// `deployment/component/executable`. Returns the deployment and, for one
 /// executable, `component/executable`.
 pub fn parse_target(payload: &str) -> Result<(String, Option<String>), Refusal> {
-    let bad = || Refusal::BadTarget(payload.to_string());
+    let bad = || Refusal::BadTarget(super::quote(payload));
     let parts: Vec<&str> = payload.split('/').collect();
     match parts.as_slice() {
         [deployment] if config::is_deployment_id(deployment) => Ok((deployment.to_string(), None)),

@@ -41,6 +41,30 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 /// The longest `timeout_secs` a command may ask for.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// The most characters of a value from a command that a refusal quotes. A
+/// refusal is an `error` event and the command's one reply, and berth
+/// publishes at most 256 KiB in one message: quoting the input whole (a
+/// `key_id` of 250 KB) made a reply too large to publish, so the command
+/// got none.
+pub const QUOTE_MAX: usize = 64;
+/// The longest refusal message, whatever it holds (a deployment file's
+/// errors): what is cut is marked.
+pub const MESSAGE_MAX: usize = 4096;
+
+/// `text`, cut to at most `max` characters; a cut is marked with `…`.
+pub fn clip(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
+/// A value from a command as a refusal quotes it: [`clip`] to
+/// [`QUOTE_MAX`].
+pub fn quote(text: &str) -> String {
+    clip(text, QUOTE_MAX)
+}
+
 /// The command names of SPEC 10, the last level of `commands/<name>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -196,6 +220,45 @@ pub fn valid_key_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// A command refused before its signature is checked: why, the request id
+/// to reply to when the payload names a valid one, and the key it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub request_id: Option<String>,
+    pub key_id: String,
+    pub refusal: Refusal,
+}
+
+/// Decodes a command as it comes off the broker: `command` is the last
+/// level of its topic, `payload` the JSON envelope. What this accepts still
+/// has to pass [`Verifier::verify`].
+pub fn decode(command: &str, payload: &[u8]) -> Result<(CommandName, Envelope), Rejected> {
+    let envelope: Envelope = match serde_json::from_slice(payload) {
+        Ok(envelope) => envelope,
+        Err(e) => {
+            // Without a request id there is no topic to reply on; the
+            // refusal is an event only.
+            let request_id = serde_json::from_slice::<serde_json::Value>(payload)
+                .ok()
+                .and_then(|v| v.get("request_id")?.as_str().map(str::to_string))
+                .filter(|id| valid_request_id(id));
+            return Err(Rejected {
+                request_id,
+                key_id: String::new(),
+                refusal: Refusal::Malformed(clip(&e.to_string(), 2 * QUOTE_MAX)),
+            });
+        }
+    };
+    match CommandName::parse(command) {
+        Some(name) => Ok((name, envelope)),
+        None => Err(Rejected {
+            request_id: valid_request_id(&envelope.request_id).then(|| envelope.request_id.clone()),
+            key_id: envelope.key_id,
+            refusal: Refusal::UnknownCommand(quote(command)),
+        }),
+    }
+}
+
 /// Checks the signature, the time and the request id of commands for one
 /// device.
 #[derive(Debug)]
@@ -230,7 +293,7 @@ impl Verifier {
             return Err(Refusal::Unsigned);
         }
         if !valid_key_id(&envelope.key_id) {
-            return Err(Refusal::BadKeyId(envelope.key_id.clone()));
+            return Err(Refusal::BadKeyId(quote(&envelope.key_id)));
         }
         let key = keys::trusted_key(&self.trusted_keys_dir, &envelope.key_id)?;
         let bytes = base64::engine::general_purpose::STANDARD
@@ -275,13 +338,13 @@ impl Verifier {
 fn parse_utc(text: &str) -> Result<SystemTime, Refusal> {
     let utc = text.ends_with('Z') || text.ends_with('z') || text.ends_with("+00:00");
     if !utc {
-        return Err(Refusal::BadTime(text.to_string()));
+        return Err(Refusal::BadTime(quote(text)));
     }
     let normalized = match text.strip_suffix("+00:00") {
         Some(rest) => format!("{rest}Z"),
         None => text.to_string(),
     };
-    humantime::parse_rfc3339_weak(&normalized).map_err(|_| Refusal::BadTime(text.to_string()))
+    humantime::parse_rfc3339_weak(&normalized).map_err(|_| Refusal::BadTime(quote(text)))
 }
 
 #[cfg(test)]

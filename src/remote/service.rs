@@ -89,35 +89,20 @@ impl<P: Reporter> Service<P> {
 
     /// Parses and verifies a command; a refusal is answered here.
     fn accept(&mut self, this: &Shared<P>, incoming: &Incoming) -> Option<(CommandName, Envelope)> {
-        let envelope: Envelope = match serde_json::from_slice(&incoming.payload) {
-            Ok(envelope) => envelope,
-            Err(e) => {
-                // Without a request id there is no topic to reply on; the
-                // refusal is an event only.
-                let request_id = serde_json::from_slice::<Value>(&incoming.payload)
-                    .ok()
-                    .and_then(|v| v["request_id"].as_str().map(str::to_string))
-                    .filter(|id| super::valid_request_id(id));
+        let (command, envelope) = match super::decode(&incoming.command, &incoming.payload) {
+            Ok(decoded) => decoded,
+            Err(rejected) => {
                 this.refuse(
                     &incoming.command,
-                    request_id.as_deref(),
-                    "",
-                    &Refusal::Malformed(e.to_string()),
+                    rejected.request_id.as_deref(),
+                    &rejected.key_id,
+                    &rejected.refusal,
                 );
                 return None;
             }
         };
         let reply_id =
             super::valid_request_id(&envelope.request_id).then_some(envelope.request_id.as_str());
-        let Some(command) = CommandName::parse(&incoming.command) else {
-            this.refuse(
-                &incoming.command,
-                reply_id,
-                &envelope.key_id,
-                &Refusal::UnknownCommand(incoming.command.clone()),
-            );
-            return None;
-        };
         if let Err(refusal) = self.verifier.verify(command, &envelope, SystemTime::now()) {
             this.refuse(command.as_str(), reply_id, &envelope.key_id, &refusal);
             return None;
@@ -279,6 +264,9 @@ impl<P: Reporter> Shared<P> {
     /// An `error` event, a warning without the payload, and the reply when
     /// there is a request id to reply to.
     fn refuse(&self, command: &str, request_id: Option<&str>, key_id: &str, refusal: &Refusal) {
+        // The last level of the topic, as it came (for an unknown command).
+        let command = super::quote(command);
+        let command = command.as_str();
         warn!(
             request_id = request_id.unwrap_or("-"),
             command,

@@ -589,3 +589,113 @@ fn envelopes_read_what_any_fleet_tool_writes() {
     assert_eq!(CommandName::parse("apply"), Some(CommandName::Apply));
     assert_eq!(CommandName::parse("reboot"), None);
 }
+
+#[test]
+fn a_payload_is_decoded_or_rejected_with_the_id_to_reply_to() {
+    let good = br#"{"request_id":"r-1","issued_at":"2026-11-28T16:00:00Z","payload":"app","key_id":"ops","signature":"c2ln"}"#;
+    let (command, envelope) = decode("restart", good).expect("an envelope");
+    assert_eq!(command, CommandName::Restart);
+    assert_eq!(
+        (envelope.request_id.as_str(), envelope.key_id.as_str()),
+        ("r-1", "ops")
+    );
+
+    let unknown = decode("reboot", good).expect_err("no such command");
+    assert_eq!(
+        unknown,
+        Rejected {
+            request_id: Some("r-1".into()),
+            key_id: "ops".into(),
+            refusal: Refusal::UnknownCommand("reboot".into()),
+        }
+    );
+
+    // Malformed: the request id is still read, when it is a valid one.
+    let wrong_type = br#"{"request_id":"r-2","issued_at":"2026-11-28T16:00:00Z","payload":5}"#;
+    let rejected = decode("stop", wrong_type).expect_err("payload is not a string");
+    assert_eq!(rejected.request_id.as_deref(), Some("r-2"));
+    assert!(
+        matches!(rejected.refusal, Refusal::Malformed(_)),
+        "{rejected:?}"
+    );
+    let bad_id = br#"{"request_id":"a/b","payload":5}"#;
+    assert_eq!(
+        decode("stop", bad_id).expect_err("malformed").request_id,
+        None
+    );
+    for not_an_object in [&b"[\"request_id\"]"[..], b"\"r-3\"", b"", b"{"] {
+        let rejected = decode("stop", not_an_object).expect_err("malformed");
+        assert_eq!(rejected.request_id, None);
+        assert_eq!(rejected.key_id, "");
+    }
+}
+
+/// Found by fuzzing (`fuzz/corpus/remote_envelope/crash-escaped-key-id.json`):
+/// a refusal quoted the input whole, escaped (one byte 0x7f became the six
+/// characters `\u{7f}`), so a command of 250 KB made a reply larger than
+/// berth publishes (256 KiB), which was dropped: the command got no reply.
+/// Every quoted value is now cut, and every refusal is short.
+#[test]
+fn a_refusal_quotes_only_the_start_of_a_value() {
+    let f = Fixture::new();
+    let huge = "\u{7f}".repeat(200_000);
+    let short = |refusal: &Refusal, starts: &str| {
+        let text = refusal.to_string();
+        assert!(text.len() <= 1024, "{} bytes: {}", text.len(), &text[..80]);
+        assert!(text.starts_with(starts), "{text}");
+        assert!(text.contains('…'), "a cut is marked: {text}");
+    };
+    let good = f.signed(CommandName::Stop, "r-1", SystemTime::now(), "talker");
+
+    let key_id = Envelope {
+        key_id: format!("ops{huge}"),
+        ..good.clone()
+    };
+    let refused = f
+        .verifier()
+        .verify(CommandName::Stop, &key_id, SystemTime::now());
+    short(&refused.unwrap_err(), r#"invalid key_id "ops\u{7f}"#);
+
+    let late = f.signed(CommandName::Stop, "r-2", SystemTime::now(), "talker");
+    let mut time = late.clone();
+    time.issued_at = format!("{}{huge}Z", late.issued_at);
+    time.signature = openssl_sign(
+        f.dir.path(),
+        &f.private,
+        &signed_message(DEVICE, CommandName::Stop, &time),
+    );
+    let refused = f
+        .verifier()
+        .verify(CommandName::Stop, &time, SystemTime::now());
+    short(&refused.unwrap_err(), "invalid issued_at \"20");
+
+    short(
+        &files::parse_target(&format!("app/{huge}")).unwrap_err(),
+        r#"invalid target "app/\u{7f}"#,
+    );
+    short(
+        &files::remove(f.dir.path(), &huge).unwrap_err(),
+        r#"invalid target "\u{7f}"#,
+    );
+    let payload = serde_json::to_vec(&serde_json::json!({
+        "request_id": "r-3", "issued_at": "x", "payload": "p", "timeout_secs": huge,
+    }))
+    .unwrap();
+    let rejected = decode("stop", &payload).unwrap_err();
+    assert_eq!(rejected.request_id.as_deref(), Some("r-3"));
+    short(
+        &rejected.refusal,
+        "not a command envelope: invalid type: string",
+    );
+    short(
+        &decode(&huge, &serde_json::to_vec(&good).unwrap())
+            .unwrap_err()
+            .refusal,
+        r#"unknown command "\u{7f}"#,
+    );
+
+    // Cut by characters, never inside one.
+    assert_eq!(clip("äöü", 2), "äö…");
+    assert_eq!(clip("äöü", 3), "äöü");
+    assert_eq!(quote(&"x".repeat(QUOTE_MAX)), "x".repeat(QUOTE_MAX));
+}

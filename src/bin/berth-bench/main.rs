@@ -14,7 +14,7 @@
 //! answers: `restart` (1: against the engine's policy and the floor, berth's
 //! own share from its trace file, exit → MQTT), `burst` (1: many exits at
 //! once), `storm` (2), `provision` (3, and 5: the footprint), `reboot` (4),
-//! `build` (8). The host side lives in `sys`, the engine in `engine` and
+//! `build` (8), `fleet` (9). The host side lives in `sys`, the engine in `engine` and
 //! `api` (the floor, straight through the engine's API), the broker in
 //! `mqtt`, berth in `berth`, the figures and the table in `report`.
 //!
@@ -27,6 +27,7 @@ mod berth;
 mod build;
 mod burst;
 mod engine;
+mod fleet;
 mod mqtt;
 mod probes;
 mod provision;
@@ -117,6 +118,9 @@ enum Bench {
     /// 9: what exec probes and metrics cost berth and the engine, and probe
     /// failure → restart.
     Probes,
+    /// 10: the fleet: signed command round trips through a bridge, and
+    /// `berth fleet --json` over 1 000 simulated devices.
+    Fleet,
 }
 
 /// What every benchmark gets.
@@ -381,6 +385,9 @@ fn run_lanes(ctx: &Ctx, selected: &dyn Fn(Bench) -> bool) -> (Vec<Row>, Vec<Stri
     }
     if selected(Bench::Probes) {
         step("probes and metrics", 9, &probes::run);
+    }
+    if selected(Bench::Fleet) {
+        step("fleet", 10, &fleet::run);
     }
     if selected(Bench::Build) {
         step("build cost", 8, &build::run);

@@ -34,7 +34,7 @@ impl Verdict {
 
 #[derive(Debug, Clone)]
 pub struct Row {
-    /// The item of the issue it answers (1 to 6).
+    /// The item of BENCHMARKS.md it answers (1 to 10).
     pub item: u8,
     pub metric: String,
     pub berth: String,
