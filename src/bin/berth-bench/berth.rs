@@ -347,7 +347,8 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
     fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))
 }
 
-/// Whether the berth binary `bin` takes `run --trace-file` (its help says so).
+/// Whether the berth binary `bin` takes `run --trace-file` (a hidden
+/// option: `run --trace-file F --help` is help, not an unknown argument).
 fn has_trace_file(bin: &Path) -> bool {
     static KNOWN: std::sync::Mutex<Vec<(PathBuf, bool)>> = std::sync::Mutex::new(Vec::new());
     let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
@@ -355,9 +356,9 @@ fn has_trace_file(bin: &Path) -> bool {
         return *has;
     }
     let has = Command::new(bin)
-        .args(["run", "--help"])
+        .args(["run", "--trace-file", "/dev/null", "--help"])
         .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--trace-file"));
+        .is_ok_and(|o| o.status.success());
     known.push((bin.to_path_buf(), has));
     has
 }
