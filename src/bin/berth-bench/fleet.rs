@@ -27,7 +27,7 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
@@ -41,7 +41,7 @@ use serde_json::Value;
 
 use crate::berth::{deployment, Berth};
 use crate::engine::{Containers, LONG_RUNNING};
-use crate::mqtt::{free_port, port_open, Broker, Subscriber};
+use crate::mqtt::{Broker, Subscriber};
 use crate::report::{dist, mb, p50_p99, secs, Row};
 use crate::sys;
 use crate::Ctx;
@@ -93,69 +93,17 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
 
 // --- brokers ---------------------------------------------------------------------
 
-/// A Mosquitto run from a config file of the bench's, killed when dropped.
-struct ConfBroker {
-    port: u16,
-    child: Child,
-}
-
-impl ConfBroker {
-    /// `config(port)` is the whole config file for a free port.
-    fn start(dir: &Path, name: &str, config: impl Fn(u16) -> Result<String>) -> Result<ConfBroker> {
-        let conf = dir.join(format!("{name}.conf"));
-        let log = dir.join(format!("{name}.log"));
-        // The port may be taken between finding it and binding it.
-        for _ in 0..5 {
-            let port = free_port()?;
-            fs::write(&conf, config(port)?)
-                .with_context(|| format!("cannot write {}", conf.display()))?;
-            let mut child =
-                sys::spawn_logged(Command::new("mosquitto").arg("-c").arg(&conf), &log, false)
-                    .context("mosquitto is needed: run scripts/setup.sh")?;
-            let mut exited = false;
-            let up = sys::wait_until(
-                &format!("mosquitto ({name}) to accept connections"),
-                Duration::from_secs(15),
-                Duration::from_millis(20),
-                || {
-                    if child.try_wait()?.is_some() {
-                        exited = true;
-                        return Ok(true);
-                    }
-                    Ok(port_open(port))
-                },
-            );
-            if let Err(e) = up {
-                let _ = child.kill();
-                let _ = child.wait();
-                sys::untrack_pid(child.id());
-                return Err(e.context(sys::tail(&log, 10)));
-            }
-            if !exited {
-                return Ok(ConfBroker { port, child });
-            }
-            sys::untrack_pid(child.id());
-            if !sys::tail(&log, 5).contains("Address already in use") {
-                bail!("mosquitto ({name}) exited:\n{}", sys::tail(&log, 10));
-            }
-        }
-        bail!(
-            "mosquitto ({name}) found no free port:\n{}",
-            sys::tail(&log, 10)
-        )
-    }
-
-    fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for ConfBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        sys::untrack_pid(self.child.id());
-    }
+/// A Mosquitto run from a config file of the bench's (`config(port)` is the
+/// whole file for a free port), killed when dropped.
+fn conf_broker(dir: &Path, name: &str, config: impl Fn(u16) -> Result<String>) -> Result<Broker> {
+    let conf = dir.join(format!("{name}.conf"));
+    Broker::start_as(dir, name, |port| {
+        fs::write(&conf, config(port)?)
+            .with_context(|| format!("cannot write {}", conf.display()))?;
+        let mut command = Command::new("mosquitto");
+        command.arg("-c").arg(&conf);
+        Ok(command)
+    })
 }
 
 /// What every broker config of the bench starts with: as root, mosquitto
@@ -367,7 +315,7 @@ fn round_trips(ctx: &Ctx, dir: &Path) -> Result<(Vec<Row>, Templates)> {
     .context("cannot copy the public key into trusted_keys_dir")?;
 
     // Central, and the robot's local broker bridged to it.
-    let central = ConfBroker::start(dir, "central", |port| Ok(central_config(port)))?;
+    let central = conf_broker(dir, "central", |port| Ok(central_config(port)))?;
     let shipped_path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mosquitto/robot-bridge.conf");
     let shipped = fs::read_to_string(&shipped_path)
@@ -375,15 +323,15 @@ fn round_trips(ctx: &Ctx, dir: &Path) -> Result<(Vec<Row>, Templates)> {
     let local_dir = dir.join("local-broker");
     fs::create_dir_all(&local_dir)
         .with_context(|| format!("cannot create {}", local_dir.display()))?;
-    let local = ConfBroker::start(dir, "local", |port| {
-        bridge_config(&shipped, &device, port, central.port, &local_dir)
+    let local = conf_broker(dir, "local", |port| {
+        bridge_config(&shipped, &device, port, central.port(), &local_dir)
     })?;
 
     // berth on the local broker, [remote] on.
     let berth_dir = dir.join("berth");
     fs::create_dir_all(&berth_dir)
         .with_context(|| format!("cannot create {}", berth_dir.display()))?;
-    let options = ctx.berth_options(&device, local.port, &ctx.engine.url());
+    let options = ctx.berth_options(&device, local.port(), &ctx.engine.url());
     let mut berth = Berth::new(&ctx.berth_bin, &berth_dir, options)?;
     let _containers = Containers::guard(&ctx.engine, &berth.container_prefix());
     let config = berth_dir.join("berth.toml");
@@ -401,7 +349,7 @@ fn round_trips(ctx: &Ctx, dir: &Path) -> Result<(Vec<Row>, Templates)> {
     berth.start()?;
 
     // Its documents reach the central broker through the bridge.
-    let documents = Subscriber::connect(central.port, &format!("{PREFIX}/{device}/#"))?;
+    let documents = Subscriber::connect(central.port(), &format!("{PREFIX}/{device}/#"))?;
     let app_topic = format!("{PREFIX}/{device}/deployments/app");
     let agent_topic = format!("{PREFIX}/{device}/agent");
     sys::wait_until(
@@ -433,7 +381,7 @@ fn round_trips(ctx: &Ctx, dir: &Path) -> Result<(Vec<Row>, Templates)> {
     drop(documents);
 
     let operator = Operator::connect(
-        central.port,
+        central.port(),
         &format!("{}-ops", ctx.run_id),
         &format!("{PREFIX}/{device}/replies/+"),
     )?;

@@ -24,19 +24,34 @@ pub struct Broker {
 
 impl Broker {
     pub fn start(dir: &Path) -> Result<Broker> {
-        let log = dir.join("mosquitto.log");
+        Broker::start_as(dir, "mosquitto", |port| {
+            let mut command = Command::new("mosquitto");
+            command.args(["-p", &port.to_string()]);
+            Ok(command)
+        })
+    }
+
+    /// A Mosquitto started by `command(port)` for a free port, its output
+    /// in `<name>.log`; tried again on another port if its was taken.
+    pub fn start_as(
+        dir: &Path,
+        name: &str,
+        command: impl Fn(u16) -> Result<Command>,
+    ) -> Result<Broker> {
+        let log = dir.join(format!("{name}.log"));
+        let what = if name == "mosquitto" {
+            name.to_owned()
+        } else {
+            format!("mosquitto ({name})")
+        };
         // The port may be taken between finding it and binding it.
         for _ in 0..5 {
             let port = free_port()?;
-            let mut child = sys::spawn_logged(
-                Command::new("mosquitto").args(["-p", &port.to_string()]),
-                &log,
-                false,
-            )
-            .context("mosquitto is needed: run scripts/setup.sh")?;
+            let mut child = sys::spawn_logged(&mut command(port)?, &log, false)
+                .context("mosquitto is needed: run scripts/setup.sh")?;
             let mut exited = false;
             let up = sys::wait_until(
-                "mosquitto to accept connections",
+                &format!("{what} to accept connections"),
                 Duration::from_secs(15),
                 Duration::from_millis(20),
                 || {
@@ -58,10 +73,14 @@ impl Broker {
             }
             sys::untrack_pid(child.id());
             if !sys::tail(&log, 5).contains("Address already in use") {
-                bail!("mosquitto exited:\n{}", sys::tail(&log, 10));
+                bail!("{what} exited:\n{}", sys::tail(&log, 10));
             }
         }
-        bail!("mosquitto found no free port:\n{}", sys::tail(&log, 10))
+        bail!("{what} found no free port:\n{}", sys::tail(&log, 10))
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
     }
 
     pub fn port(&self) -> u16 {
