@@ -171,28 +171,53 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             _ => None,
         };
         let container = exec.container.as_ref().map(|c| c.id.clone());
-        if let (Input::Died { at, .. }, Some(id)) = (&input, container) {
+        let tail = match (&input, container) {
+            (Input::Died { at, .. }, Some(id)) => Some((id, *at)),
+            _ => None,
+        };
+        let signal = Arc::new(tokio::sync::Notify::new());
+        if let Some((_, at)) = &tail {
+            exec.start_signal = Some(signal.clone());
             self.held.push(HeldExit {
                 key: key.clone(),
                 at: *at,
                 docs: Vec::new(),
                 tail: None,
             });
-            self.read_tail(key, id, *at);
         }
         self.feed(key, input);
+        if let Some((id, at)) = tail {
+            // A restart started at once took the signal: the tail is read
+            // once its start is answered, so that the engine serves the
+            // start first; else it is read now.
+            let restarting = self
+                .exec_any_mut(key)
+                .is_some_and(|e| e.start_signal.take().is_none());
+            self.read_tail(key, id, at, restarting.then_some(signal));
+        }
         if let Some(dep) = self.deployments.get_mut(&key.deployment) {
             dep.update_phase();
         }
         self.apply_deferred(key);
     }
 
-    /// Reads the log of the run that ended at `at`, off the loop.
-    fn read_tail(&self, key: &ExecKey, id: String, at: i64) {
+    /// Reads the log of the run that ended at `at`, off the loop; after
+    /// `started` says the restart's start was answered (at most
+    /// [`EVIDENCE_WAIT`]), when there is one.
+    fn read_tail(
+        &self,
+        key: &ExecKey,
+        id: String,
+        at: i64,
+        started: Option<Arc<tokio::sync::Notify>>,
+    ) {
         let runtime = self.runtime.clone();
         let tx = self.tx.clone();
         let key = key.clone();
         self.tracker.spawn(async move {
+            if let Some(started) = started {
+                let _ = tokio::time::timeout(EVIDENCE_WAIT, started.notified()).await;
+            }
             let lines =
                 match tokio::time::timeout(EVIDENCE_WAIT, runtime.log_tail(&id, Some(at))).await {
                     Ok(Ok(lines)) => Some(lines),

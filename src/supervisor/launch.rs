@@ -17,6 +17,9 @@ pub(super) struct LaunchCall {
     crash_looping: bool,
     /// Stop the running container first (a restart for unhealthiness).
     stop_first: bool,
+    /// Told once the start was asked for and answered: the exit's log
+    /// tail is read then, not beside the start.
+    started: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
@@ -297,12 +300,14 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         let crash_looping = exec.backoff.consecutive >= 2;
         let committed = exec.pending_restart.is_some();
         let stop_first = std::mem::take(&mut exec.stop_first);
+        let started = exec.start_signal.take();
         let call = LaunchCall {
             key: key.clone(),
             container_id,
             spec,
             crash_looping,
             stop_first,
+            started,
         };
         if committed {
             // The count and the commitment to start are one durable record;
@@ -322,6 +327,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             spec,
             crash_looping,
             stop_first,
+            started,
         } = call;
         let runtime = self.runtime.clone();
         let tx = self.tx.clone();
@@ -356,6 +362,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 }
             }
             let (container_id, result) = launch_container(&*runtime, container_id, &spec).await;
+            if let Some(started) = started {
+                started.notify_one();
+            }
             let _ = tx.send(Msg::Launched {
                 key,
                 container_id,

@@ -42,6 +42,9 @@ pub(super) struct Exec {
     pub(super) evidence: Option<crate::runtime::ExitEvidence>,
     /// The engine time of that exit: which log tail belongs to it.
     pub(super) evidence_at: Option<i64>,
+    /// Set while an exit is applied: the launch it leads to, if any, takes
+    /// it and says when its start is answered (the tail is read after).
+    pub(super) start_signal: Option<Arc<tokio::sync::Notify>>,
     /// Its exit's inspection is being read (an exit by `SIGKILL` that the
     /// engine did not call an OOM kill): the exit waits for it.
     pub(super) reading_evidence: bool,
@@ -147,6 +150,7 @@ impl Exec {
             health: None,
             evidence: None,
             evidence_at: None,
+            start_signal: None,
             reading_evidence: false,
             stop_by: None,
             stop_first: false,

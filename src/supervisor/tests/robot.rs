@@ -237,6 +237,11 @@ async fn a_restart_does_not_wait_for_the_log_tail_its_event_does() {
         "{waited:?}"
     );
     assert_eq!(restart["log_tail"], serde_json::json!(["last words"]));
+    // The engine is asked for the tail once the restart's start is answered.
+    let calls = runtime.calls();
+    let tail_read = calls.iter().position(|c| matches!(c, Call::LogTail(_)));
+    let restart_start = calls.iter().rposition(|c| matches!(c, Call::Start(_)));
+    assert!(tail_read > restart_start, "{calls:?}");
     let names: Vec<Value> = h
         .events()
         .iter()
