@@ -311,6 +311,24 @@ async fn accept_loop<P: Reporter>(
     }
 }
 
+/// The runtime's own figures, added to the `status` answer (for the soak
+/// bench: a task that never ends shows as growth here).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeFigures {
+    /// Tasks spawned and not yet finished (tokio's `num_alive_tasks`).
+    pub alive_tasks: usize,
+}
+
+/// `status` with `"runtime"`: the figures of the runtime answering it.
+fn with_runtime(mut status: Value) -> Value {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        status["runtime"] = json!(RuntimeFigures {
+            alive_tasks: handle.metrics().num_alive_tasks(),
+        });
+    }
+    status
+}
+
 /// Reads one request line and writes one answer line.
 async fn answer<P>(
     stream: UnixStream,
@@ -333,7 +351,7 @@ async fn answer<P>(
         json!({ "error": format!("request longer than {MAX_REQUEST_BYTES} bytes") })
     } else {
         match words.as_slice() {
-            ["status"] => snapshot.status(),
+            ["status"] => with_runtime(snapshot.status()),
             [action, deployment, rest @ ..]
                 if Action::parse(action).is_some() && rest.len() <= 1 =>
             {
@@ -406,6 +424,10 @@ pub struct StatusAnswer {
     /// the topic is off).
     #[serde(default)]
     pub metrics: Option<crate::report::MetricsDoc>,
+    /// The runtime's figures when the answer was made; absent from the
+    /// answer of an older berth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimeFigures>,
 }
 
 /// Asks the daemon behind `socket` for its status documents.
@@ -1368,6 +1390,8 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(answer.deployments[0].status, Status::Running);
+        // At least the accept loop is alive.
+        assert!(answer.runtime.expect("runtime figures").alive_tasks >= 1);
 
         shutdown.cancel();
         tracker.close();

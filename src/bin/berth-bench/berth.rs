@@ -165,6 +165,11 @@ impl Berth {
         write_atomically(&self.deployments_dir().join(format!("{id}.toml")), text)
     }
 
+    pub fn remove_deployment(&self, id: &str) -> Result<()> {
+        let path = self.deployments_dir().join(format!("{id}.toml"));
+        fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))
+    }
+
     /// A new boot id, as a reboot gives; berth reads it when it starts.
     pub fn set_boot_id(&self, boot_id: &str) -> Result<()> {
         write_atomically(&self.boot_id_file(), &format!("{boot_id}\n"))

@@ -14,7 +14,9 @@
 //! answers: `restart` (1: against the engine's policy and the floor, berth's
 //! own share from its trace file, exit → MQTT), `burst` (1: many exits at
 //! once), `storm` (2), `provision` (3, and 5: the footprint), `reboot` (4),
-//! `build` (8), `fleet` (9). The host side lives in `sys`, the engine in `engine` and
+//! `build` (8), `probes` (9), `fleet` (10); `--soak DURATION` runs the soak
+//! of `soak` instead (a long run that watches berth's memory, descriptors
+//! and tasks for growth). The host side lives in `sys`, the engine in `engine` and
 //! `api` (the floor, straight through the engine's API), the broker in
 //! `mqtt`, berth in `berth`, the figures and the table in `report`.
 //!
@@ -34,6 +36,7 @@ mod provision;
 mod reboot;
 mod report;
 mod restart;
+mod soak;
 mod storm;
 mod sys;
 
@@ -88,6 +91,13 @@ struct Flags {
     /// `<!-- bench:end -->`, leaving the rest of it as it is.
     #[arg(long, value_name = "FILE")]
     results: Option<PathBuf>,
+    /// Instead of the benchmarks, a soak of this long (`65m`, `120s`):
+    /// crash loops, updates, reloads, broker outages and operator restarts,
+    /// with berth's memory, descriptors, threads and tasks sampled for
+    /// growth; `--results` writes between `<!-- soak:begin -->` and
+    /// `<!-- soak:end -->`.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    soak: Option<Duration>,
 }
 
 fn parse_env(text: &str) -> std::result::Result<(String, String), String> {
@@ -195,7 +205,9 @@ fn main() -> ExitCode {
 fn run(flags: Flags) -> Result<Outcome> {
     let began = Instant::now();
     let selected = |b: Bench| {
-        if flags.only.is_empty() {
+        if flags.soak.is_some() {
+            false
+        } else if flags.only.is_empty() {
             b != Bench::Build
         } else {
             flags.only.contains(&b)
@@ -203,7 +215,7 @@ fn run(flags: Flags) -> Result<Outcome> {
     };
     let engine = Engine::local();
     preflight(&engine, &flags, &selected)?;
-    if let Some(path) = &flags.results {
+    if let Some(path) = flags.results.as_ref().filter(|_| flags.soak.is_none()) {
         // Before an hour of measuring, not after.
         let text =
             fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -259,6 +271,9 @@ fn run(flags: Flags) -> Result<Outcome> {
     );
     let machine = machine(&ctx.engine);
     println!("berth-bench: machine: {machine}");
+    if let Some(duration) = flags.soak {
+        return soak::main(&ctx, duration, flags.results.as_deref(), flags.keep);
+    }
 
     let (mut rows, mut timings) = run_lanes(&ctx, &selected);
     if flags.load && !sys::interrupted() {
