@@ -238,8 +238,9 @@ fn metrics_are_plausible_and_availability_drops_in_a_crash_loop() {
             "busy",
             &restart_policy("always"),
             TEST_IMAGE,
-            // Two busy loops: more than half a core even on a loaded machine.
-            "trap 'exit 0' TERM; (while true; do :; done) & while true; do :; done",
+            // Four busy loops: more than half a core even when other work
+            // keeps both cores busy (the share is per runnable process).
+            "trap 'exit 0' TERM; for i in 1 2 3; do (while true; do :; done) & done; while true; do :; done",
         ),
     );
     s.berth.write_deployment(
