@@ -136,6 +136,7 @@ pub fn main(
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
     let revision = crate::berth_revision();
+    let machine = crate::machine(&ctx.engine);
     let began = SystemTime::now();
     let dir = ctx.subdir("soak")?;
     let mut broker = Broker::start(&dir)?;
@@ -307,7 +308,7 @@ pub fn main(
         timestamp(ended),
         samples.len(),
         humantime::format_duration(Duration::from_secs(report.warmup_secs as u64)),
-        crate::machine(&ctx.engine),
+        machine,
         crate::loadavg(),
         counts.updates,
         counts.reloads,
