@@ -98,6 +98,10 @@ struct Flags {
     /// `<!-- soak:end -->`.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     soak: Option<Duration>,
+    /// The disturbances of the soak, taken in turn every 30 s; `none` for
+    /// the crash loops alone.
+    #[arg(long, value_delimiter = ',', default_values = ["update", "reload", "outage", "restart"], requires = "soak")]
+    soak_disturbances: Vec<soak::Disturbance>,
 }
 
 fn parse_env(text: &str) -> std::result::Result<(String, String), String> {
@@ -272,7 +276,13 @@ fn run(flags: Flags) -> Result<Outcome> {
     let machine = machine(&ctx.engine);
     println!("berth-bench: machine: {machine}");
     if let Some(duration) = flags.soak {
-        return soak::main(&ctx, duration, flags.results.as_deref(), flags.keep);
+        return soak::main(
+            &ctx,
+            duration,
+            &flags.soak_disturbances,
+            flags.results.as_deref(),
+            flags.keep,
+        );
     }
 
     let (mut rows, mut timings) = run_lanes(&ctx, &selected);

@@ -18,7 +18,12 @@
 //! - operator restart: `restart DEPLOYMENT` through the control socket, as
 //!   `berth restart` sends it.
 //!
-//! Every 10 s it samples berth's resident memory (VmRSS), open descriptors
+//! `--soak-disturbances` takes a subset (`none` for the crash loops alone),
+//! to tell which of them a growth comes from.
+//!
+//! Every 10 s it samples berth's resident memory (VmRSS, and its anonymous
+//! part RssAnon apart: the rest is the binary's pages, read in as new code
+//! paths run, which no leak explains), open descriptors
 //! (entries of `/proc/PID/fd`), threads (`Threads:` of `/proc/PID/status`)
 //! and live runtime tasks (`runtime.alive_tasks` of the control socket's
 //! `status` answer) into `soak/soak.csv` in the work directory. At the end it
@@ -72,21 +77,28 @@ const FD_SLOPE_MAX: f64 = 1.0;
 struct Sample {
     secs: f64,
     rss_kb: u64,
+    /// The anonymous part of it (RssAnon: heap, stacks); the rest is mostly
+    /// the binary's and the libraries' pages, read in as code runs.
+    anon_kb: u64,
     fds: u64,
     threads: u64,
     /// None when the control socket did not answer in time.
     tasks: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Disturbance {
+/// What `--soak-disturbances` may name; `none` leaves the crash loops alone
+/// at work (to tell what a growth comes from).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Disturbance {
     Update,
     Reload,
     Outage,
     Restart,
+    None,
 }
 
-const CYCLE: [Disturbance; 4] = [
+/// The default turn of disturbances.
+pub const CYCLE: [Disturbance; 4] = [
     Disturbance::Update,
     Disturbance::Reload,
     Disturbance::Outage,
@@ -104,7 +116,18 @@ struct Counts {
     failures: Vec<String>,
 }
 
-pub fn main(ctx: &Ctx, duration: Duration, results: Option<&Path>, keep: bool) -> Result<Outcome> {
+pub fn main(
+    ctx: &Ctx,
+    duration: Duration,
+    disturbances: &[Disturbance],
+    results: Option<&Path>,
+    keep: bool,
+) -> Result<Outcome> {
+    let cycle: Vec<Disturbance> = disturbances
+        .iter()
+        .copied()
+        .filter(|d| *d != Disturbance::None)
+        .collect();
     if let Some(path) = results {
         // Before an hour of soaking, not after.
         let text =
@@ -113,6 +136,7 @@ pub fn main(ctx: &Ctx, duration: Duration, results: Option<&Path>, keep: bool) -
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
     let revision = crate::berth_revision();
+    let machine = crate::machine(&ctx.engine);
     let began = SystemTime::now();
     let dir = ctx.subdir("soak")?;
     let mut broker = Broker::start(&dir)?;
@@ -146,15 +170,19 @@ pub fn main(ctx: &Ctx, duration: Duration, results: Option<&Path>, keep: bool) -
     )?;
     println!(
         "berth-bench: soak for {} (berth pid {pid}): {CRASHING} crash loops, {HEALTHY} healthy \
-         deployments, a disturbance every {} s, a sample every {} s into {}",
+         deployments, {}, a sample every {} s into {}",
         humantime::format_duration(duration),
-        DISTURB_EVERY.as_secs(),
+        if cycle.is_empty() {
+            "no disturbances".to_owned()
+        } else {
+            format!("{cycle:?} in turn every {} s", DISTURB_EVERY.as_secs()).to_lowercase()
+        },
         SAMPLE_EVERY.as_secs(),
         dir.join("soak.csv").display()
     );
 
     let mut csv = File::create(dir.join("soak.csv")).context("cannot create soak.csv")?;
-    writeln!(csv, "seconds,rss_kb,fds,threads,alive_tasks")?;
+    writeln!(csv, "seconds,rss_kb,rss_anon_kb,fds,threads,alive_tasks")?;
     let started = Instant::now();
     let end = started + duration;
     let mut samples: Vec<Sample> = Vec::new();
@@ -170,9 +198,10 @@ pub fn main(ctx: &Ctx, duration: Duration, results: Option<&Path>, keep: bool) -
             let s = sample(pid, &socket, started)?;
             writeln!(
                 csv,
-                "{:.1},{},{},{},{}",
+                "{:.1},{},{},{},{},{}",
                 s.secs,
                 s.rss_kb,
+                s.anon_kb,
                 s.fds,
                 s.threads,
                 s.tasks.map(|t| t.to_string()).unwrap_or_default()
@@ -201,8 +230,8 @@ pub fn main(ctx: &Ctx, duration: Duration, results: Option<&Path>, keep: bool) -
             }
             continue;
         }
-        if now >= next_disturbance && now < end {
-            let what = CYCLE[turn % CYCLE.len()];
+        if now >= next_disturbance && now < end && !cycle.is_empty() {
+            let what = cycle[turn % cycle.len()];
             disturb(
                 ctx,
                 &mut berth,
@@ -219,7 +248,11 @@ pub fn main(ctx: &Ctx, duration: Duration, results: Option<&Path>, keep: bool) -
         if sys::interrupted() {
             bail!("interrupted");
         }
-        let wake = next_sample.min(next_disturbance);
+        let wake = if cycle.is_empty() {
+            next_sample
+        } else {
+            next_sample.min(next_disturbance)
+        };
         std::thread::sleep(
             wake.saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(500)),
@@ -250,18 +283,32 @@ pub fn main(ctx: &Ctx, duration: Duration, results: Option<&Path>, keep: bool) -
             .to_owned()
     };
     let summary = format!(
-        "Run: `berth-bench --soak {}`, berth {revision}, {} to {} UTC, {} samples, warm-up \
+        "Run: `berth-bench --soak {}{}`, berth {revision}, {} to {} UTC, {} samples, warm-up \
          {}.\n\n\
          Machine: {}; load average at the end {}.\n\n\
          Done: {crash_restarts} crash-loop restarts ({CRASHING} executables), {} updates, {} \
          reloads, {} broker outages of {} s, {} operator restarts{}; berth logged {warnings} \
          WARN/ERROR lines.\n\n{} target(s) missed.\n",
-        humantime::format_duration(duration),
+        humantime::format_duration(duration)
+            .to_string()
+            .replace(' ', ""),
+        if disturbances == CYCLE {
+            String::new()
+        } else {
+            format!(
+                " --soak-disturbances {}",
+                disturbances
+                    .iter()
+                    .map(|d| format!("{d:?}").to_lowercase())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        },
         timestamp(began),
         timestamp(ended),
         samples.len(),
         humantime::format_duration(Duration::from_secs(report.warmup_secs as u64)),
-        crate::machine(&ctx.engine),
+        machine,
         crate::loadavg(),
         counts.updates,
         counts.reloads,
@@ -356,6 +403,7 @@ fn disturb(
             broker.restart()?;
             counts.outages += 1;
         }
+        Disturbance::None => {}
         Disturbance::Restart => {
             match exchange(socket, "restart steady1", Duration::from_secs(60)) {
                 Ok(answer) if answer["ok"] == true => {}
@@ -372,11 +420,16 @@ fn sample(pid: u32, socket: &Path, started: Instant) -> Result<Sample> {
     let proc = sys::sample(pid)?;
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("process {pid} is gone"))?;
-    let threads = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("no Threads: in /proc/PID/status")?;
+    let field = |name: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    let threads = field("Threads:")?;
+    let anon_kb = field("RssAnon:")?;
     let fds = fs::read_dir(format!("/proc/{pid}/fd"))
         .with_context(|| format!("cannot list /proc/{pid}/fd"))?
         .count() as u64;
@@ -386,6 +439,7 @@ fn sample(pid: u32, socket: &Path, started: Instant) -> Result<Sample> {
     Ok(Sample {
         secs: started.elapsed().as_secs_f64(),
         rss_kb: proc.rss_kb,
+        anon_kb,
         fds,
         threads,
         tasks,
@@ -532,6 +586,12 @@ impl Report {
                 unit: "MB",
                 points: of(&|s| Some(s.rss_kb as f64 / 1024.0)),
                 target: Some((RSS_SLOPE_MAX, "< 0.5 MB/h")),
+            },
+            Series {
+                name: "… of which anonymous (RssAnon: heap, stacks)",
+                unit: "MB",
+                points: of(&|s| Some(s.anon_kb as f64 / 1024.0)),
+                target: None,
             },
             Series {
                 name: "open descriptors (/proc/PID/fd)",
@@ -689,6 +749,7 @@ mod tests {
                 Sample {
                     secs,
                     rss_kb: if secs < 60.0 { 8000 } else { 9024 },
+                    anon_kb: 1000,
                     fds: 20 + u64::from(i % 2 == 0),
                     threads: 3,
                     tasks: (i % 7 != 0).then_some(12),
