@@ -220,20 +220,38 @@ pub fn table(rows: &[Row]) -> String {
 pub const BEGIN: &str = "<!-- bench:begin -->";
 pub const END: &str = "<!-- bench:end -->";
 
-/// `document` with the text between the markers replaced by `generated`;
-/// fails when the markers are missing or out of order.
+/// `document` with the text between the bench's markers replaced by
+/// `generated`.
 pub fn replace_between_markers(document: &str, generated: &str) -> Result<String, String> {
-    let (Some(begin), Some(end)) = (document.find(BEGIN), document.find(END)) else {
-        return Err(format!("the markers {BEGIN} and {END} are missing"));
+    replace_between(document, BEGIN, END, generated)
+}
+
+/// `document` with the text between `begin` and `end`, each on a line of
+/// its own (a marker quoted in prose does not count), replaced by
+/// `generated`; fails when they are missing or out of order.
+pub fn replace_between(
+    document: &str,
+    begin: &str,
+    end: &str,
+    generated: &str,
+) -> Result<String, String> {
+    let line = |marker: &str| {
+        document.match_indices(marker).map(|(i, _)| i).find(|&i| {
+            (i == 0 || document[..i].ends_with('\n'))
+                && document[i + marker.len()..].starts_with('\n')
+        })
     };
-    if end < begin {
-        return Err(format!("{END} comes before {BEGIN}"));
+    let (Some(from), Some(to)) = (line(begin), line(end)) else {
+        return Err(format!("the markers {begin} and {end} are missing"));
+    };
+    if to < from {
+        return Err(format!("{end} comes before {begin}"));
     }
     Ok(format!(
-        "{}{BEGIN}\n{}\n{}",
-        &document[..begin],
+        "{}{begin}\n{}\n{}",
+        &document[..from],
         generated.trim_end(),
-        &document[end..]
+        &document[to..]
     ))
 }
 
@@ -257,7 +275,14 @@ mod tests {
         let new = replace_between_markers(&doc, "new table\n").expect("markers");
         assert_eq!(new, format!("intro\n{BEGIN}\nnew table\n{END}\nprose\n"));
         assert!(replace_between_markers("no markers", "x").is_err());
-        assert!(replace_between_markers(&format!("{END}{BEGIN}"), "x").is_err());
+        assert!(replace_between_markers(&format!("{END}\n{BEGIN}\n"), "x").is_err());
+        // A marker quoted in prose (the flags table) is not a marker.
+        let doc = format!("see `{BEGIN}` and `{END}`\n{BEGIN}\nold\n{END}\nprose\n");
+        let new = replace_between_markers(&doc, "new\n").expect("markers");
+        assert_eq!(
+            new,
+            format!("see `{BEGIN}` and `{END}`\n{BEGIN}\nnew\n{END}\nprose\n")
+        );
     }
 
     #[test]

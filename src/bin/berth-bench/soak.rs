@@ -698,26 +698,9 @@ impl Report {
 }
 
 /// `document` with the text between the soak markers (each on a line of its
-/// own) replaced by `generated`; fails when they are missing or out of order.
+/// own) replaced by `generated`.
 pub fn replace_between_markers(document: &str, generated: &str) -> Result<String, String> {
-    let line = |marker: &str| {
-        document.match_indices(marker).map(|(i, _)| i).find(|&i| {
-            (i == 0 || document[..i].ends_with('\n'))
-                && document[i + marker.len()..].starts_with('\n')
-        })
-    };
-    let (Some(begin), Some(end)) = (line(BEGIN), line(END)) else {
-        return Err(format!("the markers {BEGIN} and {END} are missing"));
-    };
-    if end < begin {
-        return Err(format!("{END} comes before {BEGIN}"));
-    }
-    Ok(format!(
-        "{}{BEGIN}\n{}\n{}",
-        &document[..begin],
-        generated.trim_end(),
-        &document[end..]
-    ))
+    crate::report::replace_between(document, BEGIN, END, generated)
 }
 
 #[cfg(test)]
