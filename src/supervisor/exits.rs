@@ -4,13 +4,17 @@
 
 use super::*;
 
-/// How long the events of an exit wait for its log tail, and an exit by
-/// `SIGKILL` for the engine's inspection, before they go without: a few
-/// milliseconds on a quiet engine; a storm must not hold them.
+/// How long an exit by `SIGKILL` without the engine's `oom` waits for the
+/// inspection, and a log tail read for the restart's start to be answered,
+/// before they go on: a storm must not hold them.
 const EVIDENCE_WAIT: Duration = Duration::from_millis(250);
+/// How long the events of an exit wait for its log tail: a few
+/// milliseconds on a quiet engine, hundreds on a loaded one. Nothing but
+/// the events waits for it.
+const TAIL_WAIT: Duration = Duration::from_secs(2);
 
 /// The events of one exit of an executable, held until its log tail is
-/// read (at most [`EVIDENCE_WAIT`]) so that they carry it. The restart does
+/// read (at most [`TAIL_WAIT`]) so that they carry it. The restart does
 /// not wait: the tail is read up to the exit's time, after the next start.
 #[derive(Debug)]
 pub(super) struct HeldExit {
@@ -218,18 +222,18 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             if let Some(started) = started {
                 let _ = tokio::time::timeout(EVIDENCE_WAIT, started.notified()).await;
             }
-            let lines =
-                match tokio::time::timeout(EVIDENCE_WAIT, runtime.log_tail(&id, Some(at))).await {
-                    Ok(Ok(lines)) => Some(lines),
-                    Ok(Err(e)) => {
-                        debug!(container = %short(&id), error = %e, "log tail unavailable");
-                        None
-                    }
-                    Err(_) => {
-                        debug!(container = %short(&id), "log tail not read in time");
-                        None
-                    }
-                };
+            let lines = match tokio::time::timeout(TAIL_WAIT, runtime.log_tail(&id, Some(at))).await
+            {
+                Ok(Ok(lines)) => Some(lines),
+                Ok(Err(e)) => {
+                    debug!(container = %short(&id), error = %e, "log tail unavailable");
+                    None
+                }
+                Err(_) => {
+                    debug!(container = %short(&id), "log tail not read in time");
+                    None
+                }
+            };
             let _ = tx.send(Msg::LogTail { key, at, lines });
         });
     }
