@@ -510,14 +510,19 @@ async fn manual_stop_suspends_the_policy_until_started_by_hand() {
             1,
             "{name}"
         );
-        assert!(
-            h.store.load().unwrap().exec(&key()).unwrap().manual_stop,
-            "{name}"
-        );
-        assert!(
-            h.events().iter().any(|e| e["event"] == "manual_stop"),
-            "{name}: a manual_stop event"
-        );
+        // Written at once by the state writer, off the loop: awaited.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !h.store.load().unwrap().exec(&key()).unwrap().manual_stop {
+            assert!(
+                Instant::now() < deadline,
+                "{name}: manual stop not recorded"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        h.wait_event(&format!("{name}: a manual_stop event"), |e| {
+            e["event"] == "manual_stop"
+        })
+        .await;
         if name == "docker stop" {
             h.runtime.manual_start(NAME);
             h.running(0).await;
