@@ -401,7 +401,7 @@ name = "pair"
 name = "server"
 image = "{TEST_IMAGE}"
 pull = "never"
-command = ["sh", "-c", "trap 'exit 0' TERM; until echo pong-{port} | nc -l -p {port} > /tmp/got; do sleep 0.2; done; while true; do sleep 0.2; done"]
+command = ["sh", "-c", "trap 'exit 0' TERM; until echo pong-{port} | nc -l -p {port} > /tmp/got && grep -q ping /tmp/got; do sleep 0.2; done; while true; do sleep 0.2; done"]
 env = {{ SHARED = "executable", EXE_ONLY = "e" }}
 limits = {{ cpus = 0.5, memory_mb = 64 }}
 volumes = [{{ host = "{host}", container = "/data", read_only = true }}]
@@ -412,7 +412,7 @@ name = "client"
 image = "{TEST_IMAGE}"
 pull = "if-not-present"
 run_as_bash = true
-command = "until echo ping | nc 127.0.0.1 {port} | grep -q pong-{port}; do sleep 0.2; done; cat /data/hello.txt 2>/dev/null; exit 0"
+command = "until echo ping | nc 127.0.0.1 {port} | grep pong-{port} > /dev/null; do sleep 0.2; done; cat /data/hello.txt 2>/dev/null; exit 0"
 "#,
         host = host_dir.path().display()
     );
@@ -446,8 +446,9 @@ command = "until echo ping | nc 127.0.0.1 {port} | grep -q pong-{port}; do sleep
     assert_eq!(client["Config"]["Cmd"][1], "-c");
     // The two executables of the component talked over localhost: the
     // client only finishes once it read the server's answer (so a stranger
-    // on the port, or a connection to itself, is retried), and the server's
-    // `nc` writes what it got a moment after the client is done.
+    // on the port, or a connection to itself, is retried; its `grep` reads
+    // to the end, so that its `nc` is not cut off before it sent), and the
+    // server listens again until what it got holds the `ping`.
     let server_id = server["Id"].as_str().unwrap().to_owned();
     let mut got = String::new();
     let arrived = wait_until(WAIT, || {
