@@ -309,7 +309,9 @@ fn backoff_delays_grow_and_reset() {
     let gaps: Vec<i64> = restarts
         .iter()
         .filter_map(|r| {
-            let die = dies.iter().filter(|d| *d <= r).max()?;
+            // The event's time is in whole milliseconds: an immediate
+            // restart may carry the millisecond its `die` happened in.
+            let die = dies.iter().filter(|d| **d <= *r + 1_000_000).max()?;
             Some(((r - die) / 1_000_000) as i64)
         })
         .collect();
