@@ -8,7 +8,7 @@
 #   - a registry on 127.0.0.1:5000 holding it as 127.0.0.1:5000/berth/busybox:1;
 #   - a Mosquitto broker on 127.0.0.1:1883 for the example run.
 # With --tests, also what only the tests and berth-bench need: htpasswd,
-# openssl, systemd-analyze, dpkg-dev and docker-compose, and, for the user
+# openssl, systemd-analyze, dpkg-dev, docker-compose and GNU time, and, for the user
 # who runs cargo, cargo-deb and cargo-nextest (scripts/test.sh passes it).
 #
 # Run it as root or as a user with sudo: whatever needs root (installing
@@ -161,6 +161,8 @@ install_packages() {
         command -v dpkg-shlibdeps >/dev/null || missing+=(dpkg-dev)
         # berth-bench compares provisioning with it (Debian's, Compose v1).
         command -v docker-compose >/dev/null || missing+=(docker-compose)
+        # berth-bench's fleet lane reads `berth fleet`'s peak memory with it.
+        [ -x /usr/bin/time ] || missing+=(time)
     fi
     ((${#missing[@]} == 0)) && return
     need_root "installing ${missing[*]}"
