@@ -33,7 +33,11 @@ const PREV_LOG_NAME: &str = "restarts.prev.log";
 /// format and refuses a newer one (a downgrade) rather than lose its counts.
 ///
 /// - 1: berth 0.1.0. A file without `version` is read as 1.
-pub const FORMAT_VERSION: u32 = 1;
+/// - 2: a pending restart may be a reservation (`reserved_for`), whose count
+///   holds only if its container started again. Format 1 has none, so the
+///   step changes nothing; a berth of format 1 would read a reservation as a
+///   commitment and count one restart too many, so it must refuse format 2.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Fields missing from a file take their defaults, so that a field added in
 /// a later format needs no migration step of its own.
@@ -92,7 +96,8 @@ pub struct ExecRecord {
     pub container_id: Option<String>,
     /// The engine's `StartedAt` of the last start berth knows of.
     pub started_at: Option<String>,
-    /// A counted restart whose start may not have reached the engine yet.
+    /// A counted restart whose start may not have reached the engine yet,
+    /// or a reservation of the next one (see [`PendingRestart::reserved_for`]).
     pub pending_restart: Option<PendingRestart>,
     /// Stopped by hand; not restarted until the device reboots.
     pub manual_stop: bool,
@@ -146,12 +151,41 @@ impl Availability {
     }
 }
 
+impl ExecRecord {
+    /// The restarts that happened, if the container has not started again
+    /// since the record was written: a reservation is not one yet.
+    pub fn restarts_done(&self) -> u64 {
+        let reserved = self
+            .pending_restart
+            .as_ref()
+            .is_some_and(|p| p.reserved_for.is_some());
+        self.restart_count - u64::from(reserved && self.restart_count > 0)
+    }
+}
+
 /// Written before berth asks the engine to start a container again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingRestart {
     /// The container's `StartedAt` before the restart: if the engine still
     /// shows it, the start never happened and is issued again (not recounted).
     pub prev_started_at: Option<String>,
+    /// Set on a reservation: the commitment to the next restart of this
+    /// container, written while it runs (format 2), so that its exit is
+    /// restarted without waiting for a disk. Its count holds only if the
+    /// container has been started since `prev_started_at`; otherwise the
+    /// count is one less and the restart, if any, is decided again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_for: Option<String>,
+}
+
+impl PendingRestart {
+    /// A commitment to restart the container that started at `prev_started_at`.
+    pub fn after(prev_started_at: Option<String>) -> Self {
+        PendingRestart {
+            prev_started_at,
+            reserved_for: None,
+        }
+    }
 }
 
 /// One line of the restart log: an executable's count and pending restart
@@ -178,10 +212,17 @@ impl Intent {
 
 impl State {
     /// Applies a logged commitment unless the record already holds it or a
-    /// later one (a count only grows by commitments).
+    /// later one (a count only grows by commitments); a commitment replaces
+    /// a reservation of the same count.
     pub fn apply_intent(&mut self, intent: &Intent) {
         let record = self.executables.entry(intent.key.clone()).or_default();
-        if intent.restart_count > record.restart_count {
+        let replaces_reservation = intent.restart_count == record.restart_count
+            && intent.pending_restart.reserved_for.is_none()
+            && record
+                .pending_restart
+                .as_ref()
+                .is_some_and(|p| p.reserved_for.is_some());
+        if intent.restart_count > record.restart_count || replaces_reservation {
             record.restart_count = intent.restart_count;
             record.pending_restart = Some(intent.pending_restart.clone());
         }
@@ -217,7 +258,10 @@ type Json = serde_json::Map<String, serde_json::Value>;
 
 /// `MIGRATIONS[i]` rewrites format `i + 1` into format `i + 2`: one entry per
 /// format change, never edited once released.
-const MIGRATIONS: [Migration; FORMAT_VERSION as usize - 1] = [];
+const MIGRATIONS: [Migration; FORMAT_VERSION as usize - 1] = [
+    // 1 → 2: reservations are new; a format-1 file holds none.
+    |_| Ok(()),
+];
 
 /// One format step: rewrites the object in place, or says why it cannot.
 type Migration = fn(&mut Json) -> Result<(), String>;
@@ -651,9 +695,7 @@ mod tests {
         };
         let key = ExecKey::new("d", "c", "e");
         state.exec_mut(&key).restart_count = 7;
-        state.exec_mut(&key).pending_restart = Some(PendingRestart {
-            prev_started_at: Some("t".into()),
-        });
+        state.exec_mut(&key).pending_restart = Some(PendingRestart::after(Some("t".into())));
         store.save(&state).unwrap();
         assert_eq!(store.load().unwrap(), state);
         assert!(!dir.path().join("state.json.tmp").exists());
@@ -675,10 +717,56 @@ mod tests {
         Intent {
             key: key.into(),
             restart_count: count,
-            pending_restart: PendingRestart {
-                prev_started_at: Some(prev.into()),
-            },
+            pending_restart: PendingRestart::after(Some(prev.into())),
         }
+    }
+
+    #[test]
+    fn a_commitment_replaces_a_reservation_of_the_same_count_and_not_the_reverse() {
+        let mut state = State::default();
+        let reservation = Intent {
+            key: "d/c/e".into(),
+            restart_count: 3,
+            pending_restart: PendingRestart {
+                prev_started_at: Some("t2".into()),
+                reserved_for: Some("c1".into()),
+            },
+        };
+        state.apply_intent(&reservation);
+        let record = state.executables["d/c/e"].clone();
+        assert_eq!((record.restart_count, record.restarts_done()), (3, 2));
+        // A commitment of the same count (the reservation did not cover it).
+        let commitment = intent("d/c/e", 3, "t9");
+        state.apply_intent(&commitment);
+        let record = state.executables["d/c/e"].clone();
+        assert_eq!(record.pending_restart, Some(commitment.pending_restart));
+        assert_eq!(record.restarts_done(), 3);
+        // A reservation never replaces a commitment of its count.
+        state.apply_intent(&reservation);
+        assert_eq!(state.executables["d/c/e"].restarts_done(), 3);
+    }
+
+    #[test]
+    fn a_reservation_survives_the_log_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut journal = Journal::new(store.clone());
+        let reservation = Intent {
+            key: "d/c/e".into(),
+            restart_count: 1,
+            pending_restart: PendingRestart {
+                prev_started_at: Some("t0".into()),
+                reserved_for: Some("c1".into()),
+            },
+        };
+        journal.append(std::slice::from_ref(&reservation)).unwrap();
+        let state = store.load().unwrap();
+        assert_eq!(
+            state.executables["d/c/e"].pending_restart,
+            Some(reservation.pending_restart.clone())
+        );
+        journal.compact(&state).unwrap();
+        assert_eq!(store.load().unwrap(), state);
     }
 
     #[test]

@@ -65,9 +65,7 @@ fn assert_the_0_1_0_device(state: &State) {
     assert_eq!(server.restart_count, 12);
     assert_eq!(
         server.pending_restart,
-        Some(PendingRestart {
-            prev_started_at: Some("2026-11-28T16:01:00.5Z".into())
-        })
+        Some(PendingRestart::after(Some("2026-11-28T16:01:00.5Z".into())))
     );
     assert_eq!(server.backoff.consecutive, 5);
     assert_eq!(server.exit_code, Some(1));
@@ -79,12 +77,7 @@ fn assert_the_0_1_0_device(state: &State) {
 
     let fresh = exec(state, "fresh", "c", "e");
     assert_eq!(fresh.restart_count, 1);
-    assert_eq!(
-        fresh.pending_restart,
-        Some(PendingRestart {
-            prev_started_at: None
-        })
-    );
+    assert_eq!(fresh.pending_restart, Some(PendingRestart::after(None)));
 
     let master = state
         .exec(&ros_master_key())

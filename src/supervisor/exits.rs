@@ -146,6 +146,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 exec.launched = true;
                 exec.shown.exit_code = None;
                 exec.stop_by = None;
+                // A reservation on disk would count this start as berth's
+                // restart: the record without it goes to disk at once.
+                if exec.reservation.take().is_some() {
+                    self.save_state();
+                }
                 Input::StartedByHand
             }
             EventAction::Destroy => {
@@ -502,7 +507,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 );
             }
             // What an operator did by hand: on disk at once.
-            Effect::SaveNow => self.save_state(),
+            Effect::SaveNow => {
+                self.save_state();
+            }
             Effect::Repull => {
                 if let Some(dep) = self.deployments.get_mut(&key.deployment) {
                     dep.images_ready = false;
@@ -533,9 +540,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         // completed, not counted again.
         if exec.pending_restart.is_none() {
             exec.restart_count += 1;
-            exec.pending_restart = Some(PendingRestart {
-                prev_started_at: exec.container.as_ref().and_then(|c| c.started_at.clone()),
-            });
+            exec.pending_restart = Some(PendingRestart::after(
+                exec.container.as_ref().and_then(|c| c.started_at.clone()),
+            ));
         }
         let restart_count = exec.restart_count;
         info!(executable = %key, exit_code, restart_count, "restarting");

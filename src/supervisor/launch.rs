@@ -20,6 +20,8 @@ pub(super) struct LaunchCall {
     /// Told once the start was asked for and answered: the exit's log
     /// tail is read then, not beside the start.
     started: Option<Arc<tokio::sync::Notify>>,
+    /// A counted restart: its record is on disk before the start.
+    counted: bool,
 }
 
 impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
@@ -308,11 +310,23 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             crash_looping,
             stop_first,
             started,
+            counted: committed,
         };
         if committed {
             // The count and the commitment to start are one durable record;
             // the launch waits for it (see `spawn_launch`).
             self.commit_restart(key);
+        } else if self
+            .exec_mut(key)
+            .and_then(|e| e.reservation.take())
+            .is_some()
+        {
+            // A start that is not a counted restart: the reservation on disk
+            // would count it, so the record without it is written first.
+            let generation = self.save_state();
+            if !self.writer.is_durable(generation) {
+                self.commitments.insert(key.clone(), generation);
+            }
         }
         match self.held_launches.as_mut() {
             Some(held) => held.push(call),
@@ -328,6 +342,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             crash_looping,
             stop_first,
             started,
+            counted,
         } = call;
         let runtime = self.runtime.clone();
         let tx = self.tx.clone();
@@ -339,14 +354,13 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         } else {
             self.engine_slots.clone()
         };
-        let committed = self.commitments.contains_key(&key);
         let durable = self.durable_commitment(&key);
         self.tracker.spawn(async move {
             // No restart starts without its record on disk.
             if !durable.await {
                 return;
             }
-            if committed {
+            if counted {
                 crate::trace::committed(&spec.labels, container_id.as_deref().unwrap_or(""));
             }
             let _lane = match crash_lane {
@@ -456,6 +470,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             return;
         }
         let swapping = matches!(exec.life, Life::Replacing(_));
+        let started = result.is_ok();
         let input = match result {
             Ok(info) => {
                 exec.container = Some(Container::from_info(&info));
@@ -498,6 +513,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         };
         self.state_dirty = true;
         self.feed(key, input);
+        if started {
+            // Its next restart is committed now, while it runs.
+            self.reserve(key);
+        }
         if let Some(dep) = self.deployments.get_mut(&key.deployment) {
             dep.update_phase();
         }

@@ -25,6 +25,9 @@ pub(super) struct Exec {
     pub(super) backoff: Backoff,
     /// A counted restart whose start may not have reached the engine yet.
     pub(super) pending_restart: Option<PendingRestart>,
+    /// The next restart of the running container, committed ahead (not yet
+    /// counted here; the record counts it).
+    pub(super) reservation: Option<Reservation>,
     /// Has been started at least once in its deployment's life.
     pub(super) launched: bool,
     /// Its container ran before and is gone (a reboot, say): starting it
@@ -70,6 +73,37 @@ pub(super) struct ProbeWatch {
 impl Drop for ProbeWatch {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// A restart committed while its container still runs, so that its exit is
+/// restarted without waiting for a disk: the record on disk counts it (one
+/// more than `restart_count`) as pending for this run of this container. If
+/// berth goes away, the count holds only if that container has started
+/// again since (`reconcile`); otherwise the restart is decided again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Reservation {
+    pub(super) container_id: String,
+    /// The engine's `StartedAt` of the run it follows.
+    pub(super) started_at: String,
+    /// The count it commits to.
+    pub(super) restart_count: u64,
+    /// The writer's generation that makes it durable (0: read from disk).
+    pub(super) generation: u64,
+}
+
+impl Reservation {
+    /// Whether a restart of `exec` that was just counted can take it as its
+    /// commitment: the same run of the same container, the same count.
+    pub(super) fn covers(&self, exec: &Exec) -> bool {
+        let Some(pending) = &exec.pending_restart else {
+            return false;
+        };
+        exec.container
+            .as_ref()
+            .is_some_and(|c| c.id == self.container_id)
+            && pending.prev_started_at.as_deref() == Some(self.started_at.as_str())
+            && exec.restart_count == self.restart_count
     }
 }
 
@@ -119,6 +153,26 @@ impl Exec {
         let hash = spec_hash(&spec, &env);
         let mut record = record.unwrap_or_default();
         let availability = std::mem::take(&mut record.availability);
+        // A reservation on disk is not a restart yet: the reconcile counts
+        // it if its container started again.
+        let reservation = match record.pending_restart.take() {
+            Some(PendingRestart {
+                prev_started_at: Some(started_at),
+                reserved_for: Some(container_id),
+            }) => Some(Reservation {
+                container_id,
+                started_at,
+                restart_count: record.restart_count,
+                generation: 0,
+            }),
+            other => {
+                record.pending_restart = other;
+                None
+            }
+        };
+        if reservation.is_some() {
+            record.restart_count = record.restart_count.saturating_sub(1);
+        }
         let life = recorded_life(&record);
         Exec {
             key,
@@ -143,6 +197,7 @@ impl Exec {
             restart_count: record.restart_count,
             backoff: record.backoff,
             pending_restart: record.pending_restart,
+            reservation,
             launched: false,
             lost_container: false,
             deferred: Vec::new(),
@@ -243,11 +298,22 @@ impl Exec {
 
     /// What berth persists of it: derived, never written by hand.
     pub(super) fn record(&self) -> ExecRecord {
+        // A reservation is recorded as the pending restart it commits to.
+        let (restart_count, pending_restart) = match (&self.pending_restart, &self.reservation) {
+            (None, Some(r)) if r.restart_count == self.restart_count + 1 => (
+                r.restart_count,
+                Some(PendingRestart {
+                    prev_started_at: Some(r.started_at.clone()),
+                    reserved_for: Some(r.container_id.clone()),
+                }),
+            ),
+            _ => (self.restart_count, self.pending_restart.clone()),
+        };
         ExecRecord {
-            restart_count: self.restart_count,
+            restart_count,
             container_id: self.container.as_ref().map(|c| c.id.clone()),
             started_at: self.container.as_ref().and_then(|c| c.started_at.clone()),
-            pending_restart: self.pending_restart.clone(),
+            pending_restart,
             manual_stop: matches!(self.life, Life::Suspended { .. }),
             backoff: self.backoff,
             status: match self.life {

@@ -405,6 +405,13 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         }
         // Events held for a log tail go out with what was read.
         self.release_held(true);
+        // A clean stop leaves no reservation on disk, so that a container
+        // started by hand while berth is away is not taken for its restart.
+        for dep in self.deployments.values_mut() {
+            for exec in dep.execs.iter_mut().chain(dep.retiring.iter_mut()) {
+                exec.reservation = None;
+            }
+        }
         // The writer writes the last snapshot and ends.
         self.save_state();
         self.writer.close();

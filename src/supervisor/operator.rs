@@ -365,9 +365,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         let was_running = running(&exec.life);
         if exec.pending_restart.is_none() {
             exec.restart_count += 1;
-            exec.pending_restart = Some(PendingRestart {
-                prev_started_at: exec.container.as_ref().and_then(|c| c.started_at.clone()),
-            });
+            exec.pending_restart = Some(PendingRestart::after(
+                exec.container.as_ref().and_then(|c| c.started_at.clone()),
+            ));
         }
         let restart_count = exec.restart_count;
         exec.life = Life::Starting {

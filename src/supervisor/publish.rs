@@ -52,23 +52,84 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
 
     /// Hands the writer a snapshot of the whole state, written as soon as
     /// it can (never on the loop).
-    pub(super) fn save_state(&mut self) {
+    pub(super) fn save_state(&mut self) -> u64 {
         let state = self.snapshot();
-        self.writer.snapshot(&state);
         self.state_dirty = false;
+        self.writer.snapshot(&state)
     }
 
     /// Hands the writer the restart commitment of `key` (its count and
     /// pending restart): the launch waits until it is on disk.
+    /// A reservation of this very restart (written while the container
+    /// ran) is its commitment: nothing more is written, and the launch waits
+    /// only if the reservation is not yet on disk itself.
     pub(super) fn commit_restart(&mut self, key: &ExecKey) {
-        let intent = self
-            .exec_any_mut(key)
-            .and_then(|e| Intent::of(key, &e.record()));
-        if let Some(intent) = intent {
-            let generation = self.writer.commit(intent);
+        let Some(exec) = self.exec_any_mut(key) else {
+            return;
+        };
+        let reserved = exec
+            .reservation
+            .take()
+            .filter(|r| r.covers(exec))
+            .map(|r| r.generation);
+        let intent = Intent::of(key, &exec.record());
+        let generation = match (reserved, intent) {
+            (Some(generation), _) => Some(generation),
+            (None, Some(intent)) => Some(self.writer.commit(intent)),
+            (None, None) => None,
+        };
+        if let Some(generation) = generation.filter(|g| !self.writer.is_durable(*g)) {
             self.commitments.insert(key.clone(), generation);
         }
         self.mark_state_dirty();
+    }
+
+    /// Commits ahead to the next restart of `key`'s running container, if
+    /// its policy may restart it, so that its exit is restarted at once: the
+    /// record counts it as pending for this run (see [`Reservation`]).
+    pub(super) fn reserve(&mut self, key: &ExecKey) {
+        let restarts = self
+            .deployments
+            .get(&key.deployment)
+            .is_some_and(|d| d.spec.restart != crate::model::RestartPolicy::Never);
+        let Some(exec) = self.exec_mut(key) else {
+            return;
+        };
+        let run = exec
+            .container
+            .as_ref()
+            .and_then(|c| Some((c.id.clone(), c.started_at.clone()?)));
+        let Some((container_id, started_at)) = run.filter(|_| restarts) else {
+            exec.reservation = None;
+            return;
+        };
+        if exec.pending_restart.is_some()
+            || exec.reservation.as_ref().is_some_and(|r| {
+                r.container_id == container_id
+                    && r.started_at == started_at
+                    && r.restart_count == exec.restart_count + 1
+            })
+        {
+            return;
+        }
+        let restart_count = exec.restart_count + 1;
+        let intent = Intent {
+            key: key.to_string(),
+            restart_count,
+            pending_restart: PendingRestart {
+                prev_started_at: Some(started_at.clone()),
+                reserved_for: Some(container_id.clone()),
+            },
+        };
+        let generation = self.writer.commit(intent);
+        if let Some(exec) = self.exec_mut(key) {
+            exec.reservation = Some(Reservation {
+                container_id,
+                started_at,
+                restart_count,
+                generation,
+            });
+        }
     }
 
     /// Waits (in a launch task) until the commitment of `key`, if it has one

@@ -255,6 +255,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         );
         let suspended = matches!(life, Life::Suspended { .. });
         let Some(info) = info else {
+            exec.reservation = None;
             let ran_before = exec
                 .container
                 .take()
@@ -279,6 +280,23 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             exec.launched = true;
         }
 
+        // A restart berth had reserved before it went away happened if the
+        // same container has started since (berth's own start: the operator
+        // starting it by hand while berth was away would be counted too).
+        // A reservation kept in memory is checked by berth's own starts.
+        if let Some(r) = exec.reservation.take() {
+            let same = r.container_id == info.id;
+            let started_again =
+                info.has_started() && info.started_at.as_deref() != Some(r.started_at.as_str());
+            if same && started_again && r.generation == 0 {
+                info!(executable = %key, restart_count = r.restart_count, "a restart berth had reserved happened before it stopped");
+                exec.restart_count = r.restart_count;
+                exec.launched = true;
+            } else if same && !started_again {
+                exec.reservation = Some(r);
+            }
+        }
+
         // A restart berth had committed to (and counted) before it went away.
         if let Some(pending) = exec.pending_restart.clone() {
             let happened = info.started_at != pending.prev_started_at;
@@ -298,6 +316,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             exec.life = Life::Running { killed: None };
             exec.shown = Shown::running();
             self.mark_dirty(&key.deployment);
+            self.reserve(key);
             return;
         }
 

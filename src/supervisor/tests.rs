@@ -399,7 +399,8 @@ async fn exits_follow_the_restart_table() {
         let state = h.store.recover().unwrap().state;
         let record = state.exec(&key()).cloned().unwrap_or_default();
         assert_eq!(
-            record.restart_count, row.restart_count,
+            record.restarts_done(),
+            row.restart_count,
             "{name}: persisted count"
         );
         h.shutdown().await;

@@ -108,6 +108,11 @@ impl StateWriter {
         async move { durable.wait_for(|d| *d >= generation).await.is_ok() }
     }
 
+    /// Whether generation `generation` is durable already.
+    pub(super) fn is_durable(&self, generation: u64) -> bool {
+        *self.durable.borrow() >= generation
+    }
+
     /// No more jobs: the writer writes what is queued and ends.
     pub(super) fn close(&mut self) {
         self.jobs = None;
@@ -253,9 +258,7 @@ mod tests {
         Intent {
             key: "d/c/e".into(),
             restart_count: count,
-            pending_restart: PendingRestart {
-                prev_started_at: Some(format!("t{count}")),
-            },
+            pending_restart: PendingRestart::after(Some(format!("t{count}"))),
         }
     }
 

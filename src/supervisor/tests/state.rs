@@ -5,16 +5,18 @@
 use super::*;
 
 /// SPEC 5, `DEP_E302`: a restart whose record cannot be written (a full
-/// disk) waits, shown as `Error` with the reason, and goes ahead once the
-/// record is on disk; counted once.
+/// disk since before the container started, so that not even its
+/// reservation is on disk) waits, shown as `Error` with the reason, and goes
+/// ahead once the record is on disk; counted once.
 #[tokio::test]
 async fn a_restart_waits_for_its_record_and_goes_ahead_once_written() {
     use std::sync::atomic::Ordering::SeqCst;
     let dir = tempfile::tempdir().unwrap();
     let spec = deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker");
     let h = Harness::start(fake(), dir.path(), spec);
-    h.running(0).await;
+    // Nothing of the supervisor has run yet (one thread): every write fails.
     h.store.fail_writes.store(true, SeqCst);
+    h.running(0).await;
     h.runtime.exit(NAME, 3);
     let doc = h
         .wait_for("Error + DEP_E302", |d| {
@@ -43,10 +45,135 @@ async fn a_restart_waits_for_its_record_and_goes_ahead_once_written() {
     tokio::time::sleep(QUIET).await;
     assert_eq!(h.starts(), 2, "started once, once written");
     assert_eq!(
-        h.store.load().unwrap().exec(&key()).unwrap().restart_count,
+        h.store
+            .load()
+            .unwrap()
+            .exec(&key())
+            .unwrap()
+            .restarts_done(),
         1,
         "counted once, on disk"
     );
+    h.shutdown().await;
+}
+
+/// Waits until the record on disk (as a starting berth reads it) holds the
+/// reservation of restart `count`.
+async fn reserved_on_disk(h: &Harness, count: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = h.store.recover().unwrap().state;
+        let record = state.exec(&key()).cloned().unwrap_or_default();
+        let reserved = record
+            .pending_restart
+            .as_ref()
+            .is_some_and(|p| p.reserved_for.is_some());
+        if reserved && record.restart_count == count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reservation of restart {count} on disk: {record:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A running container's next restart is committed while it runs: its
+/// exit is restarted without a write, even when the disk has failed since.
+#[tokio::test]
+async fn a_reserved_restart_goes_ahead_without_a_write() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker");
+    let h = Harness::start(fake(), dir.path(), spec);
+    h.running(0).await;
+    reserved_on_disk(&h, 1).await;
+    h.store.fail_writes.store(true, SeqCst);
+    h.runtime.exit(NAME, 3);
+    let doc = h.running(1).await;
+    assert_eq!(exe(&doc)["error_code"], Value::Null);
+    assert_eq!(h.starts(), 2);
+    h.store.fail_writes.store(false, SeqCst);
+    h.shutdown().await;
+}
+
+/// berth killed after a reserved restart was started, before anything
+/// else reached the disk: the container has started since the reserved
+/// run, so the restart happened and is counted, once; it is not restarted.
+#[tokio::test]
+async fn a_reserved_restart_that_happened_before_a_crash_is_counted_once() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = fake();
+    let spec = deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker");
+    let h = Harness::start(runtime.clone(), dir.path(), spec.clone());
+    h.running(0).await;
+    reserved_on_disk(&h, 1).await;
+    // Nothing more reaches the disk: the next reservation, the snapshots.
+    h.store.fail_writes.store(true, SeqCst);
+    h.runtime.exit(NAME, 3);
+    h.running(1).await;
+    h.task.abort();
+    let _ = h.task.await;
+    h.store.fail_writes.store(false, SeqCst);
+    assert_eq!(runtime.start_times(NAME).len(), 2);
+
+    let h = Harness::start(runtime.clone(), dir.path(), spec);
+    let doc = h.running(1).await;
+    assert_eq!(exe(&doc)["restart_count"], 1);
+    reserved_on_disk(&h, 2).await;
+    assert_eq!(runtime.start_times(NAME).len(), 2, "adopted, not started");
+    h.runtime.exit(NAME, 3);
+    h.running(2).await;
+    h.shutdown().await;
+}
+
+/// berth killed while the container runs on: the reservation on disk is
+/// not a restart (the container has not started since), so nothing is
+/// counted; its exit later is restarted and counted once.
+#[tokio::test]
+async fn a_reservation_without_a_restart_is_not_counted_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = fake();
+    let spec = deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker");
+    let h = Harness::start(runtime.clone(), dir.path(), spec.clone());
+    h.running(0).await;
+    reserved_on_disk(&h, 1).await;
+    h.task.abort();
+    let _ = h.task.await;
+
+    let h = Harness::start(runtime.clone(), dir.path(), spec);
+    h.running(0).await;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(h.starts(), 1, "adopted, not started");
+    h.runtime.exit(NAME, 3);
+    let doc = h.running(1).await;
+    assert_eq!(exe(&doc)["restart_count"], 1);
+    h.shutdown().await;
+}
+
+/// A clean stop leaves no reservation: a container stopped and started by
+/// hand while berth is away is not counted as berth's restart.
+#[tokio::test]
+async fn a_start_by_hand_while_berth_was_stopped_is_not_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = fake();
+    let spec = deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker");
+    let h = Harness::start(runtime.clone(), dir.path(), spec.clone());
+    h.running(0).await;
+    reserved_on_disk(&h, 1).await;
+    h.shutdown().await;
+    let record = StateStore::open(dir.path()).unwrap().load().unwrap();
+    let record = record.exec(&key()).cloned().unwrap();
+    assert_eq!((record.restart_count, record.pending_restart), (0, None));
+    runtime.manual_stop(NAME);
+    runtime.manual_start(NAME);
+
+    let h = Harness::start(runtime.clone(), dir.path(), spec);
+    let doc = h.running(0).await;
+    assert_eq!(exe(&doc)["restart_count"], 0);
+    reserved_on_disk(&h, 1).await;
     h.shutdown().await;
 }
 
