@@ -35,9 +35,7 @@ fn main() {
     let intent = |n: u64| Intent {
         key: "deployment-7/component/exe-2".into(),
         restart_count: n,
-        pending_restart: PendingRestart {
-            prev_started_at: Some("2026-12-01T23:00:00.123456789Z".into()),
-        },
+        pending_restart: PendingRestart::after(Some("2026-12-01T23:00:00.123456789Z".into())),
     };
 
     let append = measure(rounds, |n| journal.append(&[intent(n as u64)]).unwrap());
