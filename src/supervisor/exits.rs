@@ -9,9 +9,10 @@ use super::*;
 /// before they go on: a storm must not hold them.
 const EVIDENCE_WAIT: Duration = Duration::from_millis(250);
 /// How long the events of an exit wait for its log tail: a few
-/// milliseconds on a quiet engine, hundreds on a loaded one. Nothing but
-/// the events waits for it.
-const TAIL_WAIT: Duration = Duration::from_secs(2);
+/// milliseconds on a quiet engine, hundreds on a loaded one, seconds on an
+/// overloaded one (an event without the evidence is the worse outcome).
+/// Nothing but the events waits for it.
+const TAIL_WAIT: Duration = Duration::from_secs(5);
 
 /// The events of one exit of an executable, held until its log tail is
 /// read (at most [`TAIL_WAIT`]) so that they carry it. The restart does

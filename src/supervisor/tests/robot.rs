@@ -250,7 +250,7 @@ async fn a_restart_does_not_wait_for_the_log_tail_its_event_does() {
         .collect();
     assert_eq!(names, ["restart", "restarted"], "in order");
 
-    // A tail that never comes: the events go out after 2 s without it.
+    // A tail that never comes: the events go out after 5 s without it.
     runtime.fault(Method::LogTail, None, Fault::Hang);
     let exited = Instant::now();
     runtime.exit(NAME, 4);
@@ -262,7 +262,7 @@ async fn a_restart_does_not_wait_for_the_log_tail_its_event_does() {
         .await;
     let waited = exited.elapsed();
     assert!(
-        waited >= Duration::from_millis(2000) && waited <= Duration::from_millis(2005),
+        waited >= Duration::from_millis(5000) && waited <= Duration::from_millis(5005),
         "{waited:?}"
     );
     assert_eq!(restart["log_tail"], serde_json::json!([]));

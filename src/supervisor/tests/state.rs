@@ -44,6 +44,8 @@ async fn a_restart_waits_for_its_record_and_goes_ahead_once_written() {
     assert_eq!(exe(&doc)["error_code"], Value::Null);
     tokio::time::sleep(QUIET).await;
     assert_eq!(h.starts(), 2, "started once, once written");
+    // On disk: the next run's reservation, one count up.
+    reserved_on_disk(&h, 2).await;
     assert_eq!(
         h.store
             .load()
