@@ -77,8 +77,14 @@ command = ["sh", "-c", "until echo ping | nc server 7000; do sleep 0.2; done"]
         aliases.as_array().unwrap().iter().any(|a| a == "server"),
         "{aliases}"
     );
-    let got = docker(&["exec", server["Id"].as_str().unwrap(), "cat", "/tmp/got"]);
-    assert_eq!(got.trim(), "ping");
+    // The client has sent and exited; the server's `nc` writes what it got
+    // when it next runs (late on a loaded machine).
+    let mut got = String::new();
+    let arrived = wait_until(WAIT, || {
+        got = docker(&["exec", server["Id"].as_str().unwrap(), "cat", "/tmp/got"]);
+        got.trim() == "ping"
+    });
+    assert!(arrived, "the server got {got:?}");
     let labels = docker(&[
         "network",
         "inspect",

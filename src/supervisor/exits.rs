@@ -537,15 +537,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         // A restart for unhealthiness stops the container first.
         exec.stop_first = matches!(after, lifecycle::Exit::Unhealthy(_));
         let evidence = exec.evidence.take();
-        // A committed restart not yet started (berth went away meanwhile) is
-        // completed, not counted again.
-        if exec.pending_restart.is_none() {
-            exec.restart_count += 1;
-            exec.pending_restart = Some(PendingRestart::after(
-                exec.container.as_ref().and_then(|c| c.started_at.clone()),
-            ));
-        }
-        let restart_count = exec.restart_count;
+        let restart_count = exec.count_restart();
         info!(executable = %key, exit_code, restart_count, "restarting");
         self.exec_event(
             key,

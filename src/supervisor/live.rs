@@ -214,6 +214,19 @@ impl Exec {
         }
     }
 
+    /// Counts a restart of the current run and sets its commitment
+    /// (`pending_restart`); returns the count. A committed restart not yet
+    /// started (berth went away meanwhile) is completed, not counted again.
+    pub(super) fn count_restart(&mut self) -> u64 {
+        if self.pending_restart.is_none() {
+            self.restart_count += 1;
+            self.pending_restart = Some(PendingRestart::after(
+                self.container.as_ref().and_then(|c| c.started_at.clone()),
+            ));
+        }
+        self.restart_count
+    }
+
     /// A container found without a spec: only ever stopped and removed.
     pub(super) fn orphan(key: ExecKey, container_id: String) -> Self {
         let spec = ExecutableSpec {

@@ -37,7 +37,6 @@ use super::{Msg, Supervisor};
 use crate::model::{ErrorCode, ExecKey, Status, ROS_MASTER_DEPLOYMENT};
 use crate::report::{Event, Reporter};
 use crate::runtime::{ContainerRuntime, RuntimeError};
-use crate::state::PendingRestart;
 
 /// How long a request waits for executables busy with another engine call.
 const BUSY_WAIT: Duration = Duration::from_secs(30);
@@ -363,13 +362,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             return;
         };
         let was_running = running(&exec.life);
-        if exec.pending_restart.is_none() {
-            exec.restart_count += 1;
-            exec.pending_restart = Some(PendingRestart::after(
-                exec.container.as_ref().and_then(|c| c.started_at.clone()),
-            ));
-        }
-        let restart_count = exec.restart_count;
+        let restart_count = exec.count_restart();
         exec.life = Life::Starting {
             counted: true,
             then: None,
