@@ -575,6 +575,12 @@ pub(super) async fn collect_images<R: ContainerRuntime>(
     if collection_due(&usage, &hk.settings, pulling).is_none() {
         return Ok(Some(usage));
     }
+    // Only a tag berth pulled and nothing protects can go. With none, the
+    // engine's lists (every image and container on it: megabytes of heap on
+    // a busy engine, that the allocator keeps) are not read.
+    if hk.pulled.is_subset(&hk.protected) {
+        return Ok(Some(usage));
+    }
     let images = runtime.list_images().await?;
     let plan = plan_collection(&images, &usage, &hk.settings, |image| {
         !image.tags.is_empty()

@@ -492,3 +492,40 @@ async fn an_adopted_container_is_probed_again() {
     h.running(1).await;
     h.shutdown().await;
 }
+
+/// A collection that is due but has nothing berth pulled to remove does not
+/// read the engine's lists of images and containers (megabytes of transient
+/// heap on a busy engine, every metrics interval while the disk stays full);
+/// once an image berth pulled is no longer protected, it reads them and
+/// removes it.
+#[tokio::test]
+async fn a_due_collection_with_nothing_removable_lists_nothing() {
+    const OLD: &str = "registry.example.com/talker:0.9";
+    let runtime = FakeRuntime::new().with_image(OLD);
+    runtime.set_disk(crate::runtime::DiskUsage {
+        data_root: "/var/lib/docker".into(),
+        total_bytes: 10 << 30,
+        free_bytes: 1 << 30,
+    });
+    let mut hk = launch::Housekeeping {
+        settings: crate::config::ImageSettings::default(),
+        pulled: std::collections::BTreeSet::from([OLD.to_string()]),
+        protected: std::collections::BTreeSet::from([OLD.to_string()]),
+    };
+    let mut removed = Vec::new();
+    let usage = launch::collect_images(&runtime, &hk, false, &mut removed)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(usage.used_percent(), 90, "a collection is due");
+    assert!(removed.is_empty());
+    let calls = runtime.calls();
+    assert!(!calls.contains(&Call::ListImages), "{calls:?}");
+
+    hk.protected.clear();
+    launch::collect_images(&runtime, &hk, false, &mut removed)
+        .await
+        .unwrap();
+    assert_eq!(removed, vec![OLD.to_string()]);
+    assert!(runtime.calls().contains(&Call::ListImages));
+}
