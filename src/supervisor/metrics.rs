@@ -67,6 +67,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             for (key, id) in running {
                 let read = runtime.stats(&id).await.ok();
                 stats.push((key, id, read));
+                // A reading from the cgroup files is ready at once, without
+                // a pause: the loop and the launches run between two.
+                tokio::task::yield_now().await;
             }
             let disk = runtime.data_root_usage().await.ok();
             let _ = tx.send(Msg::Metrics(Reading {
