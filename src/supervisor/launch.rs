@@ -334,7 +334,8 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         }
     }
 
-    pub(super) fn spawn_launch(&self, call: LaunchCall) {
+    pub(super) fn spawn_launch(&mut self, call: LaunchCall) {
+        self.launched_in_turn = true;
         let LaunchCall {
             key,
             container_id,

@@ -238,6 +238,9 @@ pub struct Supervisor<R, P> {
     notifier: Notifier,
     /// Starts decided during a reconcile, spawned after its one state write.
     held_launches: Option<Vec<LaunchCall>>,
+    /// A launch task was spawned in this turn of the loop: it runs (and asks
+    /// the engine) before the loop goes on with documents and messages.
+    launched_in_turn: bool,
     /// Limits the engine calls in flight (see `spawn_engine_call`).
     engine_slots: Arc<tokio::sync::Semaphore>,
     /// Limits the starts of existing containers (see `spawn_launch`).
@@ -306,6 +309,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             state_dirty: false,
             notifier,
             held_launches: None,
+            launched_in_turn: false,
             engine_slots: Arc::new(tokio::sync::Semaphore::new(ENGINE_CALLS)),
             start_slots: Arc::new(tokio::sync::Semaphore::new(START_CALLS)),
             crash_lane: Arc::new(tokio::sync::Semaphore::new(ENGINE_CALLS / 2)),
@@ -381,6 +385,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                         self.save_state();
                     }
                 }
+            }
+            if std::mem::take(&mut self.launched_in_turn) {
+                // The restart's start request first (one thread runs all).
+                tokio::task::yield_now().await;
             }
             self.publish_dirty();
         }
