@@ -495,7 +495,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
         rows.push(
             Row::new(
                 1,
-                "… of which: die received → restart record durable (one `fdatasync`), p50 / p99",
+                "… of which: die received → restart record durable (written while the container ran, or one `fdatasync` at the exit), p50 / p99",
             )
             .berth(p50_p99(&w)),
         );
@@ -514,7 +514,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
                 rows.push(
                     Row::new(
                         1,
-                        "this disk: one `fdatasync` of a small append (the floor of a durable record), p50 / p99",
+                        "this disk: one `fdatasync` of a small append (what a record written at the exit adds), p50 / p99",
                     )
                     .other(format!("floor: {}", p50_p99(&d))),
                 );
