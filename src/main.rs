@@ -750,6 +750,9 @@ async fn run(config: AgentConfig) -> Result<(), RunError> {
         .recover()
         .context("cannot use the state")
         .map_err(RunError::Other)?;
+    // The watch is set before the first reading, so that a file written
+    // in between is a change that reloads, not one that waits for the next.
+    let watch = berth::watch::Watch::set(&config.deployments_dir);
     let (deployments, invalid) = berth::supervisor::load_files(&config.deployments_dir);
 
     let shutdown = CancellationToken::new();
@@ -832,12 +835,9 @@ async fn run(config: AgentConfig) -> Result<(), RunError> {
         };
         tracker.spawn(service.run(commands, shutdown.child_token(), tracker.clone()));
     }
-    berth::watch::spawn(
-        &deployments_dir,
-        supervisor.reloader(),
-        shutdown.clone(),
-        &tracker,
-    );
+    if let Some(watch) = watch {
+        watch.spawn(supervisor.reloader(), shutdown.clone(), &tracker);
+    }
     spawn_reload_on_sighup(supervisor.reloader(), shutdown.clone());
     supervisor.run(shutdown.clone()).await;
     mqtt.shutdown().await;
