@@ -309,10 +309,13 @@ fn backoff_delays_grow_and_reset() {
     let gaps: Vec<i64> = restarts
         .iter()
         .filter_map(|r| {
-            // The event's time is in whole milliseconds: an immediate
-            // restart may carry the millisecond its `die` happened in.
-            let die = dies.iter().filter(|d| **d <= *r + 1_000_000).max()?;
-            Some(((r - die) / 1_000_000) as i64)
+            // The event's time is in whole milliseconds, the truncated
+            // start of the millisecond the restart happened in: the restart
+            // came before its end (an immediate restart may carry the
+            // millisecond its `die` happened in).
+            let end = *r + 999_999;
+            let die = dies.iter().filter(|d| **d <= end).max()?;
+            Some(((end - die) / 1_000_000) as i64)
         })
         .collect();
     // Run 5 lasts 5 s (longer than reset_after): restart 5 is immediate again.
