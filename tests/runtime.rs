@@ -319,7 +319,14 @@ async fn a_container_over_its_memory_limit_is_oom_killed() {
     let id = engine.create(&hog).await.unwrap();
     engine.start(&id).await.unwrap();
     let code = await_die(&mut events, &id).await;
-    let info = engine.inspect(&id).await.unwrap();
+    // The engine sets `OOMKilled` when the kernel's notice reaches it, which
+    // on a loaded machine can be after the `die`.
+    let deadline = Instant::now() + WAIT;
+    let mut info = engine.inspect(&id).await.unwrap();
+    while !info.oom_killed && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        info = engine.inspect(&id).await.unwrap();
+    }
     assert!(info.oom_killed, "exit {code:?}: {info:?}");
     assert_eq!(info.exit_code, Some(137));
     assert_eq!(info.signal(), Some("SIGKILL"));
