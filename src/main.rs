@@ -77,7 +77,7 @@ enum Command {
     /// the MQTT broker (`[mqtt] url`); adopts the containers it already runs
     /// (label `berth.device=<device_id>`) without restarting them; and
     /// converges to the files. It stays in the foreground and logs to
-    /// standard output (`[log]`; `RUST_LOG` overrides the level). An engine
+    /// standard error (`[log]`; `RUST_LOG` overrides the level). An engine
     /// or broker that is away is retried, never fatal.
     ///
     /// The agent config must be valid to start; an invalid deployment file
