@@ -212,12 +212,12 @@ impl Intent {
 
 impl State {
     /// Applies a logged commitment unless the record already holds it or a
-    /// later one (a count only grows by commitments); a commitment replaces
-    /// a reservation of the same count.
+    /// later one (a count only grows by commitments); a commitment, or a
+    /// later reservation (for another run or container: after a rollback,
+    /// say), replaces a reservation of the same count.
     pub fn apply_intent(&mut self, intent: &Intent) {
         let record = self.executables.entry(intent.key.clone()).or_default();
         let replaces_reservation = intent.restart_count == record.restart_count
-            && intent.pending_restart.reserved_for.is_none()
             && record
                 .pending_restart
                 .as_ref()
@@ -744,6 +744,26 @@ mod tests {
         // A reservation never replaces a commitment of its count.
         state.apply_intent(&reservation);
         assert_eq!(state.executables["d/c/e"].restarts_done(), 3);
+    }
+
+    #[test]
+    fn a_later_reservation_replaces_an_earlier_one_of_the_same_count() {
+        let mut state = State::default();
+        let reserve = |container: &str, run: &str| Intent {
+            key: "d/c/e".into(),
+            restart_count: 3,
+            pending_restart: PendingRestart {
+                prev_started_at: Some(run.into()),
+                reserved_for: Some(container.into()),
+            },
+        };
+        state.apply_intent(&reserve("old", "t1"));
+        // The previous container runs again after a rollback: a new run.
+        let later = reserve("old", "t2");
+        state.apply_intent(&later);
+        let record = &state.executables["d/c/e"];
+        assert_eq!(record.pending_restart, Some(later.pending_restart));
+        assert_eq!(record.restarts_done(), 2);
     }
 
     #[test]

@@ -441,8 +441,20 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         let changed = exec.backoff != step.backoff || std::mem::discriminant(&step.life) != before;
         exec.life = step.life;
         exec.backoff = step.backoff;
+        // A reservation holds while its run runs or its restart is under way.
+        let withdraw = exec.reservation.is_some()
+            && !matches!(
+                exec.life,
+                Life::Running { .. }
+                    | Life::Proving { .. }
+                    | Life::BackingOff { .. }
+                    | Life::Starting { counted: true, .. }
+            );
         if changed {
             self.state_dirty = true;
+        }
+        if withdraw {
+            self.withdraw_reservation(key);
         }
         for effect in step.effects {
             self.carry(key, effect);

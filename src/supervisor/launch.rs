@@ -315,18 +315,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         if committed {
             // The count and the commitment to start are one durable record;
             // the launch waits for it (see `spawn_launch`).
-            self.commit_restart(key);
-        } else if self
-            .exec_mut(key)
-            .and_then(|e| e.reservation.take())
-            .is_some()
-        {
-            // A start that is not a counted restart: the reservation on disk
-            // would count it, so the record without it is written first.
-            let generation = self.save_state();
-            if !self.writer.is_durable(generation) {
-                self.commitments.insert(key.clone(), generation);
-            }
+            self.commit_restart(key, stop_first);
+        } else {
+            self.hold_uncounted_start(key);
         }
         match self.held_launches.as_mut() {
             Some(held) => held.push(call),

@@ -28,6 +28,9 @@ pub(super) struct Exec {
     /// The next restart of the running container, committed ahead (not yet
     /// counted here; the record counts it).
     pub(super) reservation: Option<Reservation>,
+    /// The snapshot that takes a withdrawn reservation off the disk: a start
+    /// that is not a counted restart waits for it.
+    pub(super) unreserved: Option<Ticket>,
     /// Has been started at least once in its deployment's life.
     pub(super) launched: bool,
     /// Its container ran before and is gone (a reboot, say): starting it
@@ -88,8 +91,11 @@ pub(super) struct Reservation {
     pub(super) started_at: String,
     /// The count it commits to.
     pub(super) restart_count: u64,
-    /// The writer's generation that makes it durable (0: read from disk).
-    pub(super) generation: u64,
+    /// What makes it durable (read from disk: already).
+    pub(super) ticket: Ticket,
+    /// Read from disk and not yet checked against the engine by a
+    /// reconcile: berth was away since it was written.
+    pub(super) recovered: bool,
 }
 
 impl Reservation {
@@ -163,7 +169,8 @@ impl Exec {
                 container_id,
                 started_at,
                 restart_count: record.restart_count,
-                generation: 0,
+                ticket: Ticket::Commitment(0),
+                recovered: true,
             }),
             other => {
                 record.pending_restart = other;
@@ -198,6 +205,7 @@ impl Exec {
             backoff: record.backoff,
             pending_restart: record.pending_restart,
             reservation,
+            unreserved: None,
             launched: false,
             lost_container: false,
             deferred: Vec::new(),

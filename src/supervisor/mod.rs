@@ -58,7 +58,7 @@ use launch::*;
 use lifecycle::{Effect, Input, Kill, Life, Shown, MANUAL_STOP_REASON};
 use live::*;
 pub use operator::{Action, Operator, OperatorError, OperatorRequest};
-use writer::{StateWriter, WriteReport};
+use writer::{StateWriter, Ticket, WriteReport};
 
 /// Back-off of reconnections to the engine.
 const ENGINE_RETRY_INITIAL: Duration = Duration::from_millis(250);
@@ -206,9 +206,9 @@ pub struct Supervisor<R, P> {
     writer: StateWriter,
     /// The writer task, started by `run`.
     writer_task: Option<writer::WriterTask>,
-    /// Restart commitments not yet durable, with their generation: their
-    /// launches wait for it.
-    commitments: BTreeMap<ExecKey, u64>,
+    /// Restart commitments (and records a start not counted must not
+    /// overtake) not yet durable: their launches wait for them.
+    commitments: BTreeMap<ExecKey, Ticket>,
     /// The events of exits whose log tail is being read, in order.
     held: Vec<exits::HeldExit>,
     /// The state write failure last reported, while writes fail.

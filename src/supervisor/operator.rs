@@ -393,7 +393,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             Some(id) => {
                 // The count and the commitment are on disk before the
                 // engine is asked, as for any restart.
-                self.commit_restart(key);
+                self.commit_restart(key, true);
                 let durable = self.durable_commitment(key);
                 let runtime = self.runtime.clone();
                 let tx = self.tx.clone();

@@ -52,7 +52,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
 
     /// Hands the writer a snapshot of the whole state, written as soon as
     /// it can (never on the loop).
-    pub(super) fn save_state(&mut self) -> u64 {
+    pub(super) fn save_state(&mut self) -> Ticket {
         let state = self.snapshot();
         self.state_dirty = false;
         self.writer.snapshot(&state)
@@ -62,26 +62,56 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     /// pending restart): the launch waits until it is on disk.
     /// A reservation of this very restart (written while the container
     /// ran) is its commitment: nothing more is written, and the launch waits
-    /// only if the reservation is not yet on disk itself.
-    pub(super) fn commit_restart(&mut self, key: &ExecKey) {
+    /// only if the reservation is not yet on disk itself. Not so for a
+    /// restart that stops its running container first (`stops_running`: an
+    /// unhealthy one, an operator's): berth's own stop would look like a
+    /// manual one to a berth that went away before the start, so the
+    /// commitment is written.
+    pub(super) fn commit_restart(&mut self, key: &ExecKey, stops_running: bool) {
         let Some(exec) = self.exec_any_mut(key) else {
             return;
         };
         let reserved = exec
             .reservation
             .take()
-            .filter(|r| r.covers(exec))
-            .map(|r| r.generation);
+            .filter(|r| !stops_running && r.covers(exec))
+            .map(|r| r.ticket);
         let intent = Intent::of(key, &exec.record());
-        let generation = match (reserved, intent) {
-            (Some(generation), _) => Some(generation),
+        let ticket = match (reserved, intent) {
+            (Some(ticket), _) => Some(ticket),
             (None, Some(intent)) => Some(self.writer.commit(intent)),
             (None, None) => None,
         };
-        if let Some(generation) = generation.filter(|g| !self.writer.is_durable(*g)) {
-            self.commitments.insert(key.clone(), generation);
+        if let Some(ticket) = ticket.filter(|t| !self.writer.is_durable(*t)) {
+            self.commitments.insert(key.clone(), ticket);
         }
         self.mark_state_dirty();
+    }
+
+    /// Withdraws `key`'s reservation: the run it was for ended, or goes on,
+    /// without a restart of berth's (a manual stop, an exit not restarted,
+    /// an update). The record without it goes to disk at once.
+    pub(super) fn withdraw_reservation(&mut self, key: &ExecKey) {
+        let withdrawn = self
+            .exec_any_mut(key)
+            .is_some_and(|e| e.reservation.take().is_some());
+        if withdrawn {
+            let ticket = self.save_state();
+            if let Some(exec) = self.exec_any_mut(key) {
+                exec.unreserved = Some(ticket);
+            }
+        }
+    }
+
+    /// Before a start that is not a counted restart: a reservation on disk
+    /// would count it, so the start waits until the record without it is
+    /// on disk (see [`Self::durable_commitment`]).
+    pub(super) fn hold_uncounted_start(&mut self, key: &ExecKey) {
+        self.withdraw_reservation(key);
+        let ticket = self.exec_any_mut(key).and_then(|e| e.unreserved.take());
+        if let Some(ticket) = ticket.filter(|t| !self.writer.is_durable(*t)) {
+            self.commitments.insert(key.clone(), ticket);
+        }
     }
 
     /// Commits ahead to the next restart of `key`'s running container, if
@@ -121,13 +151,14 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 reserved_for: Some(container_id.clone()),
             },
         };
-        let generation = self.writer.commit(intent);
+        let ticket = self.writer.commit(intent);
         if let Some(exec) = self.exec_mut(key) {
             exec.reservation = Some(Reservation {
                 container_id,
                 started_at,
                 restart_count,
-                generation,
+                ticket,
+                recovered: false,
             });
         }
     }
@@ -141,7 +172,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         let wait = self
             .commitments
             .get(key)
-            .map(|generation| self.writer.wait_durable(*generation));
+            .map(|ticket| self.writer.wait_durable(*ticket));
         async move {
             match wait {
                 Some(wait) => wait.await,
@@ -154,11 +185,11 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     /// restarts go ahead; while a commitment cannot be written its
     /// executable is `Error` + `DEP_E302`, saying so.
     pub(super) fn on_state_write(&mut self, report: WriteReport) {
-        if let Some(durable) = report.durable {
+        if report.wrote {
             let written: Vec<ExecKey> = self
                 .commitments
                 .iter()
-                .filter(|(_, g)| **g <= durable)
+                .filter(|(_, t)| self.writer.is_durable(**t))
                 .map(|(k, _)| k.clone())
                 .collect();
             for key in written {

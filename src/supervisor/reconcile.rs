@@ -288,12 +288,16 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             let same = r.container_id == info.id;
             let started_again =
                 info.has_started() && info.started_at.as_deref() != Some(r.started_at.as_str());
-            if same && started_again && r.generation == 0 {
+            if same && started_again && r.recovered {
                 info!(executable = %key, restart_count = r.restart_count, "a restart berth had reserved happened before it stopped");
                 exec.restart_count = r.restart_count;
                 exec.launched = true;
             } else if same && !started_again {
-                exec.reservation = Some(r);
+                // Checked now: from here on it is berth's own.
+                exec.reservation = Some(Reservation {
+                    recovered: false,
+                    ..r
+                });
             }
         }
 

@@ -283,6 +283,10 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 },
             );
         }
+        // Starting the previous container again is no restart: a
+        // reservation of the new one's on disk must not count it.
+        self.hold_uncounted_start(key);
+        let durable = self.durable_commitment(key);
         let name = container_name(&device, key);
         let runtime = self.runtime.clone();
         let tx = self.tx.clone();
@@ -293,6 +297,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                 if let Err(e) = runtime.remove(&failed).await {
                     warn!(container = %short(&failed), error = %e, "cannot remove the failed update's container");
                 }
+            }
+            if !durable.await {
+                return;
             }
             let result = async {
                 runtime.rename(&previous, &name).await?;

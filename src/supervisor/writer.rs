@@ -5,9 +5,10 @@
 //! changed, at once for a manual stop; the latest wins). Commitments go
 //! first: a round that appends them ends there and reports them durable, and
 //! a snapshot is written in a round when none is queued. Each job has a
-//! generation; `durable` says up to which one the commitments are on disk,
-//! and a launch waits for its own before it asks the engine to start the
-//! container. A write that fails is retried with back-off, and the loop is
+//! generation (a [`Ticket`]); `durable` says up to which one the commitments
+//! are on disk (they are appended in order) and up to which one the
+//! snapshots are (a later one stands for the earlier), and a launch waits for
+//! its own before it asks the engine to start the container. A write that fails is retried with back-off, and the loop is
 //! told (`Msg::StateWrite`) so that it can show why a restart waits.
 
 use std::time::Duration;
@@ -31,11 +32,44 @@ enum Job {
     Snapshot(u64, Box<State>),
 }
 
+/// A job handed to the writer, what a launch waits for: a commitment is on
+/// disk once the log holds it, a snapshot once it or a later one is in
+/// `state.json` (a commitment appended meanwhile says nothing of it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ticket {
+    Commitment(u64),
+    Snapshot(u64),
+}
+
+/// Up to which generation each kind of job is on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) struct Durable {
+    pub(super) commitments: u64,
+    pub(super) snapshots: u64,
+}
+
+impl Durable {
+    pub(super) fn holds(&self, ticket: Ticket) -> bool {
+        match ticket {
+            Ticket::Commitment(g) => self.commitments >= g,
+            Ticket::Snapshot(g) => self.snapshots >= g,
+        }
+    }
+
+    /// Takes in what a round wrote; whether anything moved.
+    fn advance(&mut self, done: Durable) -> bool {
+        let before = *self;
+        self.commitments = self.commitments.max(done.commitments);
+        self.snapshots = self.snapshots.max(done.snapshots);
+        *self != before
+    }
+}
+
 /// What the writer tells the loop after each round of writing.
 #[derive(Debug)]
 pub(super) struct WriteReport {
-    /// Every commitment up to this generation is on disk now.
-    pub(super) durable: Option<u64>,
+    /// Something more is on disk now ([`StateWriter::is_durable`] says what).
+    pub(super) wrote: bool,
     /// What failed, if anything, and when the next attempt is.
     pub(super) error: Option<(String, Duration)>,
 }
@@ -44,14 +78,14 @@ pub(super) struct WriteReport {
 pub(super) struct StateWriter {
     jobs: Option<mpsc::UnboundedSender<Job>>,
     generation: u64,
-    durable: watch::Receiver<u64>,
+    durable: watch::Receiver<Durable>,
 }
 
 /// The writer task before it runs: `Supervisor::run` starts it.
 pub(super) struct WriterTask {
     journal: Journal,
     jobs: mpsc::UnboundedReceiver<Job>,
-    durable: watch::Sender<u64>,
+    durable: watch::Sender<Durable>,
 }
 
 impl WriterTask {
@@ -65,7 +99,7 @@ impl WriterTask {
 impl StateWriter {
     pub(super) fn new(journal: Journal) -> (Self, WriterTask) {
         let (jobs, rx) = mpsc::unbounded_channel();
-        let (durable_tx, durable) = watch::channel(0);
+        let (durable_tx, durable) = watch::channel(Durable::default());
         let writer = StateWriter {
             jobs: Some(jobs),
             generation: 0,
@@ -87,30 +121,30 @@ impl StateWriter {
         self.generation
     }
 
-    /// Queues a restart commitment; returns the generation a launch waits for.
-    pub(super) fn commit(&mut self, intent: Intent) -> u64 {
-        self.send(|g| Job::Intent(g, intent))
+    /// Queues a restart commitment; returns what a launch waits for.
+    pub(super) fn commit(&mut self, intent: Intent) -> Ticket {
+        Ticket::Commitment(self.send(|g| Job::Intent(g, intent)))
     }
 
     /// Queues a snapshot of the whole state.
-    pub(super) fn snapshot(&mut self, state: &State) -> u64 {
+    pub(super) fn snapshot(&mut self, state: &State) -> Ticket {
         let state = Box::new(state.clone());
-        self.send(|g| Job::Snapshot(g, state))
+        Ticket::Snapshot(self.send(|g| Job::Snapshot(g, state)))
     }
 
-    /// Resolves once generation `generation` is durable; `false` if the
-    /// writer is gone first (berth is stopping: the start must not happen).
+    /// Resolves once `ticket` is durable; `false` if the writer is gone
+    /// first (berth is stopping: the start must not happen).
     pub(super) fn wait_durable(
         &self,
-        generation: u64,
+        ticket: Ticket,
     ) -> impl std::future::Future<Output = bool> + Send + 'static {
         let mut durable = self.durable.clone();
-        async move { durable.wait_for(|d| *d >= generation).await.is_ok() }
+        async move { durable.wait_for(|d| d.holds(ticket)).await.is_ok() }
     }
 
-    /// Whether generation `generation` is durable already.
-    pub(super) fn is_durable(&self, generation: u64) -> bool {
-        *self.durable.borrow() >= generation
+    /// Whether `ticket` is durable already.
+    pub(super) fn is_durable(&self, ticket: Ticket) -> bool {
+        self.durable.borrow().holds(ticket)
     }
 
     /// No more jobs: the writer writes what is queued and ends.
@@ -122,7 +156,7 @@ impl StateWriter {
 async fn run(
     mut journal: Journal,
     mut jobs: mpsc::UnboundedReceiver<Job>,
-    durable: watch::Sender<u64>,
+    durable: watch::Sender<Durable>,
     report: mpsc::UnboundedSender<Msg>,
 ) {
     let mut intents: Vec<(u64, Intent)> = Vec::new();
@@ -154,15 +188,9 @@ async fn run(
         .expect("the state writer does not panic");
         (journal, intents, snapshot, appended) = back;
         let (error, done) = error;
-        if let Some(generation) = done {
-            durable.send_if_modified(|d| {
-                let newer = generation > *d;
-                *d = (*d).max(generation);
-                newer
-            });
-        }
+        let wrote = durable.send_if_modified(|d| d.advance(done));
         let _ = report.send(Msg::StateWrite(WriteReport {
-            durable: done,
+            wrote,
             error: error.as_ref().map(|e| (e.to_string(), delay)),
         }));
         match error {
@@ -201,24 +229,24 @@ fn add(job: Job, intents: &mut Vec<(u64, Intent)>, snapshot: &mut Option<(u64, B
 /// for them: the round ends there, so that they are reported durable
 /// without waiting for a snapshot), else the snapshot, which also holds the
 /// commitments appended since it was taken (`appended`) before it rotates
-/// the log they are in. Returns the error, if any, and the generation now
-/// durable, if it moved. What is written is taken out of `intents` and
-/// `snapshot`; what failed stays for a retry.
+/// the log they are in. Returns the error, if any, and what is durable now
+/// (0 for a kind it did not write). What is written is taken out of
+/// `intents` and `snapshot`; what failed stays for a retry.
 fn write(
     journal: &mut Journal,
     intents: &mut Vec<(u64, Intent)>,
     snapshot: &mut Option<(u64, Box<State>)>,
     appended: &mut Vec<(u64, Intent)>,
-) -> (Option<StateError>, Option<u64>) {
-    let mut done = None;
+) -> (Option<StateError>, Durable) {
+    let mut done = Durable::default();
     if !intents.is_empty() {
         let lines: Vec<Intent> = intents.iter().map(|(_, i)| i.clone()).collect();
         match journal.append(&lines) {
             Ok(()) => {
-                done = intents.last().map(|(g, _)| *g);
+                done.commitments = intents.last().map_or(0, |(g, _)| *g);
                 appended.append(intents);
             }
-            Err(e) => return (Some(e), None),
+            Err(e) => return (Some(e), done),
         }
         // The launches waiting for them go ahead now; the snapshot waits for
         // a round of its own, unless commitments never stop coming.
@@ -237,8 +265,7 @@ fn write(
     }
     match journal.compact(state) {
         Ok(()) => {
-            let newest = appended.last().map_or(*generation, |(g, _)| *g);
-            let done = Some(newest.max(*generation));
+            done.snapshots = *generation;
             appended.clear();
             *snapshot = None;
             (None, done)
@@ -282,13 +309,20 @@ mod tests {
         let mut appended = Vec::new();
         let (error, done) = write(&mut journal, &mut intents, &mut snapshot, &mut appended);
         assert!(error.is_none(), "{error:?}");
-        assert_eq!(done, Some(2), "durable before the snapshot is written");
+        assert!(
+            done.holds(Ticket::Commitment(2)),
+            "durable before the snapshot is written"
+        );
+        assert!(
+            !done.holds(Ticket::Snapshot(1)),
+            "a commitment says nothing of an earlier snapshot"
+        );
         assert!(intents.is_empty() && snapshot.is_some());
         assert!(!store.path().exists(), "in the log only");
         assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 1);
         let (error, done) = write(&mut journal, &mut intents, &mut snapshot, &mut appended);
         assert!(error.is_none(), "{error:?}");
-        assert_eq!(done, Some(2));
+        assert!(done.holds(Ticket::Snapshot(1)));
         assert!(snapshot.is_none() && appended.is_empty());
         assert_eq!(file_count(&store), 1, "folded into state.json");
         assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 1);
@@ -323,7 +357,7 @@ mod tests {
             let mut intents = vec![(n + 2, intent(n + 1))];
             let (error, done) = write(&mut journal, &mut intents, &mut snapshot, &mut appended);
             assert!(error.is_none(), "{error:?}");
-            assert_eq!(done, Some(n + 2));
+            assert!(done.holds(Ticket::Commitment(n + 2)));
         }
         assert!(snapshot.is_none(), "written in the round of the 64th");
         assert!(appended.is_empty());
@@ -341,7 +375,7 @@ mod tests {
         let mut appended = Vec::new();
         let (error, done) = write(&mut journal, &mut intents, &mut snapshot, &mut appended);
         assert!(error.is_some());
-        assert_eq!(done, None, "nothing durable");
+        assert_eq!(done, Durable::default(), "nothing durable");
         assert_eq!(intents.len(), 1);
         assert!(snapshot.is_some());
 
@@ -349,11 +383,11 @@ mod tests {
         intents.push((3, intent(2)));
         let (error, done) = write(&mut journal, &mut intents, &mut snapshot, &mut appended);
         assert!(error.is_none(), "{error:?}");
-        assert_eq!(done, Some(3));
+        assert!(done.holds(Ticket::Commitment(3)) && !done.holds(Ticket::Snapshot(2)));
         assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 2);
         let (error, done) = write(&mut journal, &mut intents, &mut snapshot, &mut appended);
         assert!(error.is_none(), "{error:?}");
-        assert_eq!(done, Some(3));
+        assert!(done.holds(Ticket::Snapshot(2)));
         assert!(snapshot.is_none());
         assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 2);
     }
@@ -365,13 +399,13 @@ mod tests {
         let (mut writer, task) = StateWriter::new(Journal::new(store));
         let (tx, mut rx) = mpsc::unbounded_channel();
         let handle = task.spawn(tx);
-        let generation = writer.commit(intent(1));
-        assert!(writer.wait_durable(generation).await);
+        let ticket = writer.commit(intent(1));
+        assert!(writer.wait_durable(ticket).await);
         match rx.recv().await {
-            Some(Msg::StateWrite(report)) => assert_eq!(report.durable, Some(generation)),
+            Some(Msg::StateWrite(report)) => assert!(report.wrote && writer.is_durable(ticket)),
             other => panic!("a write report: {other:?}"),
         }
-        let never = writer.wait_durable(generation + 10);
+        let never = writer.wait_durable(Ticket::Commitment(10));
         writer.close();
         handle.await.unwrap();
         assert!(!never.await, "the writer is gone: no start");

@@ -5,7 +5,10 @@
 
 use super::*;
 
-fn with_probe(mut spec: DeploymentSpec, check: crate::model::ProbeCheck) -> DeploymentSpec {
+pub(super) fn with_probe(
+    mut spec: DeploymentSpec,
+    check: crate::model::ProbeCheck,
+) -> DeploymentSpec {
     spec.components[0].executables[0].probe = Some(crate::model::Probe {
         check,
         initial_delay_secs: 0,

@@ -210,3 +210,133 @@ async fn a_corrupt_state_keeps_its_counts_and_is_reported() {
     assert_eq!(h.starts(), 3, "adopted, not restarted");
     h.shutdown().await;
 }
+
+/// Waits until the fake engine says the container no longer runs.
+async fn stopped(runtime: &FakeRuntime) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while runtime.container(NAME).is_some_and(|c| c.running) {
+        assert!(Instant::now() < deadline, "the container still runs");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// An unhealthy restart stops its running container itself. berth killed
+/// between that stop and the start must not take its own stop for a
+/// manual one: the reservation does not stand for such a restart, its
+/// commitment is on disk before the stop, and the next berth completes the
+/// restart, counted once.
+#[tokio::test]
+async fn a_restart_that_stops_its_container_first_is_completed_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = fake();
+    let spec = super::robot::with_probe(
+        deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker"),
+        crate::model::ProbeCheck::Exec(vec!["true".into()]),
+    );
+    let h = Harness::start(runtime.clone(), dir.path(), spec.clone());
+    h.running(0).await;
+    reserved_on_disk(&h, 1).await;
+    runtime.set_health(NAME, true);
+    h.wait_for("healthy", |d| exe(d)["health"] == "healthy")
+        .await;
+    // berth's stop goes through; its start never answers.
+    runtime.fault(Method::Start, Some(NAME), Fault::Hang);
+    runtime.set_health(NAME, false);
+    stopped(&runtime).await;
+    h.task.abort();
+    let _ = h.task.await;
+    runtime.clear_faults();
+
+    let h = Harness::start(runtime.clone(), dir.path(), spec);
+    let doc = h.running(1).await;
+    assert_eq!(exe(&doc)["restart_count"], 1);
+    assert_eq!(runtime.start_times(NAME).len(), 2, "started once more");
+    assert!(
+        !h.events().iter().any(|e| e["event"] == "manual_stop"),
+        "berth's own stop is no manual stop: {:?}",
+        h.events()
+    );
+    h.shutdown().await;
+}
+
+/// A manual stop withdraws the reservation of the run it ended: berth
+/// killed while the container is stopped, and the operator starting it by
+/// hand meanwhile, is no restart of berth's.
+#[tokio::test]
+async fn a_manual_stop_withdraws_the_reservation() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = fake();
+    let spec = deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker");
+    let h = Harness::start(runtime.clone(), dir.path(), spec.clone());
+    h.running(0).await;
+    reserved_on_disk(&h, 1).await;
+    runtime.manual_stop(NAME);
+    h.wait_for("Stopped", |d| exe(d)["status"] == "Stopped")
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = h.store.recover().unwrap().state;
+        let record = state.exec(&key()).cloned().unwrap_or_default();
+        if record.manual_stop {
+            assert_eq!((record.restart_count, record.pending_restart), (0, None));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no manual stop on disk: {record:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    h.task.abort();
+    let _ = h.task.await;
+    runtime.manual_start(NAME);
+
+    let h = Harness::start(runtime.clone(), dir.path(), spec);
+    let doc = h.running(0).await;
+    assert_eq!(
+        exe(&doc)["restart_count"],
+        0,
+        "a start by hand is not counted"
+    );
+    h.shutdown().await;
+}
+
+/// A reservation read from disk and checked by the first reconcile is
+/// berth's own from then on: after an engine restart, a start by hand made
+/// before berth is back (the engine away meanwhile) is not taken for
+/// berth's restart.
+#[tokio::test]
+async fn a_recovered_reservation_counts_a_start_only_at_the_first_reconcile() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = fake();
+    let spec = deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker");
+    let h = Harness::start(runtime.clone(), dir.path(), spec.clone());
+    h.running(0).await;
+    reserved_on_disk(&h, 1).await;
+    h.task.abort();
+    let _ = h.task.await;
+
+    let h = Harness::start(runtime.clone(), dir.path(), spec);
+    h.running(0).await;
+    runtime.set_down(true);
+    h.wait_for("Unknown", |d| exe(d)["status"] == "Unknown")
+        .await;
+    runtime.restart_engine();
+    runtime.manual_start(NAME);
+    runtime.set_down(false);
+    let doc = h.running(0).await;
+    assert_eq!(
+        exe(&doc)["restart_count"],
+        0,
+        "a start by hand is not counted"
+    );
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        runtime.start_times(NAME).len(),
+        1,
+        "since the engine restart: the start by hand, none of berth's"
+    );
+    let doc = h.running(0).await;
+    assert_eq!(exe(&doc)["restart_count"], 0);
+    h.shutdown().await;
+}
