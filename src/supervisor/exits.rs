@@ -442,7 +442,9 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         exec.life = step.life;
         exec.backoff = step.backoff;
         // A reservation holds while its run runs or its restart is under way.
-        let withdraw = exec.reservation.is_some()
+        // One read from disk waits for the reconcile, which tells whether
+        // its restart happened (an engine lost before it is no verdict).
+        let withdraw = exec.reservation.as_ref().is_some_and(|r| !r.recovered)
             && !matches!(
                 exec.life,
                 Life::Running { .. }

@@ -96,10 +96,19 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
             .exec_any_mut(key)
             .is_some_and(|e| e.reservation.take().is_some());
         if withdrawn {
-            let ticket = self.save_state();
-            if let Some(exec) = self.exec_any_mut(key) {
-                exec.unreserved = Some(ticket);
-            }
+            self.unreserved(key);
+        }
+    }
+
+    /// `key`'s reservation was taken away: the record without it goes to
+    /// the writer at once, and a start that is not a restart waits for it.
+    pub(super) fn unreserved(&mut self, key: &ExecKey) {
+        let ticket = self.save_state();
+        // What the turn changes after this (a status, an exit code) goes
+        // with the next batched write.
+        self.mark_state_dirty();
+        if let Some(exec) = self.exec_any_mut(key) {
+            exec.unreserved = Some(ticket);
         }
     }
 

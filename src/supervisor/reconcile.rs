@@ -255,6 +255,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         );
         let suspended = matches!(life, Life::Suspended { .. });
         let Some(info) = info else {
+            // A reservation for a container that is gone counts nothing.
             exec.reservation = None;
             let ran_before = exec
                 .container
@@ -284,6 +285,7 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
         // same container has started since (berth's own start: the operator
         // starting it by hand while berth was away would be counted too).
         // A reservation kept in memory is checked by berth's own starts.
+        let mut dropped = false;
         if let Some(r) = exec.reservation.take() {
             let same = r.container_id == info.id;
             let started_again =
@@ -298,8 +300,18 @@ impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
                     recovered: false,
                     ..r
                 });
+            } else {
+                // Started by hand while berth could not see it: on disk
+                // the reservation would count that start.
+                dropped = same;
             }
         }
+        if dropped {
+            self.unreserved(key);
+        }
+        let Some(exec) = self.exec_mut(key) else {
+            return;
+        };
 
         // A restart berth had committed to (and counted) before it went away.
         if let Some(pending) = exec.pending_restart.clone() {

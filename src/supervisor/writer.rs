@@ -46,13 +46,19 @@ pub(super) enum Ticket {
 pub(super) struct Durable {
     pub(super) commitments: u64,
     pub(super) snapshots: u64,
+    /// The last round failed. A snapshot's waiters (starts that are no
+    /// restart, waiting for a record without a reservation) then go ahead:
+    /// a robot whose disk is full still runs what it is asked to, at the
+    /// risk of one start counted if berth is killed before the disk takes
+    /// the record. A commitment is never waived.
+    pub(super) failing: bool,
 }
 
 impl Durable {
     pub(super) fn holds(&self, ticket: Ticket) -> bool {
         match ticket {
             Ticket::Commitment(g) => self.commitments >= g,
-            Ticket::Snapshot(g) => self.snapshots >= g,
+            Ticket::Snapshot(g) => self.snapshots >= g || self.failing,
         }
     }
 
@@ -68,7 +74,8 @@ impl Durable {
 /// What the writer tells the loop after each round of writing.
 #[derive(Debug)]
 pub(super) struct WriteReport {
-    /// Something more is on disk now ([`StateWriter::is_durable`] says what).
+    /// Something more is on disk now, or writing failed or works again
+    /// ([`StateWriter::is_durable`] says what a ticket may go ahead on).
     pub(super) wrote: bool,
     /// What failed, if anything, and when the next attempt is.
     pub(super) error: Option<(String, Duration)>,
@@ -188,7 +195,13 @@ async fn run(
         .expect("the state writer does not panic");
         (journal, intents, snapshot, appended) = back;
         let (error, done) = error;
-        let wrote = durable.send_if_modified(|d| d.advance(done));
+        let wrote = durable.send_if_modified(|d| {
+            let moved = d.advance(done);
+            let failing = error.is_some();
+            let turned = d.failing != failing;
+            d.failing = failing;
+            moved || turned
+        });
         let _ = report.send(Msg::StateWrite(WriteReport {
             wrote,
             error: error.as_ref().map(|e| (e.to_string(), delay)),
@@ -390,6 +403,34 @@ mod tests {
         assert!(done.holds(Ticket::Snapshot(2)));
         assert!(snapshot.is_none());
         assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 2);
+    }
+
+    /// A full disk: a start that is no restart goes ahead without its
+    /// record; a restart never does, and goes ahead once the disk takes it.
+    #[tokio::test]
+    async fn while_writes_fail_a_snapshot_is_waived_and_a_commitment_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        store.fail_writes.store(true, SeqCst);
+        let (mut writer, task) = StateWriter::new(Journal::new(store.clone()));
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let handle = task.spawn(tx);
+        let snapshot = writer.snapshot(&State::default());
+        assert!(writer.wait_durable(snapshot).await, "waived");
+        let commitment = writer.commit(intent(1));
+        let wait = writer.wait_durable(commitment);
+        tokio::pin!(wait);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut wait)
+                .await
+                .is_err(),
+            "a restart waits for its record"
+        );
+        store.fail_writes.store(false, SeqCst);
+        assert!(wait.await);
+        assert_eq!(store.load().unwrap().executables["d/c/e"].restart_count, 1);
+        writer.close();
+        handle.await.unwrap();
     }
 
     #[tokio::test]
