@@ -81,6 +81,16 @@ async fn reserved_on_disk(h: &Harness, count: u64) {
     }
 }
 
+/// berth runs the container until its reservation is on disk, then is
+/// killed (its task aborted).
+async fn killed_while_reserved(runtime: &Arc<FakeRuntime>, dir: &Path, spec: &DeploymentSpec) {
+    let h = Harness::start(runtime.clone(), dir, spec.clone());
+    h.running(0).await;
+    reserved_on_disk(&h, 1).await;
+    h.task.abort();
+    let _ = h.task.await;
+}
+
 /// A running container's next restart is committed while it runs: its
 /// exit is restarted without a write, even when the disk has failed since.
 #[tokio::test]
@@ -139,11 +149,7 @@ async fn a_reservation_without_a_restart_is_not_counted_after_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = fake();
     let spec = deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker");
-    let h = Harness::start(runtime.clone(), dir.path(), spec.clone());
-    h.running(0).await;
-    reserved_on_disk(&h, 1).await;
-    h.task.abort();
-    let _ = h.task.await;
+    killed_while_reserved(&runtime, dir.path(), &spec).await;
 
     let h = Harness::start(runtime.clone(), dir.path(), spec);
     h.running(0).await;
@@ -310,11 +316,7 @@ async fn a_recovered_reservation_counts_a_start_only_at_the_first_reconcile() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = fake();
     let spec = deployment(RestartPolicy::Always, PullPolicy::IfNotPresent, "talker");
-    let h = Harness::start(runtime.clone(), dir.path(), spec.clone());
-    h.running(0).await;
-    reserved_on_disk(&h, 1).await;
-    h.task.abort();
-    let _ = h.task.await;
+    killed_while_reserved(&runtime, dir.path(), &spec).await;
 
     let h = Harness::start(runtime.clone(), dir.path(), spec);
     h.running(0).await;
