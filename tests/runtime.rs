@@ -40,6 +40,18 @@ fn spec(device: &str, name: &str, script: &str) -> ContainerSpec {
 }
 
 /// Waits for the `die` event of `id` on a stream opened before its start.
+/// The engine's events of `device` from now on. The stream's request goes
+/// out when it is first polled, after the test has started its container:
+/// `since` now makes the engine replay what happened before that (on a
+/// loaded machine a container could exit before the stream was open).
+fn events_from_now(engine: &DockerRuntime, device: &str) -> EventStream {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_nanos() as i64;
+    engine.events(device, Some(now), None)
+}
+
 async fn await_die(events: &mut EventStream, id: &str) -> Option<i64> {
     await_event(events, id, |a| matches!(a, EventAction::Die { .. }))
         .await
@@ -207,7 +219,7 @@ async fn exit_leaves_its_last_lines_and_code() {
     let device = unique_id("evidence");
     let _guard = EngineGuard::new(&device);
     let engine = engine();
-    let mut events = engine.events(&device, None, None);
+    let mut events = events_from_now(&engine, &device);
     // Odd lines to stderr, even ones to stdout, a moment apart: the engine
     // reads the two pipes apart, and orders by when it read.
     let script = "i=1; while [ $i -le 30 ]; do if [ $((i % 2)) = 0 ]; then echo out $i; \
@@ -264,7 +276,7 @@ async fn the_tail_of_a_run_is_read_after_the_next_started() {
     let device = unique_id("tailuntil");
     let _guard = EngineGuard::new(&device);
     let engine = engine();
-    let mut events = engine.events(&device, None, None);
+    let mut events = events_from_now(&engine, &device);
     // Each run says which it is (a file in the container counts them); the
     // second one writes five lines more, then waits.
     let script = "n=$(cat /run-count 2>/dev/null || echo 0); n=$((n+1)); echo $n > /run-count; \
@@ -311,7 +323,7 @@ async fn a_container_over_its_memory_limit_is_oom_killed() {
     let device = unique_id("oom");
     let _guard = EngineGuard::new(&device);
     let engine = engine();
-    let mut events = engine.events(&device, None, None);
+    let mut events = events_from_now(&engine, &device);
     let hog = ContainerSpec {
         memory_bytes: Some(8 * 1024 * 1024),
         ..spec(&device, "hog", "x=a; while true; do x=$x$x; done")
@@ -339,7 +351,7 @@ async fn an_exec_probe_runs_as_the_engine_healthcheck() {
     let device = unique_id("health");
     let _guard = EngineGuard::new(&device);
     let engine = engine();
-    let mut events = engine.events(&device, None, None);
+    let mut events = events_from_now(&engine, &device);
     let probe = Probe {
         check: ProbeCheck::Exec(vec!["test".into(), "-f".into(), "/tmp/ok".into()]),
         initial_delay_secs: 0,
@@ -782,7 +794,7 @@ async fn an_engine_stalling_mid_life_is_unreachable_in_time_and_recovers() {
     engine.ping().await.unwrap();
     assert!(engine.list(&device).await.unwrap().is_empty());
     // The stream's request goes out when it is first polled.
-    let mut events = engine.events(&device, None, None);
+    let mut events = events_from_now(&engine, &device);
     let quiet = tokio::time::timeout(Duration::from_millis(500), events.next()).await;
     assert!(quiet.is_err(), "no events for a device without containers");
 
