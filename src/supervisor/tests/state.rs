@@ -62,21 +62,27 @@ async fn a_restart_waits_for_its_record_and_goes_ahead_once_written() {
 /// Waits until the record on disk (as a starting berth reads it) holds the
 /// reservation of restart `count`.
 async fn reserved_on_disk(h: &Harness, count: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let state = h.store.recover().unwrap().state;
-        let record = state.exec(&key()).cloned().unwrap_or_default();
+    on_disk(h, &format!("a reservation of restart {count}"), |record| {
         let reserved = record
             .pending_restart
             .as_ref()
             .is_some_and(|p| p.reserved_for.is_some());
-        if reserved && record.restart_count == count {
-            return;
+        reserved && record.restart_count == count
+    })
+    .await;
+}
+
+/// Waits until the record on disk (as a starting berth reads it) is `what`;
+/// returns it.
+async fn on_disk(h: &Harness, what: &str, pred: impl Fn(&ExecRecord) -> bool) -> ExecRecord {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = h.store.recover().unwrap().state;
+        let record = state.exec(&key()).cloned().unwrap_or_default();
+        if pred(&record) {
+            return record;
         }
-        assert!(
-            Instant::now() < deadline,
-            "no reservation of restart {count} on disk: {record:?}"
-        );
+        assert!(Instant::now() < deadline, "not {what} on disk: {record:?}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -279,20 +285,8 @@ async fn a_manual_stop_withdraws_the_reservation() {
     runtime.manual_stop(NAME);
     h.wait_for("Stopped", |d| exe(d)["status"] == "Stopped")
         .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let state = h.store.recover().unwrap().state;
-        let record = state.exec(&key()).cloned().unwrap_or_default();
-        if record.manual_stop {
-            assert_eq!((record.restart_count, record.pending_restart), (0, None));
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no manual stop on disk: {record:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let record = on_disk(&h, "a manual stop", |r| r.manual_stop).await;
+    assert_eq!((record.restart_count, record.pending_restart), (0, None));
     h.task.abort();
     let _ = h.task.await;
     runtime.manual_start(NAME);
