@@ -14,8 +14,10 @@ pub(super) struct Metrics {
     meter: crate::runtime::CpuMeter,
     /// A reading is under way: the next tick does not start another.
     collecting: bool,
-    /// When availability was last accounted.
-    accounted: Option<SystemTime>,
+    /// When availability was last accounted, on the monotonic clock: a
+    /// robot's wall clock jumps when it first syncs, and an elapsed time
+    /// taken from it would credit (or lose) the jump.
+    accounted: Option<Instant>,
     /// A collection of images is under way.
     collecting_images: bool,
 }
@@ -31,14 +33,15 @@ pub(super) struct Reading {
 impl<R: ContainerRuntime, P: Reporter> Supervisor<R, P> {
     /// The metrics interval is over: account availability and read the engine.
     pub(super) fn collect_metrics(&mut self) {
-        let now = SystemTime::now();
+        let now = Instant::now();
         let elapsed = self
             .metrics
             .accounted
-            .and_then(|t| now.duration_since(t).ok())
+            .map(|t| now.saturating_duration_since(t))
             .unwrap_or_default();
         self.metrics.accounted = Some(now);
-        let now_secs = now
+        // The hour an elapsed time is booked in is the wall clock's.
+        let now_secs = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
