@@ -1,16 +1,18 @@
 //! Watches `deployments_dir` with inotify and asks the supervisor to reload
 //! when files in it change, debounced so that an editor's save or a copy of
-//! several files becomes one reload.
+//! several files becomes one reload. Its name in its parent is watched too:
+//! a directory that appears later, or is replaced, is read and watched.
 
+use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
 use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::supervisor::Reloader;
 
@@ -25,16 +27,86 @@ impl AsRawFd for Fd {
     }
 }
 
+/// What berth watches for a change of `deployments_dir`: the directory, and
+/// its name in its parent. Through the parent a directory that is missing at
+/// start (a disk not mounted yet), taken away, or replaced (a new directory
+/// moved into place, a symlink pointed elsewhere) is watched again as soon as
+/// it is there, and read.
+struct Targets {
+    dir: PathBuf,
+    name: OsString,
+    dir_wd: Option<WatchDescriptor>,
+    parent_wd: Option<WatchDescriptor>,
+}
+
+impl Targets {
+    fn dir_flags() -> AddWatchFlags {
+        AddWatchFlags::IN_CLOSE_WRITE
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_ATTRIB
+            | AddWatchFlags::IN_DELETE_SELF
+            | AddWatchFlags::IN_MOVE_SELF
+    }
+
+    fn parent_flags() -> AddWatchFlags {
+        AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_ONLYDIR
+    }
+
+    /// Watches the directory that is at the path now, if any, in place of
+    /// the one watched before.
+    fn arm(&mut self, inotify: &Inotify) {
+        if let Some(wd) = self.dir_wd.take() {
+            let _ = inotify.rm_watch(wd);
+        }
+        self.dir_wd = inotify.add_watch(&self.dir, Self::dir_flags()).ok();
+    }
+
+    /// Whether these events change what berth would read; a directory that
+    /// came, went or was replaced is watched anew.
+    fn take(&mut self, inotify: &Inotify, events: Vec<InotifyEvent>) -> bool {
+        let mut changed = false;
+        let mut rearm = false;
+        for event in events {
+            if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                (changed, rearm) = (true, true);
+            } else if Some(event.wd) == self.dir_wd {
+                changed = true;
+                rearm |= event.mask.intersects(
+                    AddWatchFlags::IN_DELETE_SELF
+                        | AddWatchFlags::IN_MOVE_SELF
+                        | AddWatchFlags::IN_IGNORED,
+                );
+            } else if Some(event.wd) == self.parent_wd
+                && event.name.as_deref() == Some(self.name.as_os_str())
+            {
+                (changed, rearm) = (true, true);
+            }
+        }
+        if rearm {
+            self.arm(inotify);
+        }
+        changed
+    }
+}
+
 /// A watch set on `deployments_dir`, not yet read: set before berth first
 /// reads the directory, so that a file written between that read and the
 /// task that follows the watch is a change like any other, not missed.
 pub struct Watch {
     fd: AsyncFd<Fd>,
+    targets: Targets,
 }
 
 impl Watch {
-    /// Sets the watch; without inotify (or without the directory) berth
-    /// still reloads on SIGHUP, and says so.
+    /// Sets the watch; without inotify (or without the directory and its
+    /// parent) berth still reloads on SIGHUP, and says so.
     pub fn set(dir: &Path) -> Option<Watch> {
         let inotify = match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
             Ok(i) => i,
@@ -43,15 +115,29 @@ impl Watch {
                 return None;
             }
         };
-        let flags = AddWatchFlags::IN_CLOSE_WRITE
-            | AddWatchFlags::IN_MOVED_TO
-            | AddWatchFlags::IN_MOVED_FROM
-            | AddWatchFlags::IN_DELETE
-            | AddWatchFlags::IN_CREATE
-            | AddWatchFlags::IN_ATTRIB;
-        if let Err(e) = inotify.add_watch(dir, flags) {
-            warn!(dir = %dir.display(), error = %e, "cannot watch deployments_dir; reload with SIGHUP");
-            return None;
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let mut targets = Targets {
+            dir: dir.to_path_buf(),
+            name: dir.file_name().map(ToOwned::to_owned).unwrap_or_default(),
+            dir_wd: None,
+            parent_wd: inotify.add_watch(parent, Targets::parent_flags()).ok(),
+        };
+        targets.arm(&inotify);
+        match (targets.dir_wd, targets.parent_wd) {
+            (None, None) => {
+                warn!(dir = %dir.display(), "cannot watch deployments_dir or its parent; reload with SIGHUP");
+                return None;
+            }
+            (None, Some(_)) => {
+                info!(dir = %dir.display(), "deployments_dir is missing; it is read when it appears");
+            }
+            (Some(_), None) => {
+                warn!(dir = %dir.display(), "cannot watch the parent of deployments_dir: a directory put in its place is read on SIGHUP");
+            }
+            (Some(_), Some(_)) => {}
         }
         // `AsyncFd` owns the inotify instance, so its descriptor stays open
         // for as long as it is registered: the I/O-safety concern of `new` (a
@@ -59,7 +145,7 @@ impl Watch {
         // the safe constructor is kept rather than the `unsafe` `register`.
         #[allow(deprecated)]
         match AsyncFd::new(Fd(inotify)) {
-            Ok(fd) => Some(Watch { fd }),
+            Ok(fd) => Some(Watch { fd, targets }),
             Err(e) => {
                 warn!(error = %e, "cannot watch deployments_dir; reload with SIGHUP");
                 None
@@ -70,18 +156,18 @@ impl Watch {
     /// Follows the watch in a task: each change (debounced) asks the
     /// supervisor to reload, including changes made since [`Watch::set`].
     pub fn spawn(self, reloader: Reloader, shutdown: CancellationToken, tracker: &TaskTracker) {
-        let fd = self.fd;
+        let Watch { fd, mut targets } = self;
         tracker.spawn(async move {
             loop {
                 // Wait for the first change.
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    ready = fd.readable() => match ready {
-                        Ok(mut guard) => {
-                            let _ = guard.get_inner().0.read_events();
-                            guard.clear_ready();
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        changed = next(&fd, &mut targets) => match changed {
+                            Some(true) => break,
+                            Some(false) => {}
+                            None => return,
                         }
-                        Err(_) => return,
                     }
                 }
                 // Then until it is quiet.
@@ -89,9 +175,8 @@ impl Watch {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(DEBOUNCE) => break,
-                        ready = fd.readable() => if let Ok(mut guard) = ready {
-                            let _ = guard.get_inner().0.read_events();
-                            guard.clear_ready();
+                        changed = next(&fd, &mut targets) => if changed.is_none() {
+                            return;
                         }
                     }
                 }
@@ -99,5 +184,30 @@ impl Watch {
                 reloader.reload();
             }
         });
+    }
+}
+
+/// Reads what the watch has (all of it: readiness is cleared only once a
+/// read would block) and says whether it was a change; `None` once the
+/// descriptor cannot be waited on.
+async fn next(fd: &AsyncFd<Fd>, targets: &mut Targets) -> Option<bool> {
+    let mut guard = fd.readable().await.ok()?;
+    let mut changed = false;
+    loop {
+        let read = guard.try_io(|inner| {
+            inner
+                .get_ref()
+                .0
+                .read_events()
+                .map_err(std::io::Error::from)
+        });
+        match read {
+            Ok(Ok(events)) => changed |= targets.take(&guard.get_inner().0, events),
+            Ok(Err(e)) => {
+                debug!(error = %e, "reading the deployments_dir watch");
+                return Some(changed);
+            }
+            Err(_would_block) => return Some(changed),
+        }
     }
 }

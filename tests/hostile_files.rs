@@ -6,7 +6,8 @@
 //! keeps feeding the systemd watchdog, observed through a stand-in
 //! `NOTIFY_SOCKET`) nor disturbs a valid deployment beside it. Also: an
 //! emptied `deployments_dir` deprovisions everything and says so; a missing
-//! one deprovisions nothing. Real binary, engine and broker.
+//! one deprovisions nothing, and is read when it appears or is replaced.
+//! Real binary, engine and broker.
 
 mod common;
 
@@ -88,12 +89,7 @@ impl Notified {
 }
 
 fn good_deployment() -> String {
-    pull_never(&deployment_toml(
-        "good",
-        &restart_policy("always"),
-        TEST_IMAGE,
-        UNTIL_SIGTERM,
-    ))
+    always_until_sigterm("good")
 }
 
 fn is_failed_to_start(doc: &Value, file: &Path, message: &str) -> bool {
@@ -337,4 +333,78 @@ fn an_empty_deployments_dir_deprovisions_all_and_a_missing_one_nothing() {
         guard.containers()
     );
     assert!(berth.sigterm().success(), "log:\n{}", berth.log());
+}
+
+/// A `deployments_dir` missing at start (a disk mounted later) deprovisions
+/// nothing and is read as soon as it appears, without a SIGHUP; one put in
+/// its place later (a symlink pointed at another directory, as release tools
+/// do) is read, and then watched in its turn.
+#[test]
+fn a_deployments_dir_that_appears_later_or_is_replaced_is_read_and_watched() {
+    let broker = Broker::new();
+    let device = unique_id("hostile-latedir");
+    let guard = EngineGuard::new(&device);
+    let mut berth = Berth::new(BerthConfig::new(&device, broker.port()));
+    let dir = berth.deployments_dir();
+    fs::remove_dir(&dir).expect("no deployments_dir at start");
+    let subscriber = Subscriber::new(broker.port(), &berth.topic("#"));
+    berth.start();
+    subscriber.wait_for(&berth.topic("agent"), |d| d["docker"] == "connected", WAIT);
+    berth.wait_for_log(
+        "deployments_dir is missing; it is read when it appears",
+        WAIT,
+    );
+    assert!(guard.containers().is_empty());
+
+    let release = |name: &str, ids: &[&str]| {
+        let path = berth.dir().join(name);
+        fs::create_dir(&path).expect("release dir");
+        for id in ids {
+            write_atomically(&path.join(format!("{id}.toml")), &always_until_sigterm(id));
+        }
+        path
+    };
+    let running = |id: &str| {
+        subscriber.wait_for(
+            &berth.topic(&format!("deployments/{id}")),
+            |d| d["status"] == "Running",
+            WAIT,
+        )
+    };
+
+    // It appears: a symlink to a release.
+    let a = release("release-a", &["first"]);
+    std::os::unix::fs::symlink(&a, &dir).expect("deployments_dir appears");
+    running("first");
+
+    // Replaced: the symlink swapped to another release in one rename.
+    let b = release("release-b", &["second"]);
+    let swap = berth.dir().join("deployments.next");
+    std::os::unix::fs::symlink(&b, &swap).expect("the new link");
+    fs::rename(&swap, &dir).expect("swap the link");
+    running("second");
+    subscriber.wait_for(
+        &berth.topic("deployments/first"),
+        |d| d["phase"] == "DeploymentStopped",
+        WAIT,
+    );
+
+    // The new release is the one watched now: a file added to it is read.
+    write_atomically(&b.join("third.toml"), &always_until_sigterm("third"));
+    running("third");
+    assert!(
+        wait_until(WAIT, || guard.containers().len() == 2),
+        "second's and third's containers: {:?}",
+        guard.containers()
+    );
+    assert!(berth.sigterm().success(), "log:\n{}", berth.log());
+}
+
+fn always_until_sigterm(id: &str) -> String {
+    pull_never(&deployment_toml(
+        id,
+        &restart_policy("always"),
+        TEST_IMAGE,
+        UNTIL_SIGTERM,
+    ))
 }
