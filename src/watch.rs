@@ -1,15 +1,18 @@
 //! Watches `deployments_dir` with inotify and asks the supervisor to reload
 //! when files in it change, debounced so that an editor's save or a copy of
-//! several files becomes one reload. Its name in its parent is watched too:
-//! a directory that appears later, or is replaced, is read and watched.
+//! several files becomes one reload. Its name in its parent is watched too,
+//! and the mount table: a directory that appears later (created, or a disk
+//! mounted there), or is replaced, is read and watched.
 
 use std::ffi::OsString;
+use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
 use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -29,11 +32,15 @@ impl AsRawFd for Fd {
 
 /// What berth watches for a change of `deployments_dir`: the directory, and
 /// its name in its parent. Through the parent a directory that is missing at
-/// start (a disk not mounted yet), taken away, or replaced (a new directory
-/// moved into place, a symlink pointed elsewhere) is watched again as soon as
-/// it is there, and read.
+/// start, taken away, or replaced (a new directory moved into place,
+/// `deployments_dir` itself a symlink pointed elsewhere) is watched again as
+/// soon as it is there, and read. A mount makes no inotify event: a change
+/// of the mount table re-arms both watches (a disk mounted on the directory
+/// or on its parent), and is a change only if either now names another
+/// directory.
 struct Targets {
     dir: PathBuf,
+    parent: PathBuf,
     name: OsString,
     dir_wd: Option<WatchDescriptor>,
     parent_wd: Option<WatchDescriptor>,
@@ -59,13 +66,21 @@ impl Targets {
             | AddWatchFlags::IN_ONLYDIR
     }
 
-    /// Watches the directory that is at the path now, if any, in place of
-    /// the one watched before.
-    fn arm(&mut self, inotify: &Inotify) {
-        if let Some(wd) = self.dir_wd.take() {
-            let _ = inotify.rm_watch(wd);
+    /// Watches the directories that are at the two paths now, in place of
+    /// those watched before; whether either is another one (a watch added
+    /// again on the same directory keeps its descriptor).
+    fn arm(&mut self, inotify: &Inotify) -> bool {
+        let parent = inotify.add_watch(&self.parent, Self::parent_flags()).ok();
+        let dir = inotify.add_watch(&self.dir, Self::dir_flags()).ok();
+        let moved = parent != self.parent_wd || dir != self.dir_wd;
+        for (old, new) in [(self.parent_wd, parent), (self.dir_wd, dir)] {
+            if let Some(old) = old.filter(|old| Some(*old) != new) {
+                // Fails harmlessly for a watch the kernel already removed.
+                let _ = inotify.rm_watch(old);
+            }
         }
-        self.dir_wd = inotify.add_watch(&self.dir, Self::dir_flags()).ok();
+        (self.parent_wd, self.dir_wd) = (parent, dir);
+        moved
     }
 
     /// Whether these events change what berth would read; a directory that
@@ -101,12 +116,15 @@ impl Targets {
 /// task that follows the watch is a change like any other, not missed.
 pub struct Watch {
     fd: AsyncFd<Fd>,
+    /// `/proc/self/mountinfo`, which polls as priority data when the mount
+    /// table changes.
+    mounts: Option<AsyncFd<File>>,
     targets: Targets,
 }
 
 impl Watch {
-    /// Sets the watch; without inotify (or without the directory and its
-    /// parent) berth still reloads on SIGHUP, and says so.
+    /// Sets the watch; without inotify (or without the directory, its parent
+    /// and the mount table) berth still reloads on SIGHUP, and says so.
     pub fn set(dir: &Path) -> Option<Watch> {
         let inotify = match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
             Ok(i) => i,
@@ -121,23 +139,30 @@ impl Watch {
         };
         let mut targets = Targets {
             dir: dir.to_path_buf(),
+            parent: parent.to_path_buf(),
             name: dir.file_name().map(ToOwned::to_owned).unwrap_or_default(),
             dir_wd: None,
-            parent_wd: inotify.add_watch(parent, Targets::parent_flags()).ok(),
+            parent_wd: None,
         };
         targets.arm(&inotify);
-        match (targets.dir_wd, targets.parent_wd) {
-            (None, None) => {
+        // Owned by its `AsyncFd`, as the inotify instance below.
+        #[allow(deprecated)]
+        let mounts = File::open("/proc/self/mountinfo")
+            .and_then(|f| AsyncFd::with_interest(f, Interest::PRIORITY))
+            .map_err(|e| debug!(error = %e, "the mount table cannot be followed"))
+            .ok();
+        match (targets.dir_wd, targets.parent_wd, &mounts) {
+            (None, None, None) => {
                 warn!(dir = %dir.display(), "cannot watch deployments_dir or its parent; reload with SIGHUP");
                 return None;
             }
-            (None, Some(_)) => {
+            (None, _, _) => {
                 info!(dir = %dir.display(), "deployments_dir is missing; it is read when it appears");
             }
-            (Some(_), None) => {
+            (Some(_), None, _) => {
                 warn!(dir = %dir.display(), "cannot watch the parent of deployments_dir: a directory put in its place is read on SIGHUP");
             }
-            (Some(_), Some(_)) => {}
+            (Some(_), Some(_), _) => {}
         }
         // `AsyncFd` owns the inotify instance, so its descriptor stays open
         // for as long as it is registered: the I/O-safety concern of `new` (a
@@ -145,7 +170,11 @@ impl Watch {
         // the safe constructor is kept rather than the `unsafe` `register`.
         #[allow(deprecated)]
         match AsyncFd::new(Fd(inotify)) {
-            Ok(fd) => Some(Watch { fd, targets }),
+            Ok(fd) => Some(Watch {
+                fd,
+                mounts,
+                targets,
+            }),
             Err(e) => {
                 warn!(error = %e, "cannot watch deployments_dir; reload with SIGHUP");
                 None
@@ -156,27 +185,38 @@ impl Watch {
     /// Follows the watch in a task: each change (debounced) asks the
     /// supervisor to reload, including changes made since [`Watch::set`].
     pub fn spawn(self, reloader: Reloader, shutdown: CancellationToken, tracker: &TaskTracker) {
-        let Watch { fd, mut targets } = self;
+        let Watch {
+            fd,
+            mounts,
+            mut targets,
+        } = self;
         tracker.spawn(async move {
             loop {
                 // Wait for the first change.
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        changed = next(&fd, &mut targets) => match changed {
+                        changed = next(&fd, mounts.as_ref(), &mut targets) => match changed {
                             Some(true) => break,
                             Some(false) => {}
                             None => return,
                         }
                     }
                 }
-                // Then until it is quiet.
+                // Then until it is quiet: only a change puts the reload off,
+                // not what else happens beside the directory.
+                let quiet = tokio::time::sleep(DEBOUNCE);
+                tokio::pin!(quiet);
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(DEBOUNCE) => break,
-                        changed = next(&fd, &mut targets) => if changed.is_none() {
-                            return;
+                        _ = &mut quiet => break,
+                        changed = next(&fd, mounts.as_ref(), &mut targets) => match changed {
+                            Some(true) => quiet
+                                .as_mut()
+                                .reset(tokio::time::Instant::now() + DEBOUNCE),
+                            Some(false) => {}
+                            None => return,
                         }
                     }
                 }
@@ -187,27 +227,47 @@ impl Watch {
     }
 }
 
-/// Reads what the watch has (all of it: readiness is cleared only once a
-/// read would block) and says whether it was a change; `None` once the
-/// descriptor cannot be waited on.
-async fn next(fd: &AsyncFd<Fd>, targets: &mut Targets) -> Option<bool> {
-    let mut guard = fd.readable().await.ok()?;
-    let mut changed = false;
-    loop {
-        let read = guard.try_io(|inner| {
-            inner
-                .get_ref()
-                .0
-                .read_events()
-                .map_err(std::io::Error::from)
-        });
-        match read {
-            Ok(Ok(events)) => changed |= targets.take(&guard.get_inner().0, events),
-            Ok(Err(e)) => {
-                debug!(error = %e, "reading the deployments_dir watch");
-                return Some(changed);
+/// Waits for the watch or the mount table and says whether what happened
+/// changes what berth would read; `None` once the watch cannot be waited on.
+/// The watch is read whole (readiness is cleared only once a read would
+/// block).
+async fn next(
+    fd: &AsyncFd<Fd>,
+    mounts: Option<&AsyncFd<File>>,
+    targets: &mut Targets,
+) -> Option<bool> {
+    let mounted = async {
+        match mounts {
+            Some(m) => m.ready(Interest::PRIORITY).await.ok(),
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        guard = fd.readable() => {
+            let mut guard = guard.ok()?;
+            let mut changed = false;
+            loop {
+                let read = guard.try_io(|inner| {
+                    inner
+                        .get_ref()
+                        .0
+                        .read_events()
+                        .map_err(std::io::Error::from)
+                });
+                match read {
+                    Ok(Ok(events)) => changed |= targets.take(&guard.get_inner().0, events),
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "reading the deployments_dir watch");
+                        return Some(changed);
+                    }
+                    Err(_would_block) => return Some(changed),
+                }
             }
-            Err(_would_block) => return Some(changed),
+        }
+        Some(mut guard) = mounted => {
+            // Polling the file took the change; the readiness goes with it.
+            guard.clear_ready();
+            Some(targets.arm(&fd.get_ref().0))
         }
     }
 }

@@ -6,7 +6,8 @@
 //! keeps feeding the systemd watchdog, observed through a stand-in
 //! `NOTIFY_SOCKET`) nor disturbs a valid deployment beside it. Also: an
 //! emptied `deployments_dir` deprovisions everything and says so; a missing
-//! one deprovisions nothing, and is read when it appears or is replaced.
+//! one deprovisions nothing, and is read when it appears, is mounted or is
+//! replaced.
 //! Real binary, engine and broker.
 
 mod common;
@@ -407,4 +408,72 @@ fn always_until_sigterm(id: &str) -> String {
         TEST_IMAGE,
         UNTIL_SIGTERM,
     ))
+}
+
+/// A bind mount over a path, undone when dropped (also when the test fails).
+struct Mounted(PathBuf);
+
+impl Mounted {
+    fn bind(from: &Path, onto: &Path) -> Mounted {
+        let out = std::process::Command::new("mount")
+            .arg("--bind")
+            .args([from, onto])
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount --bind: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mounted(onto.to_path_buf())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A disk mounted on `deployments_dir` after berth started (the mount
+/// point was there, empty) makes no inotify event; berth follows the mount
+/// table, reads the mounted directory and watches it from then on.
+#[test]
+fn a_disk_mounted_on_deployments_dir_later_is_read_and_watched() {
+    let broker = Broker::new();
+    let device = unique_id("hostile-mounted");
+    let guard = EngineGuard::new(&device);
+    let disk = tempfile::tempdir().expect("the disk's files");
+    write_atomically(
+        &disk.path().join("first.toml"),
+        &always_until_sigterm("first"),
+    );
+    let mut berth = Berth::new(BerthConfig::new(&device, broker.port()));
+    let subscriber = Subscriber::new(broker.port(), &berth.topic("#"));
+    berth.start();
+    subscriber.wait_for(&berth.topic("agent"), |d| d["docker"] == "connected", WAIT);
+    let running = |id: &str| {
+        subscriber.wait_for(
+            &berth.topic(&format!("deployments/{id}")),
+            |d| d["status"] == "Running",
+            WAIT,
+        )
+    };
+
+    // Dropped after berth (declared after it): berth is stopped first.
+    let _mounted = Mounted::bind(disk.path(), &berth.deployments_dir());
+    running("first");
+
+    // The mounted directory is the one watched now.
+    berth.write_deployment("second", &always_until_sigterm("second"));
+    running("second");
+    assert!(
+        wait_until(WAIT, || guard.containers().len() == 2),
+        "first's and second's containers: {:?}",
+        guard.containers()
+    );
+    assert!(berth.sigterm().success(), "log:\n{}", berth.log());
 }
