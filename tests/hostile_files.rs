@@ -135,11 +135,7 @@ fn hostile_file_fails_alone(
         |d| is_failed_to_start(d, &hostile, message),
         WAIT,
     );
-    let good = subscriber.wait_for(
-        &berth.topic("deployments/good"),
-        |d| d["status"] == "Running",
-        WAIT,
-    );
+    let good = wait_running(&subscriber, &berth, "good");
     notified.assert_fed(started, 2, &berth);
     assert!(
         !notified.times_of("READY=1").is_empty(),
@@ -279,11 +275,7 @@ fn an_empty_deployments_dir_deprovisions_all_and_a_missing_one_nothing() {
     berth.write_deployment("good", &good_deployment());
     let subscriber = Subscriber::new(broker.port(), &berth.topic("#"));
     berth.start();
-    let good = subscriber.wait_for(
-        &berth.topic("deployments/good"),
-        |d| d["status"] == "Running",
-        WAIT,
-    );
+    let good = wait_running(&subscriber, &berth, "good");
     let events = berth.topic("events");
 
     // Missing: renamed away, then a reload.
@@ -336,8 +328,8 @@ fn an_empty_deployments_dir_deprovisions_all_and_a_missing_one_nothing() {
     assert!(berth.sigterm().success(), "log:\n{}", berth.log());
 }
 
-/// A `deployments_dir` missing at start (a disk mounted later) deprovisions
-/// nothing and is read as soon as it appears, without a SIGHUP; one put in
+/// A `deployments_dir` missing at start deprovisions nothing and is read as
+/// soon as it is created, without a SIGHUP; one put in
 /// its place later (a symlink pointed at another directory, as release tools
 /// do) is read, and then watched in its turn.
 #[test]
@@ -365,13 +357,7 @@ fn a_deployments_dir_that_appears_later_or_is_replaced_is_read_and_watched() {
         }
         path
     };
-    let running = |id: &str| {
-        subscriber.wait_for(
-            &berth.topic(&format!("deployments/{id}")),
-            |d| d["status"] == "Running",
-            WAIT,
-        )
-    };
+    let running = |id: &str| wait_running(&subscriber, &berth, id);
 
     // It appears: a symlink to a release.
     let a = release("release-a", &["first"]);
@@ -399,6 +385,14 @@ fn a_deployments_dir_that_appears_later_or_is_replaced_is_read_and_watched() {
         guard.containers()
     );
     assert!(berth.sigterm().success(), "log:\n{}", berth.log());
+}
+
+fn wait_running(subscriber: &Subscriber, berth: &Berth, id: &str) -> Value {
+    subscriber.wait_for(
+        &berth.topic(&format!("deployments/{id}")),
+        |d| d["status"] == "Running",
+        WAIT,
+    )
 }
 
 fn always_until_sigterm(id: &str) -> String {
@@ -455,15 +449,10 @@ fn a_disk_mounted_on_deployments_dir_later_is_read_and_watched() {
     let subscriber = Subscriber::new(broker.port(), &berth.topic("#"));
     berth.start();
     subscriber.wait_for(&berth.topic("agent"), |d| d["docker"] == "connected", WAIT);
-    let running = |id: &str| {
-        subscriber.wait_for(
-            &berth.topic(&format!("deployments/{id}")),
-            |d| d["status"] == "Running",
-            WAIT,
-        )
-    };
+    let running = |id: &str| wait_running(&subscriber, &berth, id);
 
-    // Dropped after berth (declared after it): berth is stopped first.
+    // Undone when the test ends, also when it fails (a lazy unmount: berth
+    // may still hold the directory then).
     let _mounted = Mounted::bind(disk.path(), &berth.deployments_dir());
     running("first");
 
